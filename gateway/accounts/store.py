@@ -1,0 +1,262 @@
+"""Account storage (SQLAlchemy Core; SQLite or PostgreSQL) and the in-memory
+views the SMTP hot path reads (client networks, account status).
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import secrets
+import time
+from typing import Callable, Iterable
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ..smtp.address import AddressError, parse_domain
+from ..storage.schema import account_domains, account_networks, accounts
+from .model import Account, AccountStatus, SenderDomain
+from .passwords import hash_password, verify_password_async
+
+log = logging.getLogger("gateway.accounts")
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}\Z")
+
+
+class AccountError(Exception):
+    """A request about accounts that cannot be done (names the reason)."""
+
+
+def normalize_domain(domain: str) -> str:
+    try:
+        return parse_domain(domain.strip(), utf8=True)
+    except AddressError as exc:
+        raise AccountError(f"invalid domain {domain!r}: {exc.detail}") from None
+
+
+def parse_network(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(cidr.strip(), strict=False)
+    except ValueError:
+        raise AccountError(f"invalid network {cidr!r}") from None
+
+
+class AccountStore:
+    def __init__(self, engine: AsyncEngine, scrypt_n: int = 2 ** 14,
+                 clock: Callable[[], float] = time.time, refresh_interval: float = 1.0):
+        self.engine = engine
+        self.scrypt_n = scrypt_n
+        self.clock = clock
+        self.refresh_interval = refresh_interval
+        self._by_name: dict[str, Account] = {}
+        self._networks: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]] = []
+        self._loaded_at = 0.0
+        self._refresh_lock = asyncio.Lock()
+        self._task: asyncio.Task | None = None
+
+    # --- snapshot used by the hot path ---------------------------------------------
+    async def refresh(self) -> None:
+        """Reload the account snapshot (status, networks, domains) from the database."""
+        async with self._refresh_lock:
+            async with self.engine.connect() as conn:
+                rows = (await conn.execute(sa.select(accounts.c.id, accounts.c.name, accounts.c.status,
+                                                     accounts.c.contact, accounts.c.allow_subdomains))).all()
+                nets = (await conn.execute(sa.select(account_networks.c.account_id,
+                                                     account_networks.c.cidr))).all()
+                doms = (await conn.execute(sa.select(account_domains))).mappings().all()
+            net_by: dict[int, list] = {}
+            for acc_id, cidr in nets:
+                net_by.setdefault(acc_id, []).append(ipaddress.ip_network(cidr, strict=False))
+            dom_by: dict[int, list[SenderDomain]] = {}
+            for d in doms:
+                dom_by.setdefault(d["account_id"], []).append(
+                    SenderDomain(d["domain"], d["status"], d["token"], d["verified_at"], d["note"]))
+            by_name: dict[str, Account] = {}
+            networks = []
+            for acc_id, name, status, contact, allow_sub in rows:
+                acc = Account(acc_id, name, AccountStatus(status), contact, bool(allow_sub),
+                              tuple(net_by.get(acc_id, ())), tuple(dom_by.get(acc_id, ())))
+                by_name[name] = acc
+                networks.extend((net, name) for net in acc.networks)
+            # Most specific network first, so nested client networks map to the right account.
+            networks.sort(key=lambda item: -item[0].prefixlen)
+            self._by_name = by_name
+            self._networks = networks
+            self._loaded_at = self.clock()
+
+    async def _refresher(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_interval)
+            try:
+                await self.refresh()
+            except Exception:  # keep serving the last snapshot; the database may come back
+                log.warning("account snapshot refresh failed", exc_info=True)
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.get_running_loop().create_task(self._refresher())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    def cached(self, name: str) -> Account | None:
+        return self._by_name.get(name)
+
+    def account_for_ip(self, ip: str) -> Account | None:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return None
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        for net, name in self._networks:
+            if addr.version == net.version and addr in net:
+                return self._by_name.get(name)
+        return None
+
+    # --- authentication ---------------------------------------------------------------
+    async def authenticate(self, name: str, password: bytes) -> Account | None:
+        """The account if the credentials are right (suspended accounts included:
+        the caller decides what to answer), else None."""
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(sa.select(accounts.c.name, accounts.c.password_hash)
+                                      .where(accounts.c.name == name))).first()
+        ok = await verify_password_async(password, row.password_hash if row else None)
+        if not ok:
+            return None
+        acc = self._by_name.get(name)
+        if acc is None:  # created since the last snapshot
+            await self.refresh()
+            acc = self._by_name.get(name)
+        return acc
+
+    # --- administration (CLI, HTTP admin) ----------------------------------------------
+    async def add(self, name: str, password: str, contact: str = "", allow_subdomains: bool = False) -> None:
+        if not _NAME.match(name):
+            raise AccountError(f"invalid account name {name!r} (letters, digits, . _ @ + -; at most 128)")
+        if not password:
+            raise AccountError("password must not be empty")
+        now = self.clock()
+        pw_hash = await asyncio.get_running_loop().run_in_executor(None, hash_password, password, self.scrypt_n)
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(accounts.insert().values(
+                    name=name, password_hash=pw_hash, status=AccountStatus.ACTIVE.value, contact=contact,
+                    allow_subdomains=allow_subdomains, created_at=now, updated_at=now))
+        except IntegrityError:
+            raise AccountError(f"account {name!r} exists already") from None
+        await self.refresh()
+
+    async def _id(self, conn, name: str) -> int:
+        acc_id = (await conn.execute(sa.select(accounts.c.id).where(accounts.c.name == name))).scalar()
+        if acc_id is None:
+            raise AccountError(f"no account {name!r}")
+        return acc_id
+
+    async def set_password(self, name: str, password: str) -> None:
+        if not password:
+            raise AccountError("password must not be empty")
+        pw_hash = await asyncio.get_running_loop().run_in_executor(None, hash_password, password, self.scrypt_n)
+        async with self.engine.begin() as conn:
+            acc_id = await self._id(conn, name)
+            await conn.execute(accounts.update().where(accounts.c.id == acc_id)
+                               .values(password_hash=pw_hash, updated_at=self.clock()))
+
+    async def set_status(self, name: str, status: AccountStatus) -> None:
+        async with self.engine.begin() as conn:
+            acc_id = await self._id(conn, name)
+            await conn.execute(accounts.update().where(accounts.c.id == acc_id)
+                               .values(status=status.value, updated_at=self.clock()))
+        await self.refresh()
+
+    async def update(self, name: str, *, contact: str | None = None, allow_subdomains: bool | None = None) -> None:
+        values: dict = {"updated_at": self.clock()}
+        if contact is not None:
+            values["contact"] = contact
+        if allow_subdomains is not None:
+            values["allow_subdomains"] = allow_subdomains
+        async with self.engine.begin() as conn:
+            acc_id = await self._id(conn, name)
+            await conn.execute(accounts.update().where(accounts.c.id == acc_id).values(**values))
+        await self.refresh()
+
+    async def add_network(self, name: str, cidr: str) -> str:
+        net = str(parse_network(cidr))
+        try:
+            async with self.engine.begin() as conn:
+                acc_id = await self._id(conn, name)
+                await conn.execute(account_networks.insert().values(account_id=acc_id, cidr=net))
+        except IntegrityError:
+            raise AccountError(f"network {net} is already on account {name!r}") from None
+        await self.refresh()
+        return net
+
+    async def remove_network(self, name: str, cidr: str) -> None:
+        net = str(parse_network(cidr))
+        async with self.engine.begin() as conn:
+            acc_id = await self._id(conn, name)
+            res = await conn.execute(account_networks.delete().where(
+                (account_networks.c.account_id == acc_id) & (account_networks.c.cidr == net)))
+            if res.rowcount == 0:
+                raise AccountError(f"network {net} is not on account {name!r}")
+        await self.refresh()
+
+    async def add_domain(self, name: str, domain: str, *, approved_by: str | None = None) -> SenderDomain:
+        """Add a sender domain: pending with a fresh proof token, or approved by an operator."""
+        dom = normalize_domain(domain)
+        token = secrets.token_urlsafe(24)
+        status = "approved" if approved_by else "pending"
+        note = f"approved by {approved_by}" if approved_by else ""
+        try:
+            async with self.engine.begin() as conn:
+                acc_id = await self._id(conn, name)
+                await conn.execute(account_domains.insert().values(
+                    account_id=acc_id, domain=dom, status=status, token=token, note=note,
+                    verified_at=self.clock() if approved_by else None, created_at=self.clock()))
+        except IntegrityError:
+            raise AccountError(f"domain {dom} is already on account {name!r}") from None
+        await self.refresh()
+        return SenderDomain(dom, status, token, None, note)
+
+    async def set_domain_status(self, name: str, domain: str, status: str, note: str = "") -> None:
+        dom = normalize_domain(domain)
+        async with self.engine.begin() as conn:
+            acc_id = await self._id(conn, name)
+            res = await conn.execute(account_domains.update().where(
+                (account_domains.c.account_id == acc_id) & (account_domains.c.domain == dom)).values(
+                status=status, note=note, verified_at=self.clock() if status != "pending" else None))
+            if res.rowcount == 0:
+                raise AccountError(f"domain {dom} is not on account {name!r}")
+        await self.refresh()
+
+    async def remove_domain(self, name: str, domain: str) -> None:
+        dom = normalize_domain(domain)
+        async with self.engine.begin() as conn:
+            acc_id = await self._id(conn, name)
+            res = await conn.execute(account_domains.delete().where(
+                (account_domains.c.account_id == acc_id) & (account_domains.c.domain == dom)))
+            if res.rowcount == 0:
+                raise AccountError(f"domain {dom} is not on account {name!r}")
+        await self.refresh()
+
+    async def get(self, name: str) -> Account:
+        await self.refresh()
+        acc = self._by_name.get(name)
+        if acc is None:
+            raise AccountError(f"no account {name!r}")
+        return acc
+
+    async def list(self) -> list[Account]:
+        await self.refresh()
+        return sorted(self._by_name.values(), key=lambda a: a.name)
+
+    def all_cached(self) -> Iterable[Account]:
+        return self._by_name.values()

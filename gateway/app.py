@@ -1,0 +1,269 @@
+"""Composition root: builds stores, counters, relay, checks and servers from
+the config; start-up, readiness and graceful shutdown."""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import ssl
+import time
+from dataclasses import replace
+from typing import Callable
+
+from .accounts.limiter import AuthLimiter
+from .accounts.store import AccountError, AccountStore
+from .checks import factories
+from .config import Config, ConfigError, ListenerSettings, UpstreamSettings
+from .metrics import Metrics
+from .pipeline import build_pipeline
+from .relay.devsink import DevSink
+from .relay.maildir import MaildirWriter
+from .relay.pool import RelayPool, UpstreamTransaction
+from .services import Services
+from .smtp import replies
+from .smtp.limits import ConnectionTracker
+from .smtp.replies import Rendered, Reply
+from .smtp.server import GatewaySMTP
+from .smtp.trace import trace_headers
+from .smtp.transaction import Outcome, Result, SessionInfo, Transaction
+from .state.counters import MemoryCounters, RedisCounters
+from .storage.db import create_engine, migrate
+from .txlog import TransactionLog
+
+log = logging.getLogger("gateway")
+
+DEMO_ACCOUNT = ("demo", "demo", "example.com")
+
+
+def _is_loopback(address: str) -> bool:
+    return ipaddress.ip_address(address).is_loopback
+
+
+def build_tls_context(config: Config) -> ssl.SSLContext | None:
+    if not config.tls.cert_file:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if config.tls.min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(config.tls.cert_file, config.tls.key_file)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(config.source, "tls.cert_file", f"cannot load certificate/key: {exc}") from None
+    return ctx
+
+
+class Gateway:
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time,
+                 txlog: TransactionLog | None = None):
+        self.config = config
+        self.clock = clock
+        self.metrics = Metrics()
+        self.txlog = txlog or TransactionLog(config.log.transactions)
+        self.connections = ConnectionTracker()
+        self.sessions: set[GatewaySMTP] = set()
+        self.draining = False
+        self.ready = False
+        self.ports: dict[str, int] = {}
+        self.http_port: int | None = None
+        self._servers: list[asyncio.base_events.Server] = []
+        self._http = None
+        self._http_task: asyncio.Task | None = None
+        self._devsink: DevSink | None = None
+        self._proxy_nets: dict[str, list] = {}
+        self.engine = None
+        self.accounts: AccountStore | None = None
+        self.counters = None
+        self.relay: RelayPool | None = None
+        self.pipeline = None
+        self.services: Services | None = None
+        self.auth_limiter: AuthLimiter | None = None
+        self.service_mail = MaildirWriter(config.smtp.service_maildir) if config.smtp.service_mailboxes else None
+        self.stopped = asyncio.Event()
+
+    # ------------------------------------------------------------------ start-up
+    def _check_dev_loopback(self) -> None:
+        cfg = self.config
+        if not cfg.dev.enabled:
+            return
+        for i, listener in enumerate(cfg.listeners):
+            if not _is_loopback(listener.address):
+                raise ConfigError(cfg.source, f"listeners[{i}].address",
+                                  f"dev mode binds loopback only, not {listener.address}")
+        if cfg.http.enabled and not _is_loopback(cfg.http.address):
+            raise ConfigError(cfg.source, "http.address", f"dev mode binds loopback only, not {cfg.http.address}")
+
+    async def start(self) -> None:
+        cfg = self.config
+        self._check_dev_loopback()
+        tls_context = build_tls_context(cfg)
+        self.engine = create_engine(cfg.storage.url)
+        await migrate(self.engine)
+        self.accounts = AccountStore(self.engine, scrypt_n=cfg.auth.scrypt_n, clock=self.clock)
+        await self.accounts.start()
+        if cfg.counters.backend == "redis":
+            self.counters = RedisCounters(cfg.counters.redis_url, cfg.counters.key_prefix, self.clock)
+        else:
+            self.counters = MemoryCounters(self.clock)
+        self.auth_limiter = AuthLimiter(self.counters, cfg.auth.max_failures_per_ip,
+                                        cfg.auth.max_failures_per_account, cfg.auth.failure_window)
+        self.relay = RelayPool(cfg.relay, cfg.smtp.hostname)
+        if cfg.dev.enabled:
+            await self._start_dev()
+        await self.relay.start()
+        self.services = Services(config=cfg, accounts=self.accounts, counters=self.counters,
+                                 connections=self.connections, clock=self.clock)
+        self.pipeline = build_pipeline(cfg.checks.order(), factories(self.services))
+        loop = asyncio.get_running_loop()
+        for listener in cfg.listeners:
+            if listener.tls != "none" and tls_context is None:
+                raise ConfigError(cfg.source, "tls.cert_file", f"listener {listener.name} needs a certificate")
+            self._proxy_nets[listener.name] = [ipaddress.ip_network(n, strict=False)
+                                               for n in listener.proxy_trusted]
+            implicit = listener.tls == "implicit"
+            server = await loop.create_server(
+                (lambda lst=listener: GatewaySMTP(self, lst, tls_context)),
+                listener.address, listener.port,
+                ssl=tls_context if implicit else None,
+                ssl_handshake_timeout=cfg.tls.handshake_timeout if implicit else None,
+                reuse_address=True, backlog=1024)
+            self._servers.append(server)
+            self.ports[listener.name] = server.sockets[0].getsockname()[1]
+        if cfg.http.enabled:
+            await self._start_http()
+        self.ready = True
+
+    async def _start_dev(self) -> None:
+        cfg = self.config
+        self._devsink = DevSink(cfg.dev.outbox)
+        port = await self._devsink.start()
+        self.relay.set_upstreams([UpstreamSettings(host="127.0.0.1", port=port)])
+        name, password, domain = DEMO_ACCOUNT
+        if self.accounts.cached(name) is None:
+            try:
+                await self.accounts.add(name, password, contact="demo@example.com")
+                await self.accounts.add_domain(name, domain, approved_by="dev mode")
+            except AccountError:  # another dev process made it meanwhile
+                pass
+
+    async def _start_http(self) -> None:
+        import uvicorn
+
+        from .web.app import create_app
+
+        cfg = self.config
+        app = create_app(self)
+        config = uvicorn.Config(app, host=cfg.http.address, port=cfg.http.port, loop="none",
+                                log_level="warning", lifespan="off", access_log=False)
+        self._http = uvicorn.Server(config)
+        self._http.install_signal_handlers = lambda: None  # the gateway owns the signals
+        self._http_task = asyncio.get_running_loop().create_task(self._http.serve())
+        for _ in range(500):
+            if self._http.started:
+                break
+            if self._http_task.done():
+                exc = self._http_task.exception()
+                raise ConfigError(cfg.source, "http.port", f"cannot start HTTP server: {exc}")
+            await asyncio.sleep(0.01)
+        servers = getattr(self._http, "servers", [])
+        if servers and servers[0].sockets:
+            self.http_port = servers[0].sockets[0].getsockname()[1]
+        else:
+            self.http_port = cfg.http.port
+
+    # ---------------------------------------------------------------- shutdown
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting; let in-flight transactions finish within the grace
+        period; close the rest with 421 4.3.2."""
+        grace = self.config.smtp.grace_period if grace is None else grace
+        self.draining = True
+        self.ready = False
+        for server in self._servers:
+            server.close()
+        deadline = time.monotonic() + grace
+        while True:
+            for proto in list(self.sessions):
+                proto.shutdown_if_idle()
+            if not self.sessions or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        for proto in list(self.sessions):
+            proto.force_close()
+        for server in self._servers:
+            try:
+                await asyncio.wait_for(server.wait_closed(), 2)
+            except asyncio.TimeoutError:
+                pass
+        await asyncio.sleep(0)  # let connection_lost callbacks run
+        if self.relay is not None:
+            await self.relay.close()
+        if self._http is not None:
+            self._http.should_exit = True
+            if self._http_task is not None:
+                try:
+                    await asyncio.wait_for(self._http_task, 5)
+                except (asyncio.TimeoutError, Exception):
+                    pass
+        if self._devsink is not None:
+            await self._devsink.close()
+        if self.accounts is not None:
+            await self.accounts.stop()
+        if self.counters is not None:
+            await self.counters.close()
+        if self.engine is not None:
+            await self.engine.dispose()
+        self.txlog.close()
+        self.stopped.set()
+
+    # ------------------------------------------------------- used by sessions
+    def proxy_networks(self, listener: ListenerSettings) -> list:
+        return self._proxy_nets.get(listener.name, [])
+
+    def log_transaction(self, tx: Transaction) -> None:
+        self.metrics.observe_transaction(tx)
+        self.txlog.transaction(tx)
+
+    def log_session_refusal(self, sess: SessionInfo, outcome: Outcome) -> None:
+        self.metrics.sessions_refused.labels(outcome.check).inc()
+        self.txlog.session_refused(sess, outcome)
+
+    async def on_recipient_refused(self, tx: Transaction, outcome: Outcome) -> None:
+        """Hook for harvest protection (P-HARVEST) and metrics."""
+
+    async def deliver(self, tx: Transaction, upstream_tx: UpstreamTransaction | None) -> Reply | Rendered:
+        """Store for local service mailboxes and relay the rest; the reply is
+        250 only when every copy is safely handed over."""
+        cfg = self.config
+        headers = trace_headers(tx, cfg.smtp.hostname, cfg.smtp.trace_header, self.clock(),
+                                tx.extra.get("add_headers"))
+        data = headers + (tx.message or b"")
+        local = [r for r in tx.recipients if r.local]
+        remote = [r for r in tx.recipients if not r.local]
+        try:
+            if local:
+                try:
+                    await self.service_mail.store(data)
+                except OSError:
+                    log.exception("cannot store service mail")
+                    tx.ledger.append(Outcome("deliver_local", Result.ERROR, "maildir write failed",
+                                             replies.SERVICE_MAILBOX_FAILED))
+                    return replies.SERVICE_MAILBOX_FAILED
+                tx.ledger.append(Outcome("deliver_local", Result.PASS, f"{len(local)} service mailbox(es)"))
+                if not remote:
+                    tx.decision = "local"
+                    return Rendered(250, "2.0.0", f"OK: stored, trace id {tx.trace_id}")
+            assert upstream_tx is not None
+            reply = await upstream_tx.data(data)
+        finally:
+            if upstream_tx is not None:
+                await upstream_tx.close()
+        tx.mark("relayed")
+        if reply.is_positive:
+            tx.ledger.append(Outcome("relay", Result.PASS, f"upstream {upstream_tx.upstream}"))
+            return Rendered(250, "2.0.0", f"OK: relayed, trace id {tx.trace_id} ({reply.text})")
+        tx.ledger.append(Outcome("relay", Result.FAIL, reply.render(), reply))
+        return reply
+
+
+def with_listener_ports(config: Config, ports: dict[str, int]) -> Config:
+    """A copy of ``config`` with the named listeners moved to other ports (tests)."""
+    listeners = [replace(lst, port=ports.get(lst.name, lst.port)) for lst in config.listeners]
+    return replace(config, listeners=listeners)

@@ -1,0 +1,23 @@
+"""P-LOAD: at most N recipients per message (452 4.5.3: the client sends the
+rest in another transaction, RFC 5321 4.5.3.1.10)."""
+from __future__ import annotations
+
+from ..smtp import replies
+from ..smtp.transaction import Outcome, Phase
+
+
+class RcptLimit:
+    name = "rcpt_limit"
+    phase = Phase.RCPT
+
+    def __init__(self, limit: int):
+        self.limit = limit
+
+    async def run(self, tx, item=None) -> Outcome:
+        if len(tx.recipients) >= self.limit:
+            return Outcome.refuse(self.name, replies.TOO_MANY_RECIPIENTS, f"limit {self.limit}")
+        return Outcome.ok(self.name)
+
+
+def build(services) -> RcptLimit:
+    return RcptLimit(services.config.smtp.max_recipients)

@@ -1,0 +1,299 @@
+"""The gateway's configuration tree: TOML + environment, validated once.
+
+Everything the gateway does is decided by this tree; nothing deeper in the
+code reads the environment. ``load(path)`` returns a :class:`Config` or raises
+:class:`ConfigError` naming the file, the key and the problem.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal, Mapping
+
+from .configload import ConfigError, load_section
+from .smtp.transaction import Phase
+
+__all__ = ["Config", "ConfigError", "load", "dev_config"]
+
+TlsMode = Literal["none", "starttls", "implicit"]
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{name}: must be greater than 0, got {value}")
+
+
+@dataclass(frozen=True)
+class ListenerSettings:
+    name: str = "smtp"
+    address: str = "127.0.0.1"
+    port: int = 2525
+    tls: TlsMode = "starttls"          # none | starttls (offered) | implicit (port 465 style)
+    require_tls: bool = False          # refuse MAIL before STARTTLS
+    auth_without_tls: bool = False     # offer AUTH on a clear-text connection (loopback tests, dev)
+    require_auth: bool = False         # submission style: MAIL needs AUTH (530 5.7.0)
+    proxy_protocol: bool = False       # expect a PROXY v1/v2 header first
+    proxy_trusted: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    proxy_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port: {self.port} is not a TCP port")
+        try:
+            ipaddress.ip_address(self.address)
+        except ValueError:
+            raise ValueError(f"address: {self.address!r} is not an IP address") from None
+        for net in self.proxy_trusted:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"proxy_trusted: {net!r} is not a network") from None
+        _positive("proxy_timeout", self.proxy_timeout)
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    cert_file: str = ""
+    key_file: str = ""
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+    handshake_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file: cert_file and key_file go together")
+        _positive("handshake_timeout", self.handshake_timeout)
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    hostname: str = field(default_factory=socket.getfqdn)
+    banner: str = "ESMTP relay gateway"
+    max_message_size: int = 25 * 1024 * 1024
+    max_recipients: int = 100
+    command_timeout: float = 300.0      # RFC 5321 4.5.3.2.7 (server timeout)
+    idle_timeout: float = 300.0
+    data_timeout: float = 600.0         # whole DATA transfer
+    max_connections: int = 1000
+    max_connections_per_ip: int = 50
+    max_commands: int = 10000           # per session
+    max_bogus_commands: int = 10
+    max_transactions: int = 1000        # per session
+    grace_period: float = 30.0          # graceful shutdown
+    service_mailboxes: list[str] = field(default_factory=list)  # reachable without AUTH
+    service_maildir: str = "service-mail"
+    allow_address_literals: bool = False
+    trace_header: str = "X-Gateway-Trace"
+
+    def __post_init__(self) -> None:
+        for name in ("max_message_size", "max_recipients", "command_timeout", "idle_timeout",
+                     "data_timeout", "max_connections", "max_connections_per_ip", "max_commands",
+                     "max_bogus_commands", "max_transactions"):
+            _positive(name, getattr(self, name))
+        if self.grace_period < 0:
+            raise ValueError("grace_period: must not be negative")
+        if not self.hostname or " " in self.hostname:
+            raise ValueError(f"hostname: {self.hostname!r} is not a host name")
+        if ":" in self.trace_header or " " in self.trace_header or not self.trace_header:
+            raise ValueError(f"trace_header: {self.trace_header!r} is not a header field name")
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    max_failures_per_ip: int = 10
+    max_failures_per_account: int = 20
+    failure_window: float = 600.0
+    # scrypt cost; lower only in tests
+    scrypt_n: int = 2 ** 14
+
+    def __post_init__(self) -> None:
+        _positive("max_failures_per_ip", self.max_failures_per_ip)
+        _positive("max_failures_per_account", self.max_failures_per_account)
+        _positive("failure_window", self.failure_window)
+        if self.scrypt_n < 2 or self.scrypt_n & (self.scrypt_n - 1):
+            raise ValueError("scrypt_n: must be a power of two")
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    host: str = "127.0.0.1"
+    port: int = 25
+    tls: TlsMode = "none"
+    verify_tls: bool = True
+    username: str = ""
+    password: str = ""                # use "env:NAME" to read it from the environment
+    connect_timeout: float = 10.0
+    command_timeout: float = 60.0
+    data_timeout: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port <= 65535:
+            raise ValueError(f"port: {self.port} is not a TCP port")
+        _positive("connect_timeout", self.connect_timeout)
+        _positive("command_timeout", self.command_timeout)
+        _positive("data_timeout", self.data_timeout)
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    upstreams: list[UpstreamSettings] = field(default_factory=list)
+    pool_size: int = 64               # idle connections kept per upstream
+    idle_timeout: float = 30.0        # close pooled connections idle longer than this
+    max_messages_per_connection: int = 1000
+    helo_name: str = ""               # default: smtp.hostname
+
+    def __post_init__(self) -> None:
+        if self.pool_size < 0:
+            raise ValueError("pool_size: must not be negative")
+        _positive("idle_timeout", self.idle_timeout)
+        _positive("max_messages_per_connection", self.max_messages_per_connection)
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    url: str = "sqlite+aiosqlite:///gateway.db"   # or postgresql+asyncpg://user@host/db
+
+    def __post_init__(self) -> None:
+        if not (self.url.startswith("sqlite+aiosqlite://") or self.url.startswith("postgresql+asyncpg://")):
+            raise ValueError("url: must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+
+
+@dataclass(frozen=True)
+class CounterSettings:
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "gw:"
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    enabled: bool = True
+    address: str = "127.0.0.1"
+    port: int = 8025
+    admin_key: str = ""               # "env:NAME" recommended
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port: {self.port} is not a TCP port")
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    transactions: str = "-"           # "-" = standard output, else a file path (one JSON line per transaction)
+
+
+DEFAULT_CHECKS: dict[str, list[str]] = {
+    "connect": ["connect_limits"],
+    "helo": [],
+    "auth": [],
+    "mail": ["mail_account_status", "mail_size"],
+    "rcpt": ["rcpt_relay", "rcpt_limit"],
+    "data": ["data_size"],
+}
+
+
+@dataclass(frozen=True)
+class CheckSettings:
+    connect: list[str] = field(default_factory=lambda: list(DEFAULT_CHECKS["connect"]))
+    helo: list[str] = field(default_factory=lambda: list(DEFAULT_CHECKS["helo"]))
+    auth: list[str] = field(default_factory=lambda: list(DEFAULT_CHECKS["auth"]))
+    mail: list[str] = field(default_factory=lambda: list(DEFAULT_CHECKS["mail"]))
+    rcpt: list[str] = field(default_factory=lambda: list(DEFAULT_CHECKS["rcpt"]))
+    data: list[str] = field(default_factory=lambda: list(DEFAULT_CHECKS["data"]))
+
+    def order(self) -> dict[Phase, list[str]]:
+        return {phase: list(getattr(self, phase.value)) for phase in Phase}
+
+
+@dataclass(frozen=True)
+class DevSettings:
+    enabled: bool = False
+    outbox: str = "dev-outbox"        # maildir of the embedded upstream
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str = "<defaults>"
+    listeners: list[ListenerSettings] = field(default_factory=lambda: [ListenerSettings()])
+    smtp: SmtpSettings = field(default_factory=SmtpSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    relay: RelaySettings = field(default_factory=RelaySettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    counters: CounterSettings = field(default_factory=CounterSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    checks: CheckSettings = field(default_factory=CheckSettings)
+    dev: DevSettings = field(default_factory=DevSettings)
+
+    def __post_init__(self) -> None:
+        names = [listener.name for listener in self.listeners]
+        if len(set(names)) != len(names):
+            raise ValueError("listeners: listener names must be unique")
+        if any(listener.tls != "none" for listener in self.listeners) and not self.tls.cert_file \
+                and not self.dev.enabled:
+            raise ValueError("tls: a listener uses TLS but tls.cert_file/tls.key_file are not set")
+        if not self.dev.enabled and not self.relay.upstreams:
+            raise ValueError("relay: at least one [[relay.upstreams]] is needed")
+
+
+def _validate_semantics(cfg: Config) -> None:
+    """Cross-section checks that need more than one section."""
+    from .checks import known_checks  # late: checks import config types
+
+    known = known_checks()
+    for phase in Phase:
+        for name in getattr(cfg.checks, phase.value):
+            spec = known.get(name)
+            if spec is None:
+                raise ConfigError(cfg.source, f"checks.{phase.value}",
+                                  f"unknown check {name!r} (known: {', '.join(sorted(known))})")
+            if spec != phase:
+                raise ConfigError(cfg.source, f"checks.{phase.value}",
+                                  f"check {name!r} acts in phase {spec.value}, not {phase.value}")
+    for tls_file in (cfg.tls.cert_file, cfg.tls.key_file):
+        if tls_file and not Path(tls_file).is_file():
+            raise ConfigError(cfg.source, "tls.cert_file" if tls_file == cfg.tls.cert_file else "tls.key_file",
+                              f"file {tls_file!r} does not exist")
+
+
+def from_mapping(data: Mapping, source: str, env: Mapping[str, str] | None = None) -> Config:
+    data = dict(data)
+    data.pop("source", None)
+    cfg = load_section(Config, data, source, "", env)
+    cfg = replace(cfg, source=source)
+    _validate_semantics(cfg)
+    return cfg
+
+
+def load(path: str | os.PathLike, env: Mapping[str, str] | None = None) -> Config:
+    source = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(source, "", f"cannot read file: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(source, "", "file is not UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "", f"TOML syntax error: {exc}") from None
+    return from_mapping(data, source, env)
+
+
+def dev_config(workdir: str | os.PathLike = ".") -> Config:
+    """Embedded defaults for ``gateway serve --dev`` (loopback only)."""
+    wd = Path(workdir)
+    data = {
+        "listeners": [{"name": "dev", "address": "127.0.0.1", "port": 2525, "tls": "none",
+                       "auth_without_tls": True}],
+        "smtp": {"hostname": "gateway.dev.localhost", "service_maildir": str(wd / "dev-service-mail")},
+        "storage": {"url": f"sqlite+aiosqlite:///{(wd / 'gateway-dev.db').resolve()}"},
+        "http": {"address": "127.0.0.1", "port": 8025},
+        "dev": {"enabled": True, "outbox": str(wd / "dev-outbox")},
+    }
+    return from_mapping(data, "<--dev defaults>")

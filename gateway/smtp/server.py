@@ -1,0 +1,764 @@
+"""The SMTP front end: aiosmtpd's protocol with the gateway's session model.
+
+aiosmtpd gives us connection handling, PROXY protocol parsing and the
+command mechanics; this subclass owns the command loop (connection caps and
+connect-phase checks before the greeting, enhanced status codes on every
+reply, command and bogus-command budgets, 451 4.3.0 instead of 500 on our own
+bugs, quiet client disconnects), STARTTLS through ``StreamWriter.start_tls``
+(works the same under uvloop), AUTH with async password checks and failure
+limits, and MAIL/RCPT/DATA driven through the check pipeline and the upstream
+relay.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import ipaddress
+import logging
+import re
+import ssl
+
+from typing import TYPE_CHECKING, Any
+
+from aiosmtpd.proxy_protocol import get_proxy
+from aiosmtpd.smtp import SMTP as AioSMTP
+
+from . import replies
+from .address import AddressError, EnvelopeAddress, parse_params, parse_path
+from .replies import Rendered, Reply
+
+from .transaction import Outcome, Phase, Recipient, Result, SessionInfo, TlsInfo, Transaction, session_id
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..app import Gateway
+    from ..config import ListenerSettings
+
+log = logging.getLogger("gateway.smtp")
+
+_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
+# Replies aiosmtpd writes itself (QUIT, NOOP, HELP, ...): the enhanced code to add.
+_DEFAULT_ENHANCED = {200: "2.0.0", 211: "2.0.0", 214: "2.0.0", 221: "2.0.0", 250: "2.0.0", 252: "2.5.0",
+                     421: "4.3.0", 451: "4.3.0", 454: "4.7.0", 500: "5.5.2", 501: "5.5.4", 502: "5.5.1",
+                     503: "5.5.1", 504: "5.5.4", 530: "5.7.0", 535: "5.7.8", 550: "5.0.0", 552: "5.3.4",
+                     554: "5.3.0", 555: "5.5.4"}
+_NO_ENHANCED = (220, 334, 354)
+
+_AUTH_MECHANISMS = ("LOGIN", "PLAIN")
+
+
+class _NoHooks:
+    """aiosmtpd wants a handler object; the gateway overrides the commands instead."""
+
+
+class GatewaySMTP(AioSMTP):
+    def __init__(self, gateway: "Gateway", listener: "ListenerSettings", tls_context: ssl.SSLContext | None):
+        cfg = gateway.config
+        self.gw = gateway
+        self.listener = listener
+        self._starttls_context = tls_context if listener.tls == "starttls" else None
+        super().__init__(
+            _NoHooks(),
+            data_size_limit=cfg.smtp.max_message_size,
+            enable_SMTPUTF8=True,
+            hostname=cfg.smtp.hostname,
+            ident=cfg.smtp.banner,
+            tls_context=self._starttls_context,
+            timeout=cfg.smtp.idle_timeout,
+            auth_require_tls=not listener.auth_without_tls,
+            loop=asyncio.get_running_loop(),
+        )
+        self.gsession: SessionInfo | None = None
+        self.tx: Transaction | None = None
+        self.upstream_tx = None
+        self._busy = False
+        self._counted_ip: str | None = None
+        self._closing = False
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def tls_active(self) -> bool:
+        return self.gsession is not None and self.gsession.tls is not None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername") or ("", 0)
+        sock = transport.get_extra_info("sockname") or ("", 0)
+        self.gsession = SessionInfo(id=session_id(), listener=self.listener.name, peer_ip=_plain_ip(peer[0]),
+                                    peer_port=peer[1], local_ip=_plain_ip(sock[0]), local_port=sock[1])
+        ssl_obj = transport.get_extra_info("ssl_object")
+        if ssl_obj is not None:  # implicit TLS listener
+            self.gsession.tls = _tls_info(ssl_obj)
+        self.gw.sessions.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.gw.sessions.discard(self)
+        if self._counted_ip is not None:
+            self.gw.connections.closed(self._counted_ip)
+            self._counted_ip = None
+        if self.tx is not None and self.tx.decision == "open":
+            self.tx.decision = "aborted"
+            self.tx.ledger.append(Outcome("session", Result.ERROR, "client disconnected"))
+            self.gw.log_transaction(self.tx)
+        if self.upstream_tx is not None:
+            # Nothing is relayed: the upstream transaction is reset and the
+            # connection goes back to the pool.
+            utx, self.upstream_tx = self.upstream_tx, None
+            self.loop.create_task(utx.close())
+        self.tx = None
+        super().connection_lost(error)
+
+    def eof_received(self) -> bool | None:
+        # aiosmtpd logs disconnects loudly; a client closing is normal.
+        return super().eof_received()
+
+    def _timeout_cb(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            try:
+                self._writer.write((replies.IDLE_TIMEOUT.render() + "\r\n").encode())
+            except Exception:  # pragma: no cover - transport already gone
+                pass
+        super()._timeout_cb()
+
+    async def push(self, status: Any) -> None:
+        if isinstance(status, (Reply, Rendered)):
+            status = status.render()
+        elif isinstance(status, str) and not _HAS_ENHANCED.match(status):
+            status = _add_enhanced(status)
+        await super().push(status)
+
+    async def reply(self, reply: Reply | Rendered, detail: str | None = None) -> None:
+        await self.push(reply.render(detail))
+
+    async def handle_exception(self, error: Exception) -> str:
+        # A bug on our side must never bounce a customer's mail: defer it.
+        log.exception("session %s: unexpected error", self.gsession.id if self.gsession else "?")
+        if self.tx is not None:
+            self.tx.ledger.append(Outcome("session", Result.ERROR, f"internal error: {type(error).__name__}"))
+        return replies.INTERNAL_ERROR.render()
+
+    async def close_with(self, reply: Reply) -> None:
+        self._closing = True
+        try:
+            await self.push(reply)
+        except Exception:
+            pass
+        if self.transport is not None:
+            self.transport.close()
+
+    # --------------------------------------------------------------- command loop
+    async def _handle_client(self) -> None:  # noqa: C901 - the loop is the protocol
+        sess = self.gsession
+        assert sess is not None
+        try:
+            if self.listener.proxy_protocol:
+                if not await self._read_proxy_header():
+                    self.transport.close()
+                    return
+            self.gw.connections.opened(sess.peer_ip)
+            self._counted_ip = sess.peer_ip
+            if self.gw.draining:
+                await self.close_with(replies.SHUTTING_DOWN)
+                return
+            sess.account = None
+            net_account = self.gw.accounts.account_for_ip(sess.peer_ip)
+            if net_account is not None:
+                sess.account = net_account
+                sess.auth_method = "client-network"
+            verdict = await self.gw.pipeline.run(Phase.CONNECT, sess, sess.ledger)
+            if not verdict.accepted:
+                self.gw.log_session_refusal(sess, verdict.refusal)
+                await self.close_with(verdict.refusal.reply)
+                return
+            await self.push(f"220 {self.hostname} {self.__ident__}")
+            await self._command_loop()
+        except (asyncio.CancelledError, ConnectionError):
+            # The client went away (or we are closing it): not an error.
+            self._writer.close()
+            raise
+
+    async def _read_proxy_header(self) -> bool:
+        sess = self.gsession
+        trusted = self.gw.proxy_networks(self.listener)
+        peer = ipaddress.ip_address(sess.peer_ip or "0.0.0.0")
+        if not any(peer in net for net in trusted if net.version == peer.version):
+            log.warning("PROXY header expected from untrusted peer %s: closing", sess.peer_ip)
+            return False
+        try:
+            data = await asyncio.wait_for(get_proxy(self._reader), self.listener.proxy_timeout)
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError):
+            return False
+        if not data.valid:
+            log.warning("invalid PROXY header from %s: %s", sess.peer_ip, data.error)
+            return False
+        if data.src_addr is not None:  # None for PROXY UNKNOWN / LOCAL (health checks)
+            sess.peer_ip = _plain_ip(str(data.src_addr))
+            sess.peer_port = int(data.src_port or 0)
+            sess.proxied = True
+        return True
+
+    async def _command_loop(self) -> None:
+        cfg = self.gw.config.smtp
+        commands = 0
+        bogus = 0
+        reader = self._reader
+        while self.transport is not None and not self._closing:
+            if self.gw.draining and self.tx is None:
+                await self.close_with(replies.SHUTTING_DOWN)
+                return
+            try:
+                line = await reader.readuntil(b"\n")
+            except asyncio.LimitOverrunError as exc:
+                await self._discard_long_line(exc.consumed)
+                await self.reply(replies.LINE_TOO_LONG)
+                continue
+            except asyncio.IncompleteReadError:
+                return
+            self._busy = True
+            try:
+                commands += 1
+                if commands > cfg.max_commands:
+                    await self.close_with(replies.TOO_MANY_COMMANDS)
+                    return
+                line = line.rstrip(b"\r\n")
+                verb_bytes, _, arg_bytes = line.partition(b" ")
+                try:
+                    verb = verb_bytes.upper().decode("ascii")
+                except UnicodeDecodeError:
+                    verb = ""
+                method = self._smtp_methods.get(verb) if verb.isalpha() else None
+                if method is None:
+                    bogus += 1
+                    if bogus >= cfg.max_bogus_commands:
+                        await self.close_with(replies.TOO_MANY_BOGUS)
+                        return
+                    await self.reply(replies.SYNTAX_ERROR)
+                    continue
+                arg: str | None
+                arg_bytes = arg_bytes.strip()
+                if not arg_bytes:
+                    arg = None
+                else:
+                    arg = arg_bytes.decode("utf-8", "surrogateescape")
+                self._reset_timeout()
+                if (self.listener.require_tls and not self.tls_active
+                        and verb in ("MAIL", "RCPT", "DATA", "AUTH")):
+                    await self.reply(replies.TLS_REQUIRED)
+                    continue
+                await method(arg)
+            except (asyncio.CancelledError, ConnectionError):
+                raise
+            except Exception as error:  # our bug: defer, never bounce
+                status = await self.handle_exception(error)
+                await self.push(status)
+            finally:
+                self._busy = False
+
+    async def _discard_long_line(self, consumed: int) -> None:
+        reader = self._reader
+        await reader.readexactly(consumed)
+        while True:
+            try:
+                await reader.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as exc:
+                await reader.readexactly(exc.consumed)
+
+    # ------------------------------------------------------------ HELO / EHLO
+    async def _greet(self, hostname: str | None, esmtp: bool) -> bool:
+        if not hostname:
+            await self.reply(replies.ARG_SYNTAX, "EHLO/HELO needs a host name")
+            return False
+        await self._reset_transaction()
+        sess = self.gsession
+        sess.helo = hostname[:255]
+        sess.esmtp = esmtp
+        self.session.host_name = sess.helo
+        self.session.extended_smtp = esmtp
+        verdict = await self.gw.pipeline.run(Phase.HELO, sess, sess.ledger)
+        if not verdict.accepted:
+            await self.reply(verdict.refusal.reply, verdict.refusal.detail or None)
+            return False
+        return True
+
+    async def smtp_HELO(self, hostname: str | None) -> None:
+        if await self._greet(hostname, esmtp=False):
+            await self.push(f"250 {self.hostname}")
+
+    async def smtp_EHLO(self, hostname: str | None) -> None:
+        if not await self._greet(hostname, esmtp=True):
+            return
+        lines = [self.hostname, f"SIZE {self.gw.config.smtp.max_message_size}", "8BITMIME", "SMTPUTF8",
+                 "PIPELINING", "ENHANCEDSTATUSCODES"]
+        if self._starttls_context is not None and not self.tls_active:
+            lines.append("STARTTLS")
+        if self._auth_offered():
+            lines.append("AUTH " + " ".join(_AUTH_MECHANISMS))
+        out = [f"250-{x}" for x in lines[:-1]] + [f"250 {lines[-1]}"]
+        self._writer.write(("\r\n".join(out) + "\r\n").encode("ascii"))
+        await self._writer.drain()
+
+    def _auth_offered(self) -> bool:
+        return self.tls_active or self.listener.auth_without_tls
+
+    # ----------------------------------------------------------------- STARTTLS
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        if arg:
+            await self.reply(replies.ARG_SYNTAX, "STARTTLS takes no argument")
+            return
+        if self.tls_active:
+            await self.reply(replies.TLS_ALREADY)
+            return
+        if self._starttls_context is None:
+            await self.reply(replies.TLS_NOT_AVAILABLE)
+            return
+        if not self.gsession.helo:
+            await self.reply(replies.NEED_HELO)
+            return
+        # RFC 3207 4.2 / CVE-2011-0411: anything the client pipelined after
+        # STARTTLS was sent in clear text and must not be executed.
+        self._reader._buffer.clear()  # type: ignore[attr-defined]
+        await self.push(replies.START_TLS)
+        try:
+            await self._writer.start_tls(self._starttls_context,
+                                         ssl_handshake_timeout=self.gw.config.tls.handshake_timeout)
+        except (ssl.SSLError, OSError, asyncio.TimeoutError, ConnectionError) as exc:
+            log.info("session %s: TLS handshake failed: %s", self.gsession.id, exc)
+            if self.transport is not None:
+                self.transport.close()
+            raise ConnectionResetError("TLS handshake failed") from None
+        self.transport = self._writer.transport
+        ssl_obj = self.transport.get_extra_info("ssl_object")
+        self.gsession.tls = _tls_info(ssl_obj)
+        self.session.ssl = {"ssl_object": ssl_obj}
+        # RFC 3207 4.2: the client must greet again; forget what was said before.
+        self.gsession.helo = None
+        self.session.host_name = None
+        await self._reset_transaction()
+
+    # --------------------------------------------------------------------- AUTH
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        sess = self.gsession
+        if not sess.esmtp:
+            await self.reply(replies.BAD_SEQUENCE, "send EHLO first")
+            return
+        if not self._auth_offered():
+            await self.reply(replies.AUTH_NEEDS_TLS)
+            return
+        if sess.auth_method == "smtp-auth":
+            await self.reply(replies.AUTH_ALREADY)
+            return
+        if self.tx is not None:
+            await self.reply(replies.BAD_SEQUENCE, "AUTH not allowed during a mail transaction")
+            return
+        if not arg:
+            await self.reply(replies.ARG_SYNTAX, "AUTH needs a mechanism")
+            return
+        args = arg.split()
+        mechanism = args[0].upper()
+        if mechanism not in _AUTH_MECHANISMS or len(args) > 2:
+            await self.reply(replies.AUTH_MECHANISM)
+            return
+        limiter = self.gw.auth_limiter
+        if await limiter.ip_blocked(sess.peer_ip):
+            sess.ledger.append(Outcome("auth", Result.FAIL, "too many failures from this IP",
+                                       replies.AUTH_TOO_MANY_FAILURES, Phase.AUTH))
+            await self.reply(replies.AUTH_TOO_MANY_FAILURES)
+            return
+        creds = await (self._auth_plain(args) if mechanism == "PLAIN" else self._auth_login(args))
+        if creds is None:
+            return  # the client was answered already (aborted, bad base64, ...)
+        login, password = creds
+        login_text = login.decode("utf-8", "replace")
+        if await limiter.account_blocked(login_text):
+            sess.ledger.append(Outcome("auth", Result.FAIL, f"too many failures for {login_text}",
+                                       replies.AUTH_TOO_MANY_FAILURES, Phase.AUTH))
+            await self.reply(replies.AUTH_TOO_MANY_FAILURES)
+            return
+        try:
+            account = await self.gw.accounts.authenticate(login_text, password)
+        except Exception:
+            log.exception("account store unavailable during AUTH")
+            await self.reply(replies.AUTH_TEMP_FAILURE)
+            return
+        if account is None:
+            await limiter.failed(sess.peer_ip, login_text)
+            sess.ledger.append(Outcome("auth", Result.FAIL, f"bad credentials for {login_text}",
+                                       replies.AUTH_INVALID, Phase.AUTH))
+            self.gw.metrics.auth.labels("failure").inc()
+            await self.reply(replies.AUTH_INVALID)
+            return
+        if account.suspended:
+            sess.ledger.append(Outcome("auth", Result.FAIL, f"account {account.name} suspended",
+                                       replies.AUTH_SUSPENDED, Phase.AUTH))
+            self.gw.metrics.auth.labels("suspended").inc()
+            await self.reply(replies.AUTH_SUSPENDED)
+            return
+        sess.account = account
+        sess.auth_method = "smtp-auth"
+        sess.auth_login = login_text
+        self.session.authenticated = True
+        sess.ledger.append(Outcome("auth", Result.PASS, f"account {account.name} via {mechanism}",
+                                   phase=Phase.AUTH))
+        self.gw.metrics.auth.labels("success").inc()
+        await self.reply(replies.AUTH_OK)
+
+    async def _challenge(self, prompt: bytes) -> bytes | None:
+        await self.push(b"334 " + base64.b64encode(prompt))
+        line = (await self._reader.readuntil(b"\n")).strip()
+        if line == b"*":
+            await self.reply(replies.AUTH_ABORTED)
+            return None
+        try:
+            return base64.b64decode(line, validate=True)
+        except binascii.Error:
+            await self.reply(replies.AUTH_BAD_BASE64)
+            return None
+
+    async def _auth_plain(self, args: list[str]) -> tuple[bytes, bytes] | None:
+        if len(args) == 1:
+            blob = await self._challenge(b"")
+            if blob is None:
+                return None
+        else:
+            try:
+                blob = base64.b64decode(args[1], validate=True)
+            except binascii.Error:
+                await self.reply(replies.AUTH_BAD_BASE64)
+                return None
+        parts = blob.split(b"\x00")
+        if len(parts) != 3:
+            await self.reply(replies.AUTH_BAD_BASE64, "PLAIN needs authzid NUL authcid NUL password")
+            return None
+        authzid, login, password = parts
+        if authzid and authzid != login:
+            # Acting as another account is not a thing customers may do.
+            await self.reply(replies.AUTH_INVALID)
+            return None
+        return login, password
+
+    async def _auth_login(self, args: list[str]) -> tuple[bytes, bytes] | None:
+        if len(args) == 2:
+            try:
+                login = base64.b64decode(args[1], validate=True)
+            except binascii.Error:
+                await self.reply(replies.AUTH_BAD_BASE64)
+                return None
+        else:
+            login = await self._challenge(b"Username:")
+            if login is None:
+                return None
+        password = await self._challenge(b"Password:")
+        if password is None:
+            return None
+        return login, password
+
+    # ------------------------------------------------------------- transactions
+    async def _reset_transaction(self) -> None:
+        if self.tx is not None and self.tx.decision == "open":
+            # Given up by the client: after every recipient was refused it is
+            # a refusal, otherwise an abort (nothing was relayed either way).
+            self.tx.decision = "refused" if not self.tx.recipients and self.tx.refused_recipients else "aborted"
+            self.gw.log_transaction(self.tx)
+        self.tx = None
+        if self.upstream_tx is not None:
+            utx, self.upstream_tx = self.upstream_tx, None
+            await utx.close()
+
+    async def smtp_RSET(self, arg: str | None) -> None:
+        if arg:
+            await self.reply(replies.ARG_SYNTAX, "RSET takes no argument")
+            return
+        await self._reset_transaction()
+        await self.reply(replies.RESET)
+
+    async def smtp_NOOP(self, arg: str | None) -> None:
+        await self.reply(replies.NOOP)
+
+    async def smtp_QUIT(self, arg: str | None) -> None:
+        await self._reset_transaction()
+        await self.close_with(replies.BYE)
+
+    async def smtp_VRFY(self, arg: str | None) -> None:
+        await self.reply(replies.VRFY_NOTHING)
+
+    async def smtp_EXPN(self, arg: str | None) -> None:
+        await self.reply(replies.EXPN_DISABLED)
+
+    async def smtp_HELP(self, arg: str | None) -> None:
+        await self.push("214 2.0.0 See https://www.rfc-editor.org/rfc/rfc5321 and the provider's policy")
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        sess = self.gsession
+        if not sess.helo:
+            await self.reply(replies.NEED_HELO)
+            return
+        if self.tx is not None:
+            await self.reply(replies.NESTED_MAIL)
+            return
+        if not arg or arg[:5].upper() != "FROM:":
+            await self.reply(replies.ARG_SYNTAX, "MAIL FROM:<address>")
+            return
+        if sess.transactions >= self.gw.config.smtp.max_transactions:
+            await self.close_with(replies.TOO_MANY_COMMANDS)
+            return
+        if self.listener.require_auth and sess.account is None:
+            sess.ledger.append(Outcome("mail_auth_required", Result.FAIL, "submission listener needs AUTH",
+                                       replies.AUTH_REQUIRED, Phase.MAIL))
+            await self.reply(replies.AUTH_REQUIRED)
+            return
+        tx = Transaction(session=sess)
+        try:
+            address, rest = parse_path(arg[5:], utf8=True, allow_null=True)
+            params = parse_params(rest) if sess.esmtp else ({} if not rest else None)
+            if params is None:
+                raise AddressError("syntax", "parameters need EHLO")
+        except AddressError as exc:
+            reply = replies.RELAY_TRICK if exc.kind == "trick" else replies.BAD_SENDER_SYNTAX
+            tx.ledger.append(Outcome("mail_syntax", Result.FAIL, exc.detail, reply, Phase.MAIL))
+            tx.decision = "refused"
+            tx.final_reply = reply
+            self.gw.log_transaction(tx)
+            await self.reply(reply, exc.detail)
+            return
+        problem = _check_mail_params(params, address)
+        if problem is not None:
+            reply, detail = problem
+            tx.ledger.append(Outcome("mail_syntax", Result.FAIL, detail, reply, Phase.MAIL))
+            tx.decision = "refused"
+            tx.final_reply = reply
+            self.gw.log_transaction(tx)
+            await self.reply(reply, detail)
+            return
+        tx.mail_from = address
+        tx.mail_params = params
+        tx.ledger.append(Outcome("mail_syntax", Result.PASS, phase=Phase.MAIL))
+        verdict = await self.gw.pipeline.run(Phase.MAIL, tx, tx.ledger, address)
+        tx.mark("mail")
+        if not verdict.accepted:
+            tx.decision = "deferred" if verdict.refusal.reply.is_transient else "refused"
+            tx.final_reply = verdict.refusal.reply
+            self.gw.log_transaction(tx)
+            await self.reply(verdict.refusal.reply, verdict.refusal.detail or None)
+            return
+        sess.transactions += 1
+        self.tx = tx
+        await self.reply(replies.SENDER_OK)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        tx = self.tx
+        if tx is None:
+            await self.reply(replies.NEED_MAIL)
+            return
+        if not arg or arg[:3].upper() != "TO:":
+            await self.reply(replies.ARG_SYNTAX, "RCPT TO:<address>")
+            return
+        try:
+            address, rest = parse_path(arg[3:], utf8=tx.smtputf8 or True, allow_null=False)
+            params = parse_params(rest)
+        except AddressError as exc:
+            reply = replies.RELAY_TRICK if exc.kind == "trick" else replies.BAD_RECIPIENT_SYNTAX
+            await self._refuse_rcpt(tx, "rcpt_syntax", reply, exc.detail, arg[3:].strip()[:300])
+            return
+        if address.needs_smtputf8 and not tx.smtputf8:
+            await self._refuse_rcpt(tx, "rcpt_syntax", replies.SMTPUTF8_REQUIRED,
+                                    "non-ASCII address without SMTPUTF8", address.addr)
+            return
+        if params:
+            await self._refuse_rcpt(tx, "rcpt_syntax", replies.PARAM_UNKNOWN, ", ".join(params), address.addr)
+            return
+        label = address.addr
+        verdict = await self.gw.pipeline.run(Phase.RCPT, tx, tx.ledger, address, item_label=label)
+        if not verdict.accepted:
+            tx.refused_recipients += 1
+            await self.gw.on_recipient_refused(tx, verdict.refusal)
+            await self.reply(verdict.refusal.reply, verdict.refusal.detail or None)
+            return
+        local = address.normalized.lower() in tx.extra.get("local_rcpts", ())
+        if local:
+            reply: Reply | Rendered = replies.RECIPIENT_OK
+        else:
+            reply = await self._relay_rcpt(tx, address)
+        tx.mark("rcpt")
+        if reply.is_positive:
+            tx.recipients.append(Recipient(address, params, reply, local))
+        else:
+            tx.refused_recipients += 1
+            tx.ledger.append(Outcome("relay_rcpt", Result.FAIL, reply.render(), reply, Phase.RCPT, label))
+        await self.reply(reply)
+
+    async def _refuse_rcpt(self, tx: Transaction, check: str, reply: Reply, detail: str, label: str) -> None:
+        tx.refused_recipients += 1
+        outcome = Outcome(check, Result.FAIL, detail, reply, Phase.RCPT, label)
+        tx.ledger.append(outcome)
+        await self.gw.on_recipient_refused(tx, outcome)
+        await self.reply(reply, detail)
+
+    async def _relay_rcpt(self, tx: Transaction, address: EnvelopeAddress) -> Reply | Rendered:
+        if self.upstream_tx is None:
+            size = tx.mail_params.get("SIZE")
+            utx, reply = await self.gw.relay.begin(
+                tx.mail_from.addr, [], utf8=tx.smtputf8, eight_bit=tx.body_8bit,
+                size=int(size) if isinstance(size, str) else None)
+            if utx is None:
+                return reply
+            self.upstream_tx = utx
+            tx.upstream = utx.upstream
+        return await self.upstream_tx.rcpt(address.addr, [])
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        tx = self.tx
+        if tx is None:
+            await self.reply(replies.NEED_MAIL)
+            return
+        if not tx.recipients:
+            await self.reply(replies.NEED_RCPT)
+            return
+        if arg:
+            await self.reply(replies.ARG_SYNTAX, "DATA takes no argument")
+            return
+        await self.push(replies.START_DATA.render().replace("354  ", "354 "))
+        cfg = self.gw.config.smtp
+        self._reset_timeout(cfg.data_timeout)
+        try:
+            async with asyncio.timeout(cfg.data_timeout):
+                message, octets = await self._read_data(cfg.max_message_size)
+        except TimeoutError:
+            tx.decision = "aborted"
+            tx.ledger.append(Outcome("session", Result.ERROR, "DATA timeout"))
+            self.gw.log_transaction(tx)
+            await self.close_with(replies.COMMAND_TIMEOUT)
+            return
+        self._reset_timeout()
+        tx.mark("data_received")
+        tx.extra["data_octets"] = octets
+        tx.message = message
+        verdict = await self.gw.pipeline.run(Phase.DATA, tx, tx.ledger)
+        tx.mark("checked")
+        if not verdict.accepted:
+            await self._finish(verdict.refusal.reply, verdict.refusal.detail or None)
+            return
+        final = await self.gw.deliver(tx, self.upstream_tx)
+        self.upstream_tx = None  # deliver() released it
+        await self._finish(final)
+
+    async def _finish(self, reply: Reply | Rendered, detail: str | None = None) -> None:
+        tx = self.tx
+        tx.final_reply = reply
+        if tx.decision == "open":
+            tx.decision = "relayed" if reply.is_positive else ("deferred" if reply.is_transient else "refused")
+        tx.mark("done")
+        self.gw.log_transaction(tx)
+        tx.message = None
+        await self._reset_transaction()
+        await self.reply(reply, detail)
+
+    async def _read_data(self, limit: int) -> tuple[bytes | None, int]:
+        """Read the DATA stream up to CRLF.CRLF; return (unstuffed bytes, octets).
+
+        The terminator is only ever <CRLF>.<CRLF>: variants with bare CR or LF
+        (SMTP smuggling) are message content and stay in it, where the wire
+        check refuses them. Past ``limit`` the bytes are discarded but the
+        stream is read to its end, so the 552 reply lands after it.
+        """
+        reader = self._reader
+        # The CRLF that ended the DATA command line is the first half of the
+        # terminator when the message is empty; put it back in front.
+        reader._buffer[0:0] = b"\r\n"  # type: ignore[attr-defined]
+        saved_limit = reader._limit  # type: ignore[attr-defined]
+        reader._limit = limit + (limit >> 3) + 1024  # type: ignore[attr-defined]
+        dropped = 0
+        try:
+            while True:
+                try:
+                    chunk = await reader.readuntil(b"\r\n.\r\n")
+                    break
+                except asyncio.LimitOverrunError as exc:
+                    # Too big: discard what we have (keeping 4 bytes in case the
+                    # terminator straddles the cut) and go on reading.
+                    n = max(0, exc.consumed - 4)
+                    await reader.readexactly(n)
+                    dropped += n
+                    reader._limit = 1 << 20  # type: ignore[attr-defined]
+        finally:
+            reader._limit = saved_limit  # type: ignore[attr-defined]
+        if dropped:
+            return None, dropped + len(chunk)
+        body = chunk[:-3].replace(b"\r\n.", b"\r\n")
+        return body[2:], len(chunk) - 5
+
+    # --------------------------------------------------------------- shutdown
+    def shutdown_if_idle(self) -> bool:
+        """Close with 421 4.3.2 unless a transaction is in flight; True if closed."""
+        if self.tx is None and not self._busy:
+            if self.transport is not None and not self.transport.is_closing():
+                self._writer.write((replies.SHUTTING_DOWN.render() + "\r\n").encode())
+                self.transport.close()
+            return True
+        return False
+
+    def force_close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            try:
+                self._writer.write((replies.SHUTTING_DOWN.render() + "\r\n").encode())
+            except Exception:
+                pass
+            self.transport.close()
+
+
+def _check_mail_params(params: dict[str, str | bool], address: EnvelopeAddress) -> tuple[Reply, str] | None:
+    for key, value in params.items():
+        if key == "SIZE":
+            if not isinstance(value, str) or not value.isdigit():
+                return replies.ARG_SYNTAX, "SIZE needs a number"
+        elif key == "BODY":
+            if not isinstance(value, str) or value.upper() not in ("7BIT", "8BITMIME"):
+                return replies.ARG_SYNTAX, "BODY is 7BIT or 8BITMIME"
+            params[key] = value.upper()
+        elif key == "SMTPUTF8":
+            if value is not True:
+                return replies.ARG_SYNTAX, "SMTPUTF8 takes no value"
+        elif key == "AUTH":
+            continue  # RFC 4954 5: accepted and ignored
+        else:
+            return replies.PARAM_UNKNOWN, key
+    if address.needs_smtputf8 and not params.get("SMTPUTF8"):
+        return replies.SMTPUTF8_REQUIRED, "non-ASCII sender without SMTPUTF8"
+    return None
+
+
+def _add_enhanced(status: str) -> str:
+    code_text = status[:3]
+    if not code_text.isdigit():
+        return status
+    code = int(code_text)
+    if code in _NO_ENHANCED:
+        return status
+    enhanced = _DEFAULT_ENHANCED.get(code, f"{code_text[0]}.0.0")
+    rest = status[4:]
+    sep = status[3:4] or " "
+    # aiosmtpd's own texts begin with "Error: "; keep the words, drop the noise.
+    if rest.startswith("Error: "):
+        rest = rest[7:]
+    return f"{code_text}{sep}{enhanced} {rest}".rstrip()
+
+
+def _plain_ip(ip: str) -> str:
+    try:
+        addr = ipaddress.ip_address(ip.split("%")[0])
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+def _tls_info(ssl_obj: Any) -> TlsInfo | None:
+    if ssl_obj is None:
+        return None
+    cipher = ssl_obj.cipher()
+    return TlsInfo(version=ssl_obj.version() or "", cipher=cipher[0] if cipher else "")
+
+
+__all__ = ["GatewaySMTP"]
+

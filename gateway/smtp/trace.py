@@ -1,0 +1,55 @@
+"""The trace the gateway adds to every message it relays (P-PATH, P-REPORT):
+a Received header (RFC 5321 4.4) and a trace header carrying the same opaque
+id, so an abuse report can be traced to the account and the message log."""
+from __future__ import annotations
+
+from email.utils import formatdate
+
+from .transaction import Transaction
+
+
+def _protocol(tx: Transaction) -> str:
+    # RFC 3848 / RFC 6531 "with" keywords.
+    sess = tx.session
+    proto = "ESMTP" if sess.esmtp else "SMTP"
+    if tx.smtputf8:
+        proto = "UTF8SMTP"
+    if sess.tls is not None:
+        proto += "S"
+    if sess.auth_method == "smtp-auth":
+        proto += "A"
+    return proto
+
+
+def _clean(text: str) -> str:
+    # Nothing a client sent may break the header's structure.
+    return "".join(c if c.isprintable() and c not in "()\\;" else "?" for c in text)[:255]
+
+
+def received_header(tx: Transaction, hostname: str, now: float | None = None) -> bytes:
+    sess = tx.session
+    helo = _clean(sess.helo or "unknown")
+    ip = f"IPv6:{sess.peer_ip}" if ":" in sess.peer_ip else sess.peer_ip
+    parts = [f"Received: from {helo} ([{ip}])"]
+    if sess.tls is not None:
+        parts.append(f"\t(using {sess.tls.version} with cipher {sess.tls.cipher})")
+    if sess.account is not None:
+        how = "authenticated" if sess.auth_method == "smtp-auth" else "client network of"
+        parts.append(f"\t({how} account {_clean(sess.account.name)})")
+    parts.append(f"\tby {hostname} with {_protocol(tx)} id {tx.trace_id}")
+    relayed = [r for r in tx.recipients]
+    tail = f"; {formatdate(now, localtime=False)}"
+    if len(relayed) == 1:
+        parts.append(f"\tfor <{relayed[0].address.addr}>{tail}")
+    else:
+        parts[-1] += tail
+    return ("\r\n".join(parts) + "\r\n").encode("utf-8", "surrogateescape")
+
+
+def trace_headers(tx: Transaction, hostname: str, trace_header: str, now: float | None = None,
+                  extra: list[tuple[str, str]] | None = None) -> bytes:
+    out = received_header(tx, hostname, now)
+    out += f"{trace_header}: {tx.trace_id}\r\n".encode("ascii")
+    for name, value in extra or ():
+        out += f"{name}: {value}\r\n".encode("utf-8", "surrogateescape")
+    return out

@@ -1,0 +1,166 @@
+"""Session and transaction model, and the ledger of check outcomes.
+
+A session is one client connection; a transaction is one MAIL..DATA exchange
+inside it. Every check writes an :class:`Outcome` into the transaction's
+ledger; the JSON log line, the metrics and the message log are written from
+that ledger alone.
+"""
+from __future__ import annotations
+
+import enum
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .replies import Rendered, Reply
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..accounts.model import Account
+    from .address import EnvelopeAddress
+
+
+class Phase(str, enum.Enum):
+    CONNECT = "connect"
+    HELO = "helo"
+    AUTH = "auth"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"
+
+
+class Result(str, enum.Enum):
+    PASS = "pass"      # the check ran and found nothing wrong
+    FAIL = "fail"      # the check refuses (reject or defer, see reply)
+    FLAG = "flag"      # a finding recorded for review, mail goes on
+    SKIP = "skip"      # the check does not apply here
+    ERROR = "error"    # the check could not decide (its reply says what follows)
+
+
+@dataclass(slots=True)
+class Outcome:
+    check: str
+    result: Result
+    detail: str = ""
+    reply: Reply | Rendered | None = None
+    phase: Phase | None = None
+    item: str | None = None  # e.g. the recipient an RCPT check was about
+
+    @property
+    def refuses(self) -> bool:
+        return self.reply is not None and not self.reply.is_positive
+
+    def as_log(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"check": self.check, "result": self.result.value}
+        if self.phase is not None:
+            d["phase"] = self.phase.value
+        if self.item is not None:
+            d["item"] = self.item
+        if self.detail:
+            d["detail"] = self.detail
+        if self.reply is not None:
+            d["reply"] = f"{self.reply.code} {self.reply.enhanced}"
+        return d
+
+    # Constructors used by checks ------------------------------------------------
+    @classmethod
+    def ok(cls, check: str, detail: str = "") -> "Outcome":
+        return cls(check, Result.PASS, detail)
+
+    @classmethod
+    def skip(cls, check: str, detail: str = "") -> "Outcome":
+        return cls(check, Result.SKIP, detail)
+
+    @classmethod
+    def flag(cls, check: str, detail: str) -> "Outcome":
+        return cls(check, Result.FLAG, detail)
+
+    @classmethod
+    def refuse(cls, check: str, reply: Reply | Rendered, detail: str = "") -> "Outcome":
+        return cls(check, Result.FAIL, detail, reply)
+
+    @classmethod
+    def error(cls, check: str, detail: str, reply: Reply | None = None) -> "Outcome":
+        """The check could not decide; with a reply it defers, without it fails open."""
+        return cls(check, Result.ERROR, detail, reply)
+
+
+def new_trace_id() -> str:
+    """An opaque, unguessable id: 16 random bytes, URL-safe."""
+    return secrets.token_urlsafe(12)
+
+
+@dataclass(slots=True)
+class TlsInfo:
+    version: str
+    cipher: str
+
+
+@dataclass(slots=True)
+class SessionInfo:
+    id: str
+    listener: str
+    peer_ip: str
+    peer_port: int
+    local_ip: str = ""
+    local_port: int = 0
+    proxied: bool = False           # peer address came from a PROXY header
+    tls: TlsInfo | None = None
+    helo: str | None = None
+    esmtp: bool = False
+    account: "Account | None" = None
+    auth_method: str | None = None  # "smtp-auth" | "client-network"
+    auth_login: str | None = None
+    started: float = field(default_factory=time.time)
+    transactions: int = 0
+    ledger: list[Outcome] = field(default_factory=list)  # connect/helo/auth outcomes
+
+    @property
+    def authenticated(self) -> bool:
+        return self.account is not None
+
+
+@dataclass(slots=True)
+class Recipient:
+    address: "EnvelopeAddress"
+    params: dict[str, str | bool]
+    reply: Reply | Rendered | None = None  # the answer the client got (upstream's when relayed)
+    local: bool = False  # a gateway service mailbox, not relayed
+
+
+@dataclass(slots=True)
+class Transaction:
+    session: SessionInfo
+    trace_id: str = field(default_factory=new_trace_id)
+    mail_from: "EnvelopeAddress | None" = None
+    mail_params: dict[str, str | bool] = field(default_factory=dict)
+    recipients: list[Recipient] = field(default_factory=list)
+    refused_recipients: int = 0
+    message: bytes | None = None
+    ledger: list[Outcome] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    wall_started: float = field(default_factory=time.time)
+    timings: dict[str, float] = field(default_factory=dict)
+    decision: str = "open"          # relayed | refused | deferred | aborted | local
+    final_reply: Reply | Rendered | None = None
+    upstream: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # check-specific state
+
+    @property
+    def smtputf8(self) -> bool:
+        return bool(self.mail_params.get("SMTPUTF8"))
+
+    @property
+    def body_8bit(self) -> bool:
+        return str(self.mail_params.get("BODY", "7BIT")).upper() == "8BITMIME"
+
+    def record(self, outcome: Outcome) -> None:
+        self.ledger.append(outcome)
+
+    def mark(self, name: str) -> None:
+        self.timings[name] = round((time.monotonic() - self.started) * 1000.0, 3)
+
+
+def session_id() -> str:
+    return os.urandom(6).hex()

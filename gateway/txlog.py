@@ -1,0 +1,79 @@
+"""One JSON line per transaction (orjson), written from the ledger."""
+from __future__ import annotations
+
+import sys
+import time
+from typing import IO
+
+import orjson
+
+from .smtp.transaction import Outcome, SessionInfo, Transaction
+
+
+def session_fields(sess: SessionInfo) -> dict:
+    d = {
+        "session": sess.id,
+        "listener": sess.listener,
+        "client_ip": sess.peer_ip,
+        "client_port": sess.peer_port,
+    }
+    if sess.proxied:
+        d["proxied"] = True
+    if sess.helo is not None:
+        d["helo"] = sess.helo
+    if sess.tls is not None:
+        d["tls"] = {"version": sess.tls.version, "cipher": sess.tls.cipher}
+    if sess.account is not None:
+        d["account"] = sess.account.name
+        d["auth"] = sess.auth_method
+    return d
+
+
+def transaction_record(tx: Transaction) -> dict:
+    d = {"ts": round(tx.wall_started, 3), "event": "transaction", "trace_id": tx.trace_id}
+    d.update(session_fields(tx.session))
+    d["mail_from"] = tx.mail_from.addr if tx.mail_from is not None else None
+    if tx.mail_params:
+        d["mail_params"] = {k: v for k, v in tx.mail_params.items()}
+    d["rcpts"] = [{"to": r.address.addr, "reply": r.reply.render() if r.reply else None,
+                   **({"local": True} if r.local else {})} for r in tx.recipients]
+    d["rcpts_refused"] = tx.refused_recipients
+    if "data_octets" in tx.extra:
+        d["size"] = tx.extra["data_octets"]
+    d["decision"] = tx.decision
+    if tx.final_reply is not None:
+        d["reply"] = tx.final_reply.render()
+    if tx.upstream:
+        d["upstream"] = tx.upstream
+    d["ledger"] = [o.as_log() for o in tx.session.ledger] + [o.as_log() for o in tx.ledger]
+    if "findings" in tx.extra:
+        d["findings"] = tx.extra["findings"]
+    d["timings_ms"] = tx.timings
+    return d
+
+
+class TransactionLog:
+    def __init__(self, target: str = "-"):
+        self._own = target != "-"
+        self._fh: IO[bytes] = open(target, "ab", buffering=0) if self._own else sys.stdout.buffer
+        self.last: dict | None = None  # the latest record (tests and the admin view read it)
+
+    def write(self, record: dict) -> None:
+        self.last = record
+        self._fh.write(orjson.dumps(record) + b"\n")
+        if not self._own:
+            self._fh.flush()
+
+    def transaction(self, tx: Transaction) -> None:
+        self.write(transaction_record(tx))
+
+    def session_refused(self, sess: SessionInfo, outcome: Outcome) -> None:
+        d = {"ts": round(time.time(), 3), "event": "session_refused"}
+        d.update(session_fields(sess))
+        d["ledger"] = [o.as_log() for o in sess.ledger]
+        d["reply"] = outcome.reply.render() if outcome.reply else None
+        self.write(d)
+
+    def close(self) -> None:
+        if self._own:
+            self._fh.close()

@@ -1,0 +1,33 @@
+"""HTTP side: health, readiness and metrics now; the registry API, the
+confirmation/unsubscribe pages and the admin API mount here too."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI
+from fastapi.responses import ORJSONResponse, Response
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..app import Gateway
+
+
+def create_app(gateway: "Gateway") -> FastAPI:
+    app = FastAPI(title="SMTP relay gateway", version="0.1.0", default_response_class=ORJSONResponse)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict:
+        """The process is up (liveness)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz() -> Response:
+        """Listening and not draining (readiness for a load balancer)."""
+        if gateway.ready and not gateway.draining:
+            return ORJSONResponse({"status": "ready"})
+        return ORJSONResponse({"status": "draining" if gateway.draining else "starting"}, status_code=503)
+
+    @app.get("/metrics", tags=["ops"])
+    async def metrics() -> Response:
+        return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
