@@ -684,8 +684,10 @@ class GatewaySMTP(AioSMTP):
             reader._limit = saved_limit  # type: ignore[attr-defined]
         if dropped:
             return None, dropped + len(chunk)
-        body = chunk[:-3].replace(b"\r\n.", b"\r\n")
-        return body[2:], len(chunk) - 5
+        body = chunk[2:-3].replace(b"\r\n.", b"\r\n")
+        if body.startswith(b"."):  # the first line lost its leading CRLF above
+            body = body[1:]
+        return body, len(body)
 
     # --------------------------------------------------------------- shutdown
     def shutdown_if_idle(self) -> bool:

@@ -1,0 +1,245 @@
+"""Shared fixtures: real sockets on loopback only.
+
+- ``certs``: a test CA and a server certificate for localhost/127.0.0.1 (trustme)
+- ``sink``: an aiosmtpd upstream that records what it receives and can refuse
+  chosen recipients or be stopped
+- ``gateway_factory``: starts a real :class:`gateway.app.Gateway` on ephemeral
+  ports with SQLite in tmp_path, relaying to the sink
+
+All tests run under uvloop, as production does.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+from aiosmtpd.smtp import SMTP as AioSMTP
+
+from gateway.app import Gateway
+from gateway.config import from_mapping
+from gateway.txlog import TransactionLog
+
+CI = os.environ.get("CI", "").lower() == "true"
+
+
+def need(condition: bool, reason: str) -> None:
+    """Skip with a visible reason, except under CI=true where it must run."""
+    if not condition:
+        if CI:
+            pytest.fail(f"required under CI=true: {reason}")
+        pytest.skip(reason)
+
+
+def tcp_reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def have_binary(name: str) -> bool:
+    return shutil.which(name) is not None or Path(f"/usr/sbin/{name}").exists()
+
+
+def pytest_asyncio_loop_factories(config, item):
+    return {"uvloop": uvloop.new_event_loop}
+
+
+# ------------------------------------------------------------------ TLS
+@dataclass
+class Certs:
+    dir: Path
+    cert_file: str
+    key_file: str
+    ca_file: str
+
+    def client_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=self.ca_file)
+        return ctx
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory) -> Certs:
+    import trustme
+
+    d = tmp_path_factory.mktemp("certs")
+    ca = trustme.CA()
+    server = ca.issue_cert("localhost", "127.0.0.1", "::1")
+    cert_file, key_file, ca_file = d / "server.pem", d / "server.key", d / "ca.pem"
+    server.private_key_pem.write_to_path(str(key_file))
+    with open(cert_file, "wb") as fh:
+        for blob in server.cert_chain_pems:
+            fh.write(blob.bytes())
+    ca.cert_pem.write_to_path(str(ca_file))
+    return Certs(d, str(cert_file), str(key_file), str(ca_file))
+
+
+# ------------------------------------------------------------------ upstream sink
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+    mail_options: list[str]
+
+
+@dataclass
+class Sink:
+    host: str = "127.0.0.1"
+    port: int = 0
+    messages: list[Received] = field(default_factory=list)
+    refuse_rcpt: dict[str, str] = field(default_factory=dict)    # address -> reply
+    refuse_mail: str | None = None
+    data_reply: str | None = None
+    connections: int = 0
+    data_delay: float = 0.0
+    server: Any = None
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def wait_for(self, count: int, timeout: float = 5.0) -> None:
+        async def _wait():
+            while len(self.messages) < count:
+                self._arrived.clear()
+                await self._arrived.wait()
+        await asyncio.wait_for(_wait(), timeout)
+
+    # aiosmtpd handler hooks
+    async def handle_MAIL(self, server, session, envelope, address, options):
+        if self.refuse_mail:
+            return self.refuse_mail
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(self, server, session, envelope, address, options):
+        if address in self.refuse_rcpt:
+            return self.refuse_rcpt[address]
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
+        if self.data_reply:
+            return self.data_reply
+        self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content,
+                                      list(envelope.mail_options)))
+        self._arrived.set()
+        return "250 2.0.0 queued as SINK%d" % len(self.messages)
+
+    async def start(self) -> "Sink":
+        loop = asyncio.get_running_loop()
+
+        def factory():
+            self.connections += 1
+            return AioSMTP(self, hostname="sink.test", enable_SMTPUTF8=True, data_size_limit=None, loop=loop)
+
+        self.server = await loop.create_server(factory, self.host, self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+            self.server = None
+
+
+@pytest.fixture
+async def sink():
+    s = await Sink().start()
+    yield s
+    await s.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------ the gateway
+def base_config(tmp_path: Path, sink: Sink | None, certs: Certs | None = None, **sections: Any) -> dict:
+    cfg: dict[str, Any] = {
+        "listeners": [{"name": "plain", "address": "127.0.0.1", "port": 0, "tls": "none",
+                       "auth_without_tls": True}],
+        "smtp": {"hostname": "gw.test", "max_recipients": 5, "max_message_size": 100_000,
+                 "grace_period": 5.0},
+        "auth": {"scrypt_n": 16, "max_failures_per_ip": 5, "max_failures_per_account": 5},
+        "storage": {"url": f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}"},
+        "http": {"enabled": False},
+        "log": {"transactions": str(tmp_path / "transactions.jsonl")},
+        "relay": {"upstreams": [{"host": "127.0.0.1", "port": sink.port if sink else free_port(),
+                                 "connect_timeout": 2.0, "command_timeout": 5.0}]},
+    }
+    if certs is not None:
+        cfg["tls"] = {"cert_file": certs.cert_file, "key_file": certs.key_file}
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+class GatewayHandle:
+    def __init__(self, gw: Gateway, tmp_path: Path):
+        self.gw = gw
+        self.tmp_path = tmp_path
+
+    def port(self, name: str = "plain") -> int:
+        return self.gw.ports[name]
+
+    @property
+    def log_path(self) -> Path:
+        return self.tmp_path / "transactions.jsonl"
+
+    def log_records(self) -> list[dict]:
+        import orjson
+        if not self.log_path.exists():
+            return []
+        return [orjson.loads(line) for line in self.log_path.read_bytes().splitlines() if line.strip()]
+
+    async def add_account(self, name: str = "alice", password: str = "s3cret", domains=("example.com",),
+                          networks=()) -> None:
+        await self.gw.accounts.add(name, password, contact=f"ops@{domains[0] if domains else 'example.com'}")
+        for d in domains:
+            await self.gw.accounts.add_domain(name, d, approved_by="test")
+        for n in networks:
+            await self.gw.accounts.add_network(name, n)
+
+
+@pytest.fixture
+async def gateway_factory(tmp_path):
+    started: list[Gateway] = []
+
+    async def make(sink: Sink | None, certs: Certs | None = None, **sections: Any) -> GatewayHandle:
+        data = base_config(tmp_path, sink, certs, **sections)
+        config = from_mapping(data, "<test>")
+        gw = Gateway(config, txlog=TransactionLog(config.log.transactions))
+        await gw.start()
+        started.append(gw)
+        return GatewayHandle(gw, tmp_path)
+
+    yield make
+    for gw in started:
+        if not gw.stopped.is_set():
+            await gw.stop(grace=0.5)
+
+
+MESSAGE = (b"From: Alice <alice@example.com>\r\n"
+           b"To: Bob <bob@example.org>\r\n"
+           b"Subject: test message\r\n"
+           b"Date: Tue, 24 Nov 2026 21:00:00 +0000\r\n"
+           b"Message-ID: <test-1@example.com>\r\n"
+           b"\r\n"
+           b"Hello Bob,\r\n.leading dot line\r\nbye\r\n")
