@@ -192,11 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_check_config)
 
     a = sub.add_parser("account", help="manage customer accounts")
+    a.set_defaults(func=cmd_account)
     asub = a.add_subparsers(dest="action", required=True)
 
-    def acc(name, help_, with_name=True):
+    def acc(name, help_, with_name=True, ops=None):
         sp = asub.add_parser(name, help=help_)
         config_args(sp)
+        if ops:
+            sp.add_argument("op", choices=ops)
         if with_name:
             sp.add_argument("name")
         return sp
@@ -212,11 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     pw.add_argument("--password-env", metavar="VAR")
     acc("suspend", "suspend an account (AUTH and MAIL are refused)")
     acc("reinstate", "make a suspended account active again")
-    net = acc("network", "add/remove a client network (CIDR)")
-    net.add_argument("op", choices=["add", "remove"])
+    net = acc("network", "add/remove a client network (CIDR): network add|remove NAME CIDR", ops=["add", "remove"])
     net.add_argument("cidr")
-    dom = acc("domain", "add/remove an authorized sender domain")
-    dom.add_argument("op", choices=["add", "remove"])
+    dom = acc("domain", "add/remove an authorized sender domain: domain add|remove NAME DOMAIN",
+              ops=["add", "remove"])
     dom.add_argument("domain")
     dom.add_argument("--approve", action="store_true", help="operator pre-approval (no DNS proof)")
     return p

@@ -99,6 +99,12 @@ class SmtpSettings:
             raise ValueError(f"hostname: {self.hostname!r} is not a host name")
         if ":" in self.trace_header or " " in self.trace_header or not self.trace_header:
             raise ValueError(f"trace_header: {self.trace_header!r} is not a header field name")
+        from .smtp.address import AddressError, parse_mailbox
+        for mailbox in self.service_mailboxes:
+            try:
+                parse_mailbox(mailbox, utf8=True)
+            except AddressError as exc:
+                raise ValueError(f"service_mailboxes: {mailbox!r} is not an address ({exc.detail})") from None
 
 
 @dataclass(frozen=True)
