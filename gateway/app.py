@@ -14,6 +14,8 @@ from .accounts.limiter import AuthLimiter
 from .accounts.store import AccountError, AccountStore
 from .checks import factories
 from .config import Config, ConfigError, ListenerSettings, UpstreamSettings
+from .dns.dnsbl import Dnsbl
+from .dns.resolver import Resolver
 from .metrics import Metrics
 from .pipeline import build_pipeline
 from .relay.devsink import DevSink
@@ -75,6 +77,9 @@ class Gateway:
         self.relay: RelayPool | None = None
         self.pipeline = None
         self.services: Services | None = None
+        self.resolver: Resolver | None = None
+        self.dnsbl: Dnsbl | None = None
+        self._redis = None
         self.auth_limiter: AuthLimiter | None = None
         self.service_mail = MaildirWriter(config.smtp.service_maildir) if config.smtp.service_mailboxes else None
         self.stopped = asyncio.Event()
@@ -105,12 +110,19 @@ class Gateway:
             self.counters = MemoryCounters(self.clock)
         self.auth_limiter = AuthLimiter(self.counters, cfg.auth.max_failures_per_ip,
                                         cfg.auth.max_failures_per_account, cfg.auth.failure_window)
+        if cfg.counters.backend == "redis" and cfg.dnsbl.shared_cache:
+            import redis.asyncio as redis
+            self._redis = redis.from_url(cfg.counters.redis_url)
+        self.resolver = Resolver(cfg.dns, redis=self._redis)
+        self.dnsbl = Dnsbl(cfg.dnsbl, self.resolver, on_alert=self._dnsbl_alert)
+        self.dnsbl.start()
         self.relay = RelayPool(cfg.relay, cfg.smtp.hostname)
         if cfg.dev.enabled:
             await self._start_dev()
         await self.relay.start()
         self.services = Services(config=cfg, accounts=self.accounts, counters=self.counters,
-                                 connections=self.connections, clock=self.clock)
+                                 connections=self.connections, clock=self.clock,
+                                 resolver=self.resolver, dnsbl=self.dnsbl)
         self.pipeline = build_pipeline(cfg.checks.order(), factories(self.services))
         loop = asyncio.get_running_loop()
         for listener in cfg.listeners:
@@ -130,6 +142,10 @@ class Gateway:
         if cfg.http.enabled:
             await self._start_http()
         self.ready = True
+
+    def _dnsbl_alert(self, zone, reason: str) -> None:
+        log.error("DNSBL zone %s disabled: %s", zone.display, reason)
+        self.metrics.dnsbl_alerts.labels(zone.display).inc()
 
     async def _start_dev(self) -> None:
         cfg = self.config
@@ -206,6 +222,12 @@ class Gateway:
             await self._devsink.close()
         if self.accounts is not None:
             await self.accounts.stop()
+        if self.dnsbl is not None:
+            await self.dnsbl.stop()
+        if self.resolver is not None:
+            await self.resolver.close()
+        if self._redis is not None:
+            await self._redis.aclose()
         if self.counters is not None:
             await self.counters.close()
         if self.engine is not None:

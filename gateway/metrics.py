@@ -16,6 +16,8 @@ class Metrics:
         self.auth = Counter("gateway_auth_total", "AUTH attempts by outcome", ["outcome"], registry=r)
         self.sessions_refused = Counter("gateway_sessions_refused_total", "Connections refused at connect",
                                         ["check"], registry=r)
+        self.dnsbl_alerts = Counter("gateway_dnsbl_zone_alerts_total", "DNSBL zones disabled by health probes",
+                                    ["zone"], registry=r)
         self.connections = Gauge("gateway_connections", "Open SMTP connections", registry=r)
         self.bytes_relayed = Counter("gateway_bytes_relayed_total", "Message bytes relayed", registry=r)
         self.latency = Histogram("gateway_transaction_seconds", "MAIL to final reply",

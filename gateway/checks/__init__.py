@@ -16,14 +16,22 @@ CHECKS: dict[str, Phase] = {
     "connect_dnsbl": Phase.CONNECT,
     "mail_account_status": Phase.MAIL,
     "mail_size": Phase.MAIL,
+    "mail_dnsbl": Phase.MAIL,
     "mail_domain_exists": Phase.MAIL,
     "rcpt_relay": Phase.RCPT,
     "rcpt_limit": Phase.RCPT,
     "data_size": Phase.DATA,
     "data_wire": Phase.DATA,
     "data_headers": Phase.DATA,
+    "data_from_domain": Phase.DATA,
     "data_trace": Phase.DATA,
     "data_subject": Phase.DATA,
+}
+
+
+# Checks whose builder lives in another check's module: name -> (module, function).
+_BUILDERS: dict[str, tuple[str, str]] = {
+    "mail_dnsbl": ("connect_dnsbl", "build_mail"),  # one DNSBL logic, decided at connect or at MAIL
 }
 
 
@@ -35,7 +43,8 @@ def factories(services: Any) -> dict[str, Callable[[], Any]]:
     """name -> zero-argument constructor bound to the services."""
     def make(name: str) -> Callable[[], Any]:
         def build() -> Any:
-            module = importlib.import_module(f"{__name__}.{name}")
-            return module.build(services)
+            module_name, function = _BUILDERS.get(name, (name, "build"))
+            module = importlib.import_module(f"{__name__}.{module_name}")
+            return getattr(module, function)(services)
         return build
     return {name: make(name) for name in CHECKS}
