@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Literal, Mapping
 
 from .configload import ConfigError, load_section
+from .registry.settings import RegistrySettings
+from .dns.settings import DnsblSettings, DomainSettings, ResolverSettings
+from .message.settings import HeaderSettings
 from .smtp.transaction import Phase
 
 __all__ = ["Config", "ConfigError", "load", "dev_config"]
@@ -193,12 +196,12 @@ class LogSettings:
 
 
 DEFAULT_CHECKS: dict[str, list[str]] = {
-    "connect": ["connect_limits"],
+    "connect": ["connect_limits", "connect_dnsbl"],
     "helo": [],
     "auth": [],
-    "mail": ["mail_account_status", "mail_size"],
+    "mail": ["mail_account_status", "mail_size", "mail_dnsbl", "mail_domain_exists"],
     "rcpt": ["rcpt_relay", "rcpt_limit"],
-    "data": ["data_size"],
+    "data": ["data_size", "data_wire", "data_headers", "data_from_domain", "data_trace", "data_subject"],
 }
 
 
@@ -234,7 +237,12 @@ class Config:
     http: HttpSettings = field(default_factory=HttpSettings)
     log: LogSettings = field(default_factory=LogSettings)
     checks: CheckSettings = field(default_factory=CheckSettings)
+    dns: ResolverSettings = field(default_factory=ResolverSettings)
+    dnsbl: DnsblSettings = field(default_factory=DnsblSettings)
+    domains: DomainSettings = field(default_factory=DomainSettings)
+    headers: HeaderSettings = field(default_factory=HeaderSettings)
     dev: DevSettings = field(default_factory=DevSettings)
+    registry: RegistrySettings = field(default_factory=RegistrySettings)
 
     def __post_init__(self) -> None:
         names = [listener.name for listener in self.listeners]
@@ -291,6 +299,14 @@ def load(path: str | os.PathLike, env: Mapping[str, str] | None = None) -> Confi
     return from_mapping(data, source, env)
 
 
+# The offline DNS of --dev: the demo domains exist, everything else does not.
+DEV_DNS = [
+    "example.com MX 10 mail.example.com", "mail.example.com A 93.184.215.14",
+    "example.org MX 10 mail.example.org", "mail.example.org A 93.184.215.15",
+    "example.net MX 10 mail.example.net", "mail.example.net A 93.184.215.16",
+]
+
+
 def dev_config(workdir: str | os.PathLike = ".") -> Config:
     """Embedded defaults for ``gateway serve --dev`` (loopback only)."""
     wd = Path(workdir)
@@ -301,5 +317,6 @@ def dev_config(workdir: str | os.PathLike = ".") -> Config:
         "storage": {"url": f"sqlite+aiosqlite:///{(wd / 'gateway-dev.db').resolve()}"},
         "http": {"address": "127.0.0.1", "port": 8025},
         "dev": {"enabled": True, "outbox": str(wd / "dev-outbox")},
+        "dns": {"static_only": True, "static": list(DEV_DNS)},
     }
     return from_mapping(data, "<--dev defaults>")

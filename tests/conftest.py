@@ -27,7 +27,11 @@ from gateway.app import Gateway
 from gateway.config import from_mapping
 from gateway.txlog import TransactionLog
 
+from dns_fixtures import dns_server, make_resolver  # noqa: F401  (fixtures for the DNS tests)
+
 CI = os.environ.get("CI", "").lower() == "true"
+# shared/ lies beside the repository (in a checkout and in CI's fresh clone alike).
+CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 
 
 def need(condition: bool, reason: str) -> None:
@@ -180,6 +184,8 @@ def base_config(tmp_path: Path, sink: Sink | None, certs: Certs | None = None, *
         "log": {"transactions": str(tmp_path / "transactions.jsonl")},
         "relay": {"upstreams": [{"host": "127.0.0.1", "port": sink.port if sink else free_port(),
                                  "connect_timeout": 2.0, "command_timeout": 5.0}]},
+        # No DNS server in these tests: the domains they use exist in a static table.
+        "dns": {"static_only": True, "static": list(TEST_DNS)},
     }
     if certs is not None:
         cfg["tls"] = {"cert_file": certs.cert_file, "key_file": certs.key_file}
@@ -189,6 +195,16 @@ def base_config(tmp_path: Path, sink: Sink | None, certs: Certs | None = None, *
         else:
             cfg[key] = value
     return cfg
+
+
+TEST_DNS = [
+    f"{d} MX 10 mx.{d}" for d in ("example.com", "example.org", "example.net", "shop.example",
+                                   "attacker.example", "elsewhere.example", "xn--bcher-kva.example")
+] + [
+    f"mx.{d} A 93.184.215.{i}" for i, d in enumerate(("example.com", "example.org", "example.net", "shop.example",
+                                                    "attacker.example", "elsewhere.example",
+                                                    "xn--bcher-kva.example"), start=10)
+]
 
 
 class GatewayHandle:

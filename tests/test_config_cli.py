@@ -18,6 +18,19 @@ from conftest import need, tcp_reachable
 from gateway.config import ConfigError, from_mapping, load
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _readme_message() -> bytes:
+    """The Python example of the README, run as written."""
+    text = (REPO / "README.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    build = code.split("with smtplib", 1)[0]
+    scope: dict = {}
+    exec(build, scope)
+    return scope["message"]
+
+
+README_MESSAGE = _readme_message()
 GOOD = """
 [[listeners]]
 name = "smtp"
@@ -207,8 +220,7 @@ async def test_readme_dev_command_runs_and_relays(tmp_path):
         def session():
             with smtplib.SMTP("127.0.0.1", 2525, timeout=10) as s:
                 s.login("demo", "demo")
-                s.sendmail("alice@example.com", ["bob@example.org"],
-                           b"From: alice@example.com\r\nTo: bob@example.org\r\nSubject: hi\r\n\r\nhello\r\n")
+                s.sendmail("alice@example.com", ["bob@example.org"], README_MESSAGE)
             with smtplib.SMTP("127.0.0.1", 2525, timeout=10) as s:
                 try:
                     s.sendmail("alice@example.com", ["bob@example.org"], b"Subject: x\r\n\r\nx\r\n")
@@ -221,7 +233,7 @@ async def test_readme_dev_command_runs_and_relays(tmp_path):
         files = list((tmp_path / "dev-outbox" / "new").iterdir())
         assert len(files) == 1
         body = files[0].read_bytes()
-        assert b"X-Gateway-Trace: " in body and body.endswith(b"hello\r\n")
+        assert b"X-Gateway-Trace: " in body and body.endswith(README_MESSAGE)
         import httpx
         async with httpx.AsyncClient() as http:
             r = await http.get("http://127.0.0.1:8025/readyz")

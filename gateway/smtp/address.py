@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from dataclasses import dataclass
 
 import idna
@@ -17,6 +18,8 @@ import idna
 MAX_LOCAL = 64        # RFC 5321 4.5.3.1.1
 MAX_DOMAIN = 255      # RFC 5321 4.5.3.1.2
 MAX_PATH = 256        # RFC 5321 4.5.3.1.3 (including the angle brackets)
+MAX_ADDRESS = MAX_PATH - 2
+MAX_DNS_NAME = 253    # a textual DNS name (RFC 1035 255 octets on the wire)
 
 # atext of RFC 5322 3.2.3
 _ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~-"
@@ -26,6 +29,14 @@ _LDH_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 _QTEXT_OK = re.compile(r'(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*\Z')
 _QTEXT_OK_UTF8 = re.compile(r'(?:[\x20\x21\x23-\x5b\x5d-\x7e]|[^\x00-\x7f]|\\[\x20-\x7e])*\Z')
 _DCONTENT = re.compile(r"[\x21-\x5a\x5e-\x7e]+\Z")
+_HEX4 = re.compile(r"[0-9A-Fa-f]{1,4}\Z")
+_IPV4 = re.compile(r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?:\.(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}\Z")
+_TLD = re.compile(r"(?:[A-Za-z0-9-]*[A-Za-z]|xn--[A-Za-z0-9-]+)\Z")  # no real TLD ends in a digit
+
+# RFC 6761 / RFC 6762 / RFC 7686 / RFC 9476 special-use names: syntactically
+# fine, never deliverable on the Internet. Policy (the relay/DNS checks) refuses them.
+SPECIAL_USE_SUFFIXES = ("arpa", "invalid", "local", "localhost", "onion", "test", "example", "alt",
+                        "home.arpa")
 
 
 class AddressError(ValueError):
@@ -71,11 +82,36 @@ class EnvelopeAddress:
     def needs_smtputf8(self) -> bool:
         return not self.addr.isascii()
 
+    @property
+    def special_use(self) -> str | None:
+        """The special-use suffix (RFC 6761 etc.) the domain ends in, or None."""
+        return special_use_domain(self.domain_ascii) if not self.is_literal else None
+
     def __str__(self) -> str:
         return self.addr
 
 
 NULL_PATH = EnvelopeAddress("", "", "")
+
+
+def special_use_domain(domain_ascii: str) -> str | None:
+    d = domain_ascii.lower().rstrip(".")
+    for suffix in SPECIAL_USE_SUFFIXES:
+        if d == suffix or d.endswith("." + suffix):
+            return suffix
+    return None
+
+
+def _unsafe_unicode(text: str) -> str | None:
+    """A character no mailbox name should hold: controls, format/bidi, private use,
+    unassigned, surrogates, Unicode spaces and line separators (as email-validator)."""
+    for ch in text:
+        if ch < "\x80":
+            continue
+        cat = unicodedata.category(ch)
+        if cat[0] in "CZ":
+            return f"U+{ord(ch):04X} {unicodedata.name(ch, cat)}"
+    return None
 
 
 def _split_path(arg: str) -> tuple[str, str]:
@@ -111,8 +147,22 @@ def _split_path(arg: str) -> tuple[str, str]:
 def _parse_local(local: str, utf8: bool) -> tuple[str, bool]:
     if not local:
         raise AddressError("syntax", "empty local part")
-    if len(local.encode("utf-8")) > MAX_LOCAL:
+    if len(local.encode("utf-8", "surrogatepass")) > MAX_LOCAL:
         raise AddressError("syntax", "local part longer than 64 octets")
+    if not local.isascii():
+        if not utf8:
+            raise AddressError("utf8", "non-ASCII local part without SMTPUTF8")
+        bad = _unsafe_unicode(local)
+        if bad:
+            raise AddressError("syntax", f"unsafe character {bad} in local part")
+        if unicodedata.category(local[0].lstrip('"')[:1] or "a")[0] == "M" or \
+                (local.startswith('"') and len(local) > 1 and unicodedata.category(local[1])[0] == "M"):
+            raise AddressError("syntax", "local part starts with a combining character")
+        nfc = unicodedata.normalize("NFC", local)
+        if nfc != local:
+            # Readers compare the NFC form (RFC 6532 3.1): it must be valid too,
+            # or U+037E GREEK QUESTION MARK would smuggle in a ";".
+            _parse_local(nfc, utf8)
     if local.startswith('"'):
         if len(local) < 2 or not local.endswith('"'):
             raise AddressError("syntax", "unterminated quoted local part")
@@ -143,11 +193,17 @@ def _parse_local(local: str, utf8: bool) -> tuple[str, bool]:
 def _parse_literal(domain: str) -> str:
     inner = domain[1:-1]
     if inner.lower().startswith("ipv6:"):
+        if inner[:5] != "IPv6:" and inner[:5].lower() == "ipv6:":
+            pass  # the tag is case-insensitive in practice; RFC 5321 spells it "IPv6"
+        if not _ipv6_rfc5321(inner[5:]):
+            raise AddressError("syntax", "invalid IPv6 address literal (RFC 5321 4.1.3)")
         try:
             ip = ipaddress.IPv6Address(inner[5:])
         except ValueError:
             raise AddressError("syntax", "invalid IPv6 address literal") from None
         return f"[IPv6:{ip.compressed}]"
+    if not _IPV4.match(inner) and "." in inner and ":" not in inner:
+        raise AddressError("syntax", "invalid IPv4 address literal")
     if ":" in inner:
         tag, _, content = inner.partition(":")
         if not _LDH_LABEL.match(tag) or not _DCONTENT.match(content or "-"):
@@ -158,6 +214,28 @@ def _parse_literal(domain: str) -> str:
     except ValueError:
         raise AddressError("syntax", "invalid IPv4 address literal") from None
     return f"[{ip4}]"
+
+
+def _ipv6_rfc5321(s: str) -> bool:
+    """The IPv6 address literal grammar of RFC 5321 4.1.3 (stricter than RFC 4291:
+    "::" stands for at least two groups, so 7 groups plus "::" is refused)."""
+    full, comp = 8, 6
+    if "." in s:
+        cut = s.rfind(":")
+        if cut < 0 or not _IPV4.match(s[cut + 1:]):
+            return False
+        s = s[:cut + 1]
+        if not s.endswith("::"):
+            s = s[:-1]
+        full, comp = 6, 4
+    if "::" in s:
+        left, sep, right = s.partition("::")
+        if "::" in right:
+            return False
+        groups = (left.split(":") if left else []) + (right.split(":") if right else [])
+        return len(groups) <= comp and all(_HEX4.match(g) for g in groups)
+    groups = s.split(":")
+    return len(groups) == full and all(_HEX4.match(g) for g in groups)
 
 
 def parse_domain(domain: str, utf8: bool) -> str:
@@ -175,14 +253,16 @@ def parse_domain(domain: str, utf8: bool) -> str:
             raise AddressError("syntax", f"invalid internationalized domain ({exc})") from None
     else:
         ascii_domain = domain
-    if len(ascii_domain) > MAX_DOMAIN:
-        raise AddressError("syntax", "domain longer than 255 octets")
+    if len(ascii_domain) > MAX_DNS_NAME:
+        raise AddressError("syntax", f"domain longer than {MAX_DNS_NAME} octets")
     labels = ascii_domain.split(".")
     for label in labels:
         if not label:
             raise AddressError("syntax", "empty label in domain")
         if not _LDH_LABEL.match(label):
             raise AddressError("syntax", f"invalid domain label {label[:70]!r}")
+        if label[2:4] == "--" and label[:4].lower() != "xn--":
+            raise AddressError("syntax", f"reserved label {label!r} (\"--\" in positions 3-4, RFC 5891 4.2.3.1)")
     if labels[-1].isdigit():
         raise AddressError("syntax", "top-level domain is numeric")
     if ascii_domain.lower().startswith("xn--") or "xn--" in ascii_domain.lower():
@@ -191,6 +271,14 @@ def parse_domain(domain: str, utf8: bool) -> str:
         except idna.IDNAError as exc:
             raise AddressError("syntax", f"invalid A-label ({exc})") from None
     return ascii_domain.lower()
+
+
+def _deliverable_domain(ascii_domain: str) -> None:
+    """A mailbox domain the Internet can route to: at least two labels and a real-looking TLD."""
+    if "." not in ascii_domain:
+        raise AddressError("syntax", "domain has no dot (not a public mail domain)")
+    if not _TLD.match(ascii_domain.rsplit(".", 1)[1]):
+        raise AddressError("syntax", "top-level domain must end with a letter (or be an A-label)")
 
 
 def parse_mailbox(mailbox: str, utf8: bool) -> EnvelopeAddress:
@@ -227,7 +315,16 @@ def parse_mailbox(mailbox: str, utf8: bool) -> EnvelopeAddress:
     local, quoted = _parse_local(local, utf8)
     if domain.startswith("[") and domain.endswith("]"):
         return EnvelopeAddress(local, domain, _parse_literal(domain), is_literal=True, quoted=quoted)
-    return EnvelopeAddress(local, domain, parse_domain(domain, utf8), quoted=quoted)
+    if not domain.isascii() and utf8:
+        bad = _unsafe_unicode(domain)
+        if bad:
+            raise AddressError("syntax", f"unsafe character {bad} in domain")
+    ascii_domain = parse_domain(domain, utf8)
+    _deliverable_domain(ascii_domain)
+    measured = local if local.isascii() else unicodedata.normalize("NFC", local)
+    if len(measured.encode("utf-8", "surrogatepass")) + 1 + max(len(domain.encode("utf-8")), len(ascii_domain)) > MAX_ADDRESS:
+        raise AddressError("syntax", f"address longer than {MAX_ADDRESS} octets")
+    return EnvelopeAddress(local, domain, ascii_domain, quoted=quoted)
 
 
 def parse_path(arg: str, *, utf8: bool, allow_null: bool) -> tuple[EnvelopeAddress, str]:
@@ -236,7 +333,7 @@ def parse_path(arg: str, *, utf8: bool, allow_null: bool) -> tuple[EnvelopeAddre
     Returns the address and the parameter string. Raises :class:`AddressError`.
     """
     path, rest = _split_path(arg)
-    if len(path) + 2 > MAX_PATH:
+    if len(path.encode("utf-8", "surrogatepass")) + 2 > MAX_PATH:
         raise AddressError("syntax", "path longer than 256 octets")
     if path == "":
         if not allow_null:

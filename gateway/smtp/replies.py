@@ -44,8 +44,10 @@ class Reply:
         parts.append(_UNSAFE.sub(" ", text))
         return " ".join(parts)
 
-    def lines(self, detail: str | None = None) -> str:
-        return self.render(detail)
+    def with_detail(self, detail: str) -> "Rendered":
+        """This reply with a run-time detail appended to its text (rule id kept)."""
+        text = f"{self.rule} {self.text}: {detail}" if self.rule else f"{self.text}: {detail}"
+        return Rendered(self.code, self.enhanced, text)
 
 
 @dataclass(frozen=True, slots=True)
