@@ -2,12 +2,69 @@
 scattered call sites), served at /metrics."""
 from __future__ import annotations
 
+from typing import Any, Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+
+class _StatsCollector:
+    """Exposes the counters components keep themselves (resolver, DNSBL,
+    relay pool) at scrape time, so their hot paths only bump integers."""
+
+    def __init__(self, source: Callable[[], Any]):
+        self.source = source
+
+    def collect(self):
+        gw = self.source()
+        if gw is None:
+            return
+        resolver = getattr(gw, "resolver", None)
+        if resolver is not None:
+            st = resolver.stats
+            fam = CounterMetricFamily("gateway_dns_lookups", "Resolver lookups by how they were answered",
+                                      labels=["source"])
+            for key in ("cache_hits", "negative_hits", "shared_hits", "coalesced", "static", "queries"):
+                fam.add_metric([key], getattr(st, key))
+            yield fam
+            fam = CounterMetricFamily("gateway_dns_errors", "Resolver failures", labels=["kind"])
+            for key in ("failures", "timeouts", "shared_errors"):
+                fam.add_metric([key], getattr(st, key))
+            yield fam
+            from .dns.resolver import LATENCY_BOUNDS
+            buckets, total = [], 0
+            for bound, count in zip(list(LATENCY_BOUNDS) + [float("inf")], st.latency_counts):
+                total += count
+                buckets.append(("+Inf" if bound == float("inf") else str(bound), total))
+            yield HistogramMetricFamily("gateway_dns_query_seconds", "DNS query latency (cache misses)",
+                                        buckets=buckets, sum_value=st.latency_sum)
+        dnsbl = getattr(gw, "dnsbl", None)
+        if dnsbl is not None:
+            fam = CounterMetricFamily("gateway_dnsbl_checks", "DNSBL checks by result", labels=["result"])
+            for key in ("checks", "listed", "tempfail", "zone_errors"):
+                fam.add_metric([key], getattr(dnsbl.stats, key))
+            yield fam
+            g = GaugeMetricFamily("gateway_dnsbl_zone_disabled", "1 when a zone failed its health probe",
+                                  labels=["zone"])
+            for zone in dnsbl.settings.zones:
+                g.add_metric([zone.display], 1 if zone.display in dnsbl.disabled_zones else 0)
+            yield g
+        relay = getattr(gw, "relay", None)
+        if relay is not None:
+            fam = CounterMetricFamily("gateway_upstream_connections", "Upstream connections", labels=["event"])
+            for key, value in relay.stats.items():
+                fam.add_metric([key], value)
+            yield fam
+        fam = GaugeMetricFamily("gateway_smtp_connections", "Open SMTP connections")
+        fam.add_metric([], gw.connections.total)
+        yield fam
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, source: Callable[[], Any] | None = None) -> None:
         self.registry = CollectorRegistry()
+        if source is not None:
+            self.registry.register(_StatsCollector(source))
         r = self.registry
         self.transactions = Counter("gateway_transactions_total", "Transactions by decision",
                                     ["decision"], registry=r)
@@ -18,7 +75,6 @@ class Metrics:
                                         ["check"], registry=r)
         self.dnsbl_alerts = Counter("gateway_dnsbl_zone_alerts_total", "DNSBL zones disabled by health probes",
                                     ["zone"], registry=r)
-        self.connections = Gauge("gateway_connections", "Open SMTP connections", registry=r)
         self.bytes_relayed = Counter("gateway_bytes_relayed_total", "Message bytes relayed", registry=r)
         self.latency = Histogram("gateway_transaction_seconds", "MAIL to final reply",
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
