@@ -58,7 +58,7 @@ class Gateway:
                  txlog: TransactionLog | None = None):
         self.config = config
         self.clock = clock
-        self.metrics = Metrics()
+        self.metrics = Metrics(lambda: self)
         self.txlog = txlog or TransactionLog(config.log.transactions)
         self.connections = ConnectionTracker()
         self.sessions: set[GatewaySMTP] = set()

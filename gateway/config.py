@@ -77,8 +77,8 @@ class SmtpSettings:
     banner: str = "ESMTP relay gateway"
     max_message_size: int = 25 * 1024 * 1024
     max_recipients: int = 100
-    command_timeout: float = 300.0      # RFC 5321 4.5.3.2.7 (server timeout)
-    idle_timeout: float = 300.0
+    idle_timeout: float = 300.0         # waiting for a command outside a transaction
+    command_timeout: float = 300.0      # waiting for the next command inside one (RFC 5321 4.5.3.2.7)
     data_timeout: float = 600.0         # whole DATA transfer
     max_connections: int = 1000
     max_connections_per_ip: int = 50

@@ -386,6 +386,23 @@ async def test_vrfy_and_expn_reveal_nothing(sink, gateway_factory):
     writer.close()
 
 
+async def test_command_timeout_inside_transaction_releases_upstream(sink, gateway_factory):
+    h = await gateway_factory(sink, smtp={"idle_timeout": 30, "command_timeout": 0.5})
+    await h.add_account()
+    reader, writer, _ = await raw_session(h.port())
+    await cmd(reader, writer, b"EHLO x")
+    await cmd(reader, writer, b"AUTH PLAIN AGFsaWNlAHMzY3JldA==")
+    await cmd(reader, writer, b"MAIL FROM:<alice@example.com>")
+    assert (await cmd(reader, writer, b"RCPT TO:<bob@example.org>")).startswith(b"250")
+    data = await asyncio.wait_for(reader.read(), 5)
+    assert data.startswith(b"421 4.4.2"), data
+    writer.close()
+    await asyncio.sleep(0.2)
+    # The upstream transaction was reset and its connection pooled again.
+    assert sink.messages == []
+    assert len(h.gw.relay.upstreams[0].idle) == 1
+
+
 async def test_idle_timeout_closes_with_421(sink, gateway_factory):
     h = await gateway_factory(sink, smtp={"idle_timeout": 0.5})
     reader, writer, _ = await raw_session(h.port())

@@ -112,6 +112,13 @@ class GatewaySMTP(AioSMTP):
         # aiosmtpd logs disconnects loudly; a client closing is normal.
         return super().eof_received()
 
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # Inside a transaction the client holds an upstream transaction open:
+        # it gets the command timeout; between transactions the idle timeout.
+        if duration is None and self.tx is not None:
+            duration = self.gw.config.smtp.command_timeout
+        super()._reset_timeout(duration)
+
     def _timeout_cb(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             try:
@@ -246,6 +253,7 @@ class GatewaySMTP(AioSMTP):
                     await self.reply(replies.TLS_REQUIRED)
                     continue
                 await method(arg)
+                self._reset_timeout()  # the wait for the next command starts now
             except (asyncio.CancelledError, ConnectionError):
                 raise
             except Exception as error:  # our bug: defer, never bounce
