@@ -1,0 +1,393 @@
+"""The registry's HTTP API (``/api/v1``): lists, subscribers, statistics, API keys.
+
+Authentication: ``Authorization: Bearer <key>`` (or ``X-API-Key``). An account
+key sees only its own account's lists; another account's list answers 404
+exactly like one that does not exist (P-HARVEST). The operators' admin key
+(``http.admin_key``) acts for the account named in ``X-Account`` and may issue
+API keys.
+
+Errors are JSON: ``{"error": code, "errors": [{"field", "reason"}]}`` for 422,
+``{"error": code, "reason", "field"?}`` otherwise.
+"""
+# No "from __future__ import annotations": FastAPI must see the local Annotated
+# dependency aliases (Account, ListPath) as objects, not strings.
+import csv
+import hmac
+import io
+from datetime import datetime
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import orjson
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..registry.model import Conflict, Invalid, NotFound, RateLimited, RegistryUnavailable
+from .jsonresponse import OrjsonResponse
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..app import Gateway
+
+TAG = "registry"
+
+
+# ------------------------------------------------------------------ request/response models
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ListCreate(_Strict):
+    name: str = Field(..., max_length=128, description="shown in List-Id and the confirmation mail")
+    list_id: str = Field(..., max_length=255, description="RFC 2919 identifier, e.g. news.example.com")
+    senders: list[str] = Field(..., min_length=1, max_length=20,
+                               description="envelope senders (MAIL FROM) of the list's mail; "
+                                           "'*' in the local part for VERP, e.g. bounces-*@example.com")
+    confirm_from: str = Field(..., max_length=320, description="From: of the confirmation mail")
+
+
+class ListOut(BaseModel):
+    id: str
+    name: str
+    list_id: str
+    senders: list[str]
+    confirm_from: str
+    created_at: float
+
+
+class Evidence(_Strict):
+    address: str = Field(..., max_length=320)
+    source: str = Field("", max_length=255, description="where the person subscribed (form URL, event, ...)")
+    ip: str = Field("", max_length=64, description="IP address the subscription was requested from")
+    user_agent: str = Field("", max_length=512, description="user agent the subscription was requested with")
+    requested_at: datetime | float | None = Field(None, description="when it was requested (default: now)")
+
+
+class SubscriberAdd(Evidence):
+    reoptin: bool = Field(False, description="the address opted out before: start a new double opt-in "
+                                             "(the person must confirm again)")
+
+
+class SubscriberImport(_Strict):
+    subscribers: list[Evidence] = Field(..., min_length=1)
+    source: str = Field("", max_length=255, description="default source for rows without one")
+    reoptin: bool = False
+
+
+class AddressRef(_Strict):
+    address: str = Field(..., max_length=320)
+
+
+class ApiKeyCreate(_Strict):
+    label: str = Field("", max_length=128)
+
+
+class Consent(BaseModel):
+    source: str
+    requested_at: float
+    requested_ip: str | None
+    requested_user_agent: str | None
+    confirmed_at: float | None
+    confirmed_ip: str | None
+    confirmed_user_agent: str | None
+
+
+class SubscriberOut(BaseModel):
+    address: str
+    status: Literal["pending", "confirmed"]
+    consent: Consent
+    confirmation: str | None
+    confirmation_sent_at: float | None
+    confirmation_mails: int
+    created_at: float
+
+
+class AddOut(SubscriberOut):
+    confirmation: Literal["sent", "failed"]
+
+
+class ImportRow(BaseModel):
+    address: str
+    result: Literal["queued", "exists", "suppressed", "rate_limited", "duplicate"]
+    reason: str
+
+
+class ImportOut(BaseModel):
+    queued: int
+    results: list[ImportRow]
+
+
+class SubscriberPage(BaseModel):
+    subscribers: list[SubscriberOut]
+    next_cursor: int | None
+
+
+class RecipientStatusOut(BaseModel):
+    address: str
+    status: Literal["confirmed", "pending", "unsubscribed", "unknown"]
+
+
+class Stats(BaseModel):
+    confirmed: int
+    pending: int
+    unsubscribed: int
+    confirmation_mails: dict[str, int]
+
+
+class ErrorOut(BaseModel):
+    error: str
+    reason: str | None = None
+    field: str | None = None
+    errors: list[dict] | None = None
+
+
+_ERRORS = {401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 422: {"model": ErrorOut},
+           503: {"model": ErrorOut}}
+
+
+# ------------------------------------------------------------------ errors
+def _error(status: int, error: str, reason: str, field: str | None = None, headers=None) -> OrjsonResponse:
+    body: dict[str, Any] = {"error": error, "reason": reason}
+    if field:
+        body["field"] = field
+    if status == 422:
+        body["errors"] = [{"field": field or "", "reason": reason}]
+    return OrjsonResponse(body, status_code=status, headers=headers)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, reason: str, headers: dict | None = None):
+        self.status, self.error, self.reason, self.headers = status, error, reason, headers
+
+
+def _field_name(loc: tuple) -> str:
+    parts = [p for p in loc if p not in ("body", "query", "path", "header")]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "body"
+
+
+def _is_registry_route(request: Request) -> bool:
+    route = request.scope.get("route")
+    return TAG in (getattr(route, "tags", None) or [])
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        if not _is_registry_route(request):
+            return await request_validation_exception_handler(request, exc)
+        errors = [{"field": _field_name(tuple(e.get("loc", ()))), "reason": e.get("msg", "invalid")}
+                  for e in exc.errors()]
+        return OrjsonResponse({"error": "validation", "reason": errors[0]["reason"] if errors else "invalid",
+                               "field": errors[0]["field"] if errors else None,
+                               "errors": jsonable_encoder(errors)}, status_code=422)
+
+    @app.exception_handler(Invalid)
+    async def _invalid(request: Request, exc: Invalid):
+        return _error(422, "validation", exc.reason, exc.field)
+
+    @app.exception_handler(NotFound)
+    async def _not_found(request: Request, exc: NotFound):
+        return _error(404, "not_found", str(exc))
+
+    @app.exception_handler(Conflict)
+    async def _conflict(request: Request, exc: Conflict):
+        return _error(409, exc.code, exc.reason, exc.field)
+
+    @app.exception_handler(RateLimited)
+    async def _limited(request: Request, exc: RateLimited):
+        return _error(429, "rate_limited", exc.reason, headers={"Retry-After": str(max(1, int(exc.retry_after)))})
+
+    @app.exception_handler(RegistryUnavailable)
+    async def _unavailable(request: Request, exc: RegistryUnavailable):
+        return _error(503, "unavailable", "the registry database is unavailable; try again shortly",
+                      headers={"Retry-After": "5"})
+
+    @app.exception_handler(ApiError)
+    async def _api(request: Request, exc: ApiError):
+        return _error(exc.status, exc.error, exc.reason, headers=exc.headers)
+
+
+# ------------------------------------------------------------------ the router
+def registry_router(gateway: "Gateway") -> APIRouter:
+    router = APIRouter(prefix="/api/v1", tags=[TAG], responses=_ERRORS)
+
+    def registry():
+        reg = gateway.registry
+        if reg is None:
+            raise ApiError(503, "unavailable", "the registry is not running")
+        return reg
+
+    def _key(authorization: str | None, x_api_key: str | None) -> str:
+        if authorization:
+            scheme, _, value = authorization.partition(" ")
+            if scheme.lower() == "bearer" and value.strip():
+                return value.strip()
+        if x_api_key:
+            return x_api_key.strip()
+        raise ApiError(401, "unauthorized", "an API key is needed (Authorization: Bearer KEY)",
+                       {"WWW-Authenticate": "Bearer"})
+
+    def _is_admin(key: str) -> bool:
+        admin = gateway.config.http.admin_key
+        return bool(admin) and hmac.compare_digest(key.encode("utf-8", "surrogatepass"),
+                                                   admin.encode("utf-8", "surrogatepass"))
+
+    async def account(authorization: Annotated[str | None, Header()] = None,
+                      x_api_key: Annotated[str | None, Header()] = None,
+                      x_account: Annotated[str | None, Header(description="admin key only: the account "
+                                                                          "to act for")] = None) -> str:
+        key = _key(authorization, x_api_key)
+        if _is_admin(key):
+            if not x_account:
+                raise Invalid("X-Account", "the admin key acts for the account named in the X-Account header")
+            return x_account
+        name = await registry().account_for_api_key(key)
+        if name is None:
+            raise ApiError(401, "unauthorized", "unknown API key", {"WWW-Authenticate": "Bearer"})
+        acc = gateway.accounts.cached(name) if gateway.accounts is not None else None
+        if acc is not None and acc.suspended:
+            raise ApiError(403, "suspended", "this account is suspended (P-STRIKE)")
+        return name
+
+    async def admin(authorization: Annotated[str | None, Header()] = None,
+                    x_api_key: Annotated[str | None, Header()] = None) -> None:
+        if not _is_admin(_key(authorization, x_api_key)):
+            raise ApiError(403, "forbidden", "this needs the operators' admin key")
+
+    Account = Annotated[str, Depends(account)]
+    ListPath = Annotated[str, Path(description="the list's id (16 hex digits)", max_length=64)]
+
+    # --------------------------------------------------------------- lists
+    @router.post("/lists", status_code=201, response_model=ListOut, summary="Register a mailing list")
+    async def create_list(body: ListCreate, acc: Account):
+        lst = await registry().create_list(acc, name=body.name, list_id=body.list_id, senders=body.senders,
+                                           confirm_from=body.confirm_from)
+        return lst.public()
+
+    @router.get("/lists", response_model=dict[str, list[ListOut]], summary="The account's lists")
+    async def get_lists(acc: Account):
+        return {"lists": [lst.public() for lst in await registry().lists(acc)]}
+
+    @router.get("/lists/{list_id}", response_model=ListOut, summary="One list")
+    async def get_list(list_id: ListPath, acc: Account):
+        return (await registry().get_list(acc, list_id)).public()
+
+    @router.delete("/lists/{list_id}", status_code=204, summary="Delete a list, its subscribers and opt-outs")
+    async def delete_list(list_id: ListPath, acc: Account):
+        await registry().delete_list(acc, list_id)
+        return Response(status_code=204)
+
+    @router.get("/lists/{list_id}/stats", response_model=Stats, summary="Subscriber statistics")
+    async def stats(list_id: ListPath, acc: Account):
+        return await registry().list_stats(acc, list_id)
+
+    # --------------------------------------------------------------- subscribers
+    @router.post("/lists/{list_id}/subscribers", status_code=202, response_model=AddOut,
+                 responses={409: {"model": ErrorOut}, 429: {"model": ErrorOut}},
+                 summary="Add a subscriber: pending until they confirm the mail the gateway sends")
+    async def add_subscriber(list_id: ListPath, body: SubscriberAdd, acc: Account):
+        res = await registry().add_subscriber(acc, list_id, body.address, source=body.source, ip=body.ip,
+                                              user_agent=body.user_agent, requested_at=body.requested_at,
+                                              reoptin=body.reoptin)
+        out = res.subscriber.public()
+        out["confirmation"] = res.confirmation
+        return out
+
+    @router.post("/lists/{list_id}/subscribers/import", status_code=202, response_model=ImportOut,
+                 summary="Bulk import: each new address becomes pending; confirmation mails are queued")
+    async def import_subscribers(list_id: ListPath, body: SubscriberImport, acc: Account):
+        rows = [r.model_dump() for r in body.subscribers]
+        results = await registry().import_subscribers(acc, list_id, rows, reoptin=body.reoptin, source=body.source)
+        return {"queued": sum(1 for r in results if r["result"] == "queued"), "results": results}
+
+    @router.post("/lists/{list_id}/subscribers/resend", status_code=202,
+                 responses={429: {"model": ErrorOut}, 409: {"model": ErrorOut}},
+                 summary="Send the confirmation mail again (rate-limited)")
+    async def resend(list_id: ListPath, body: AddressRef, acc: Account) -> dict:
+        return {"confirmation": await registry().resend_confirmation(acc, list_id, body.address)}
+
+    @router.get("/lists/{list_id}/subscribers", response_model=SubscriberPage,
+                summary="Subscribers with consent evidence, a page at a time")
+    async def list_subscribers(list_id: ListPath, acc: Account,
+                               status: Literal["pending", "confirmed"] | None = None,
+                               cursor: Annotated[int, Query(ge=0)] = 0,
+                               limit: Annotated[int, Query(ge=1, le=1000)] = 100):
+        page, nxt = await registry().subscribers(acc, list_id, status=status, cursor=cursor, limit=limit)
+        return {"subscribers": [s.public() for s in page], "next_cursor": nxt}
+
+    @router.get("/lists/{list_id}/subscribers/export", summary="Export all subscribers with consent evidence",
+                responses={200: {"content": {"text/csv": {}, "application/x-ndjson": {}}}})
+    async def export(list_id: ListPath, acc: Account, format: Literal["csv", "ndjson"] = "csv",
+                     status: Literal["pending", "confirmed"] | None = None):
+        reg = registry()
+        await reg.get_list(acc, list_id)   # 404 before the stream starts
+        columns = ["address", "status", "source", "requested_at", "requested_ip", "requested_user_agent",
+                   "confirmed_at", "confirmed_ip", "confirmed_user_agent"]
+
+        async def rows():
+            if format == "csv":
+                buf = io.StringIO()
+                csv.writer(buf).writerow(columns)
+                yield buf.getvalue().encode()
+            async for sub in reg.iter_subscribers(acc, list_id, status):
+                p = sub.public()
+                flat = {"address": p["address"], "status": p["status"], **p["consent"]}
+                if format == "csv":
+                    buf = io.StringIO()
+                    csv.writer(buf).writerow(["" if flat[c] is None else flat[c] for c in columns])
+                    yield buf.getvalue().encode()
+                else:
+                    yield orjson.dumps(flat) + b"\n"
+
+        media = "text/csv; charset=utf-8" if format == "csv" else "application/x-ndjson"
+        return StreamingResponse(rows(), media_type=media, headers={
+            "Content-Disposition": f'attachment; filename="subscribers-{list_id}.{format}"'})
+
+    @router.get("/lists/{list_id}/recipient-status", response_model=RecipientStatusOut,
+                summary="What an RCPT of this list's mail would find (served from the cache)")
+    async def recipient_status(list_id: ListPath, acc: Account, address: Annotated[str, Query(max_length=320)]):
+        reg = registry()
+        lst = await reg.get_list(acc, list_id)
+        return {"address": address, "status": await reg.recipient_status(lst.id, address)}
+
+    @router.get("/lists/{list_id}/subscribers/{address:path}", response_model=SubscriberOut,
+                summary="One subscriber with consent evidence (404 also after an opt-out)")
+    async def get_subscriber(list_id: ListPath, address: str, acc: Account):
+        reg = registry()
+        try:
+            return (await reg.subscriber(acc, list_id, address)).public()
+        except NotFound:
+            if await reg.is_suppressed(acc, list_id, address):
+                raise ApiError(404, "unsubscribed", "this address opted out of the list; only a keyed hash "
+                               "of it is kept") from None
+            raise
+
+    @router.delete("/lists/{list_id}/subscribers/{address:path}", status_code=204,
+                   summary="Remove a subscriber (permanent: like an opt-out, it cannot be re-added "
+                           "without a fresh confirmed opt-in)")
+    async def remove_subscriber(list_id: ListPath, address: str, acc: Account):
+        await registry().remove_subscriber(acc, list_id, address)
+        return Response(status_code=204)
+
+    # --------------------------------------------------------------- admin
+    @router.post("/admin/accounts/{name}/api-keys", status_code=201, dependencies=[Depends(admin)],
+                 summary="Issue an API key for an account (admin key)")
+    async def issue_key(name: str, body: ApiKeyCreate | None = None) -> dict:
+        key = await registry().issue_api_key(name, body.label if body else "")
+        return {"account": name, "api_key": key}
+
+    return router
+
+
+def install(app: FastAPI, gateway: "Gateway") -> None:
+    """Mount the registry API and the confirmation/unsubscribe pages."""
+    from .pages import pages_router
+
+    install_error_handlers(app)
+    app.include_router(registry_router(gateway))
+    app.include_router(pages_router(gateway))

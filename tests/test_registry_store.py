@@ -1,0 +1,578 @@
+"""Registry store + service on SQLite and PostgreSQL (same tests, one code path).
+
+PostgreSQL: 127.0.0.1:5432, trust auth; a fresh database gw_test_<random> is
+created for the run and dropped afterwards. Without a server the PostgreSQL
+variants skip visibly (and fail under CI=true).
+"""
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import re
+import secrets
+import time
+import uuid
+
+import pytest
+import sqlalchemy as sa
+import uvloop
+
+from conftest import need, tcp_reachable
+from gateway.accounts.store import AccountStore
+from gateway.registry.model import (Conflict, Invalid, NotFound, RateLimited, RegistryUnavailable, TokenError,
+                                    normalize_address)
+from gateway.registry.service import RegistryService
+from gateway.registry.settings import RegistrySettings
+from gateway.registry.store import decode_events, encode_events
+from gateway.registry.tokens import Keys
+from gateway.smtp import replies
+from gateway.storage.db import create_engine, migrate
+
+SECRET = "test-registry-secret-0123456789abcdef"
+PG_HOST, PG_PORT = "127.0.0.1", 5432
+
+
+# ------------------------------------------------------------------ PostgreSQL database for the run
+def _pg_admin_url() -> str | None:
+    import asyncpg
+
+    async def probe(user):
+        conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=user, database="test", timeout=3)
+        await conn.close()
+
+    for user in ("postgres", "root"):
+        try:
+            _in_thread(probe(user))
+            return user
+        except Exception:
+            continue
+    return None
+
+
+def _in_thread(coro):
+    """Run a coroutine to completion on its own loop in another thread (fixtures
+    may be set up while the test's loop is running)."""
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(uvloop.run, coro).result(timeout=30)
+
+
+def pg_database_url() -> tuple[str, callable]:
+    """Create a fresh database; returns (SQLAlchemy URL, drop function)."""
+    import asyncpg
+
+    need(tcp_reachable(PG_HOST, PG_PORT), f"PostgreSQL at {PG_HOST}:{PG_PORT} is not reachable")
+    user = _pg_admin_url()
+    need(user is not None, "PostgreSQL does not let user postgres or root into database 'test'")
+    name = f"gw_test_{secrets.token_hex(6)}"
+
+    async def run(sql):
+        conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=user, database="test", timeout=5)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    _in_thread(run(f'CREATE DATABASE "{name}"'))
+
+    def drop():
+        _in_thread(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+    return f"postgresql+asyncpg://{user}@{PG_HOST}:{PG_PORT}/{name}", drop
+
+
+@pytest.fixture(scope="module")
+def pg_url():
+    url, drop = pg_database_url()
+    yield url
+    drop()
+
+
+# ------------------------------------------------------------------ a relay that records
+class FakeUtx:
+    def __init__(self, relay, mail_from):
+        self.relay, self.mail_from, self.rcpts = relay, mail_from, []
+
+    async def rcpt(self, address, options):
+        if address in self.relay.refuse:
+            return replies.Rendered(550, "5.1.1", "no such user")
+        self.rcpts.append(address)
+        return replies.RECIPIENT_OK
+
+    async def data(self, data):
+        self.relay.sent.append((self.mail_from, list(self.rcpts), data))
+        return replies.Rendered(250, "2.0.0", "queued")
+
+    async def close(self):
+        pass
+
+
+class FakeRelay:
+    def __init__(self):
+        self.sent: list[tuple[str, list[str], bytes]] = []
+        self.refuse: set[str] = set()
+        self.down = False
+
+    async def begin(self, mail_from, options, utf8, eight_bit, size):
+        if self.down:
+            return None, replies.UPSTREAM_UNAVAILABLE
+        return FakeUtx(self, mail_from), replies.SENDER_OK
+
+    def links(self, to: str) -> list[str]:
+        out = []
+        for _, rcpts, data in self.sent:
+            if to in rcpts:
+                msg = email.message_from_bytes(data, policy=email.policy.default)
+                out += re.findall(r"https?://\S+/confirm/[a-z2-7]+", msg.get_content())
+        return out
+
+
+class Env:
+    def __init__(self, svc, engine, relay, account, other, url):
+        self.svc, self.engine, self.relay, self.account, self.other, self.url = \
+            svc, engine, relay, account, other, url
+
+    async def new_list(self, **kw) -> str:
+        args = {"name": f"News {uuid.uuid4().hex[:6]}", "list_id": f"news-{uuid.uuid4().hex[:8]}.example.com",
+                "senders": ["news@example.com"], "confirm_from": "confirm@example.com"}
+        args.update(kw)
+        return (await self.svc.create_list(self.account, **args)).id
+
+    async def subscribe(self, list_id: str, address: str, **kw) -> None:
+        await self.svc.add_subscriber(self.account, list_id, address, **kw)
+        token = self.relay.links(normalize_address(address))[-1].rsplit("/", 1)[1]
+        await self.svc.confirm(token, ip="192.0.2.7", user_agent="pytest")
+
+
+async def _make(url: str, relay=None, clock=time.time, **settings) -> tuple[RegistryService, object]:
+    engine = create_engine(url)
+    await migrate(engine)
+    svc = RegistryService(engine, RegistrySettings(secret=SECRET, **settings), secret=SECRET.encode(),
+                          hostname="gw.test", relay=relay, clock=clock)
+    await svc.start()
+    return svc, engine
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def env(request, tmp_path):
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'reg.db'}"
+    else:
+        url = request.getfixturevalue("pg_url")
+    relay = FakeRelay()
+    svc, engine = await _make(url, relay, outbox_interval=0.1)
+    accounts = AccountStore(engine, scrypt_n=16)
+    name, other = f"acc-{uuid.uuid4().hex[:8]}", f"oth-{uuid.uuid4().hex[:8]}"
+    for acc in (name, other):
+        await accounts.add(acc, "pw")
+        await accounts.add_domain(acc, "example.com", approved_by="test")
+    e = Env(svc, engine, relay, name, other, url)
+    yield e
+    await svc.stop()
+    await engine.dispose()
+
+
+# ------------------------------------------------------------------ pure parts
+def test_normalization_domain_case_and_idn():
+    assert normalize_address("Bob@ExAmple.ORG") == "Bob@example.org"
+    assert normalize_address("<bob@Bücher.DE>") == "bob@xn--bcher-kva.de"
+    assert normalize_address("bob@xn--bcher-kva.de") == normalize_address("bob@bücher.de")
+    with pytest.raises(Invalid) as exc:
+        normalize_address("not an address")
+    assert exc.value.field == "address"
+
+
+def test_tokens_forged_and_expired():
+    keys = Keys(b"k" * 32)
+    h = keys.address_hash("0123456789abcdef", "bob@example.org")
+    tok = keys.unsubscribe_token("0123456789abcdef", h)
+    assert len(tok) == 50 and re.fullmatch(r"[a-z2-7]+", tok)
+    assert keys.read_unsubscribe(tok.upper()).address_hash == h      # case-insensitive (mailto)
+    bad = tok[:-1] + ("a" if tok[-1] != "a" else "b")
+    with pytest.raises(TokenError):
+        keys.read_unsubscribe(bad)
+    with pytest.raises(TokenError):
+        Keys(b"x" * 32).read_unsubscribe(tok)
+    ctok = keys.confirm_token("0123456789abcdef", h, "00" * 8, expires=1000)
+    with pytest.raises(TokenError):
+        keys.read_unsubscribe(ctok)                                  # one purpose never verifies as another
+    assert keys.read_confirm(ctok, now=999).nonce == "00" * 8
+    with pytest.raises(TokenError) as exc:
+        keys.read_confirm(ctok, now=1001)
+    assert exc.value.expired
+    for junk in ("", "!!!", "a" * 500, "zzzz"):
+        with pytest.raises(TokenError):
+            keys.read_confirm(junk, now=0)
+
+
+def test_events_roundtrip_and_chunking():
+    events = [("s", "0123456789abcdef", "ab" * 12)] * 400 + [("l", "", "")]
+    payloads = encode_events(events)
+    assert len(payloads) > 1 and all(len(p) < 8000 for p in payloads)
+    assert [e for p in payloads for e in decode_events(p)] == events
+    assert decode_events("garbage") == [("f", "", "")]
+
+
+def test_mailto_token_parsing():
+    tok = "a" * 50
+    assert RegistryService.token_from_mailto("u+" + tok.upper()) == tok
+    assert RegistryService.token_from_mailto("u", "Re: unsubscribe " + tok) == tok
+    assert RegistryService.token_from_mailto("u", "hello") is None
+
+
+# ------------------------------------------------------------------ store + service on both databases
+async def test_list_validation_and_isolation(env: Env):
+    svc = env.svc
+    with pytest.raises(Invalid) as exc:
+        await svc.create_list(env.account, name="x", list_id="nodot", senders=["a@example.com"],
+                              confirm_from="c@example.com")
+    assert exc.value.field == "list_id"
+    with pytest.raises(Invalid) as exc:
+        await svc.create_list(env.account, name="x", list_id="x.example.com", senders=["a@evil.example.net"],
+                              confirm_from="c@example.com")
+    assert exc.value.field == "senders[0]"
+    with pytest.raises(Invalid) as exc:
+        await svc.create_list(env.account, name="x", list_id="x.example.com", senders=["a*@exa*mple.com"],
+                              confirm_from="c@example.com")
+    assert exc.value.field == "senders[0]"
+    lid = await env.new_list(name="Weekly", list_id="weekly.example.com")
+    with pytest.raises(Conflict) as exc:
+        await env.new_list(name="Weekly")
+    assert exc.value.field == "name"
+    with pytest.raises(Conflict):
+        await env.new_list(senders=["news@example.com"])   # the sender belongs to another list of ours
+    # another account: the same list id is "not found", exactly like a random one
+    with pytest.raises(NotFound) as a:
+        await svc.get_list(env.other, lid)
+    with pytest.raises(NotFound) as b:
+        await svc.get_list(env.other, secrets.token_hex(8))
+    assert str(a.value) == str(b.value)
+    with pytest.raises(NotFound):
+        await svc.add_subscriber(env.other, lid, "bob@example.org")
+    assert [lst.id for lst in await svc.lists(env.account)] == [lid]
+    assert await svc.lists(env.other) == []
+    # the other account may use the same names: nothing tells it ours exist
+    await svc.create_list(env.other, name="Weekly", list_id="weekly.example.com", senders=["news@example.com"],
+                          confirm_from="c@example.com")
+
+
+async def test_list_for_sender_exact_and_verp(env: Env):
+    svc = env.svc
+    exact = await env.new_list(senders=["news@example.com"])
+    verp = await env.new_list(senders=["bounce-*@example.com"])
+    assert (await svc.list_for_sender(env.account, "news@EXAMPLE.com")).id == exact
+    assert (await svc.list_for_sender(env.account, "bounce-bob=example.org@example.com")).id == verp
+    assert await svc.list_for_sender(env.account, "other@example.com") is None
+    assert await svc.list_for_sender(env.account, "") is None
+    assert await svc.list_for_sender(env.other, "news@example.com") is None
+    # a new list is seen at once (cache invalidated by the write)
+    third = await env.new_list(senders=["digest@example.com"])
+    assert (await svc.list_for_sender(env.account, "digest@example.com")).id == third
+    await svc.delete_list(env.account, third)
+    assert await svc.list_for_sender(env.account, "digest@example.com") is None
+
+
+async def test_double_optin_optout_and_fresh_optin(env: Env):
+    svc, relay = env.svc, env.relay
+    lid = await env.new_list()
+    res = await svc.add_subscriber(env.account, lid, "Bob@Example.ORG", source="signup form",
+                                   ip="198.51.100.4", user_agent="Mozilla/5.0", requested_at=time.time() - 60)
+    assert res.confirmation == "sent" and res.subscriber.status == "pending"
+    assert res.subscriber.address == "Bob@example.org"
+    assert await svc.recipient_status(lid, "Bob@example.org") == "pending"
+    mail_from, rcpts, data = relay.sent[-1]
+    assert mail_from == "confirm@example.com" and rcpts == ["Bob@example.org"]
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    for h in ("From", "To", "Subject", "Date", "Message-ID"):
+        assert msg[h], h
+    link = relay.links("Bob@example.org")[-1]
+    token = link.rsplit("/", 1)[1]
+    view = await svc.confirmation_view(token)
+    assert view.state == "pending" and "Bob" not in view.masked_address
+    assert await svc.recipient_status(lid, "Bob@example.org") == "pending"   # viewing confirms nothing
+    assert (await svc.confirm(token, ip="203.0.113.9", user_agent="UA/1")).state == "confirmed"
+    assert (await svc.confirm(token)).state == "confirmed"                   # idempotent
+    assert await svc.recipient_status(lid, "Bob@example.org") == "confirmed"
+    sub = await svc.subscriber(env.account, lid, "Bob@example.org")
+    assert sub.confirmed_ip == "203.0.113.9" and sub.requested_ip == "198.51.100.4"
+    assert sub.source == "signup form" and sub.confirmed_user_agent == "UA/1"
+    with pytest.raises(Conflict) as exc:
+        await svc.add_subscriber(env.account, lid, "Bob@example.org")
+    assert exc.value.code == "exists"
+
+    utoken = svc.unsubscribe_token(lid, "Bob@example.org")
+    assert svc.unsubscribe_url(lid, "Bob@EXAMPLE.org").endswith("/unsubscribe/" + utoken)
+    r = await svc.unsubscribe_by_token(utoken, via="test")
+    assert r.removed
+    assert not (await svc.unsubscribe_by_token(utoken)).removed               # idempotent
+    assert await svc.recipient_status(lid, "Bob@example.org") == "unsubscribed"
+    with pytest.raises(NotFound):
+        await svc.subscriber(env.account, lid, "Bob@example.org")
+    await _assert_nowhere(env.engine, ["bob@example.org"])
+    with pytest.raises(TokenError):
+        await svc.confirm(token)                                           # the old link is dead
+    with pytest.raises(Conflict) as exc:
+        await svc.add_subscriber(env.account, lid, "Bob@EXAMPLE.org")
+    assert exc.value.code == "suppressed" and "opt-in" in exc.value.reason
+    res = await svc.add_subscriber(env.account, lid, "Bob@example.org", reoptin=True)
+    assert res.subscriber.status == "pending"
+    assert await svc.recipient_status(lid, "Bob@example.org") == "pending"
+    with pytest.raises(TokenError):
+        await svc.confirm(token)                                           # still dead: new nonce
+    new_token = relay.links("Bob@example.org")[-1].rsplit("/", 1)[1]
+    assert new_token != token
+    await svc.confirm(new_token)
+    assert await svc.recipient_status(lid, "Bob@example.org") == "confirmed"
+    stats = await svc.list_stats(env.account, lid)
+    assert stats["confirmed"] == 1 and stats["unsubscribed"] == 0
+    # opt out again; a fresh opt-in may start (the person confirmed the last one themselves) ...
+    await svc.remove_subscriber(env.account, lid, "Bob@example.org")
+    await svc.add_subscriber(env.account, lid, "Bob@example.org", reoptin=True)
+    # ... but if the person ignores it and the customer tries again: refused within reoptin_interval
+    await svc.remove_subscriber(env.account, lid, "Bob@example.org")
+    with pytest.raises(RateLimited):
+        await svc.add_subscriber(env.account, lid, "Bob@example.org", reoptin=True)
+
+
+async def _assert_nowhere(engine, needles: list[str]) -> None:
+    """No table holds the address in any column, in any case."""
+    async with engine.connect() as conn:
+        names = await conn.run_sync(lambda c: sa.inspect(c).get_table_names())
+        for name in names:
+            rows = (await conn.execute(sa.text(f'SELECT * FROM "{name}"'))).all()
+            for row in rows:
+                text = " ".join(str(v) for v in row).lower()
+                for needle in needles:
+                    assert needle.lower() not in text, f"{needle} found in table {name}: {row}"
+
+
+async def test_expired_and_forged_confirmation(env: Env, monkeypatch):
+    svc = env.svc
+    lid = await env.new_list()
+    await svc.add_subscriber(env.account, lid, "carol@example.org")
+    token = env.relay.links("carol@example.org")[-1].rsplit("/", 1)[1]
+    with pytest.raises(TokenError) as exc:
+        await svc.confirm(token[:-2] + "aa" if not token.endswith("aa") else token[:-2] + "bb")
+    assert not exc.value.expired
+    real_clock = svc.clock
+    monkeypatch.setattr(svc, "clock", lambda: real_clock() + svc.settings.confirm_token_ttl + 10)
+    with pytest.raises(TokenError) as exc:
+        await svc.confirm(token)
+    assert exc.value.expired
+    monkeypatch.setattr(svc, "clock", real_clock)
+    assert await svc.recipient_status(lid, "carol@example.org") == "pending"
+
+
+async def test_resend_is_rate_limited_and_failures_recorded(env: Env):
+    svc, relay = env.svc, env.relay
+    lid = await env.new_list()
+    relay.refuse.add("dave@example.org")
+    res = await svc.add_subscriber(env.account, lid, "dave@example.org")
+    assert res.confirmation == "failed"
+    assert (await svc.subscriber(env.account, lid, "dave@example.org")).confirmation == "failed"
+    with pytest.raises(RateLimited) as exc:
+        await svc.resend_confirmation(env.account, lid, "dave@example.org")
+    assert exc.value.retry_after > 0
+    svc.settings = RegistrySettings(secret=SECRET, resend_interval=0.01, max_confirmation_mails=2)
+    await asyncio.sleep(0.02)
+    relay.refuse.clear()
+    assert await svc.resend_confirmation(env.account, lid, "dave@example.org") == "sent"
+    await asyncio.sleep(0.02)
+    with pytest.raises(RateLimited):   # max_confirmation_mails reached
+        await svc.resend_confirmation(env.account, lid, "dave@example.org")
+
+
+async def test_bulk_import_validates_all_then_queues(env: Env):
+    svc, relay = env.svc, env.relay
+    lid = await env.new_list()
+    with pytest.raises(Invalid) as exc:
+        await svc.import_subscribers(env.account, lid, [{"address": "a@example.org"}, {"address": "nope"}])
+    assert exc.value.field == "subscribers[1].address"
+    with pytest.raises(Invalid) as exc:
+        await svc.import_subscribers(env.account, lid, [{"address": "a@example.org", "ip": "999.1.1.1"}])
+    assert exc.value.field == "subscribers[0].ip"
+    assert (await svc.subscribers(env.account, lid))[0] == []          # nothing stored
+    await env.subscribe(lid, "old@example.org")
+    await svc.remove_subscriber(env.account, lid, "old@example.org")
+    rows = [{"address": f"user{i}@example.org", "source": "import"} for i in range(30)]
+    rows += [{"address": "USER1@example.org"}, {"address": "user1@example.org"}, {"address": "old@example.org"}]
+    out = await svc.import_subscribers(env.account, lid, rows)
+    results = [o["result"] for o in out]
+    assert results[:30] == ["queued"] * 30
+    assert results[30] == "queued"            # local part case is significant (RFC 5321)
+    assert results[31] == "duplicate" and results[32] == "suppressed"
+    deadline = time.monotonic() + 10
+    while len(relay.sent) < 1 + 31 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert len({r[1][0] for r in relay.sent}) >= 31
+    page, cursor = await svc.subscribers(env.account, lid, status="pending", limit=10)
+    assert len(page) == 10 and cursor is not None
+    everything = [s async for s in svc.iter_subscribers(env.account, lid)]
+    assert len(everything) == 31
+    deadline = time.monotonic() + 10
+    while (await svc.list_stats(env.account, lid))["confirmation_mails"] != {"sent": 31}:
+        assert time.monotonic() < deadline, await svc.list_stats(env.account, lid)
+        await asyncio.sleep(0.05)
+    sub5 = await svc.subscriber(env.account, lid, "user5@example.org")
+    assert sub5.confirmation == "sent" and sub5.confirmation_mails == 1, sub5
+
+
+async def test_cache_answers_without_database_and_invalidates(env: Env):
+    svc = env.svc
+    lid = await env.new_list()
+    await env.subscribe(lid, "erin@example.org")
+    assert await svc.recipient_status(lid, "erin@example.org") == "confirmed"
+    assert await svc.recipient_status(lid, "nobody@example.org") == "unknown"     # negative entry
+    calls = 0
+    real = svc.store.lookup_status
+
+    async def counting(*a):
+        nonlocal calls
+        calls += 1
+        return await real(*a)
+
+    svc.store.lookup_status = counting
+    for _ in range(5):
+        assert await svc.recipient_status(lid, "erin@example.org") == "confirmed"
+        assert await svc.recipient_status(lid, "nobody@example.org") == "unknown"
+    assert calls == 0
+    # concurrent misses share one round trip
+    svc.cache.flush()
+    got = await asyncio.gather(*(svc.recipient_status(lid, "erin@example.org") for _ in range(20)))
+    assert set(got) == {"confirmed"} and calls == 1
+    # an opt-out invalidates at once in this process
+    await svc.remove_subscriber(env.account, lid, "erin@example.org")
+    assert await svc.recipient_status(lid, "erin@example.org") == "unsubscribed"
+    # a lost channel means: ask the database, never the cache
+    svc.cache.healthy = False
+    calls = 0
+    assert await svc.recipient_status(lid, "nobody@example.org") == "unknown"
+    assert calls == 1
+
+
+async def test_cache_is_bounded_lru(env: Env):
+    svc = env.svc
+    svc.cache.size = 50
+    lid = await env.new_list()
+    for i in range(200):
+        await svc.recipient_status(lid, f"x{i}@example.org")
+    assert len(svc.cache) == 50
+
+
+async def test_database_unreachable_raises_not_accepts(env: Env):
+    if env.url.startswith("sqlite"):
+        bad = "sqlite+aiosqlite:////nonexistent-dir/for/sure/x.db"
+    else:
+        bad = "postgresql+asyncpg://postgres@127.0.0.1:1/none"
+    engine = create_engine(bad)
+    svc = RegistryService(engine, RegistrySettings(secret=SECRET, lookup_timeout=2.0), secret=SECRET.encode())
+    await svc.start(connect_wait=0.2)
+    try:
+        assert not svc.channel_healthy
+        with pytest.raises(RegistryUnavailable):
+            await svc.recipient_status("0123456789abcdef", "bob@example.org")
+        with pytest.raises(RegistryUnavailable):
+            await svc.list_for_sender("acc", "news@example.com")
+    finally:
+        await svc.stop()
+        await engine.dispose()
+
+
+async def test_without_secret_the_registry_refuses_token_work(tmp_path):
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}")
+    await migrate(engine)
+    svc = RegistryService(engine, RegistrySettings(), secret=None)
+    await svc.start()
+    try:
+        with pytest.raises(RegistryUnavailable):
+            await svc.recipient_status("0123456789abcdef", "bob@example.org")
+        with pytest.raises(RegistryUnavailable):
+            svc.unsubscribe_url("0123456789abcdef", "bob@example.org")
+        assert await svc.list_for_sender("nobody", "news@example.com") is None
+    finally:
+        await svc.stop()
+        await engine.dispose()
+
+
+async def test_two_services_on_one_database_invalidate_each_other(env: Env):
+    """Two gateways (separate engines, caches, channels) on one database: an
+    opt-out through A reaches B's cache within 1 s. (SQLite: the change counter
+    of local mode; PostgreSQL: LISTEN/NOTIFY.)"""
+    svc_b, engine_b = await _make(env.url, None)
+    try:
+        lid = await env.new_list()
+        await env.subscribe(lid, "fred@example.org")
+        assert await svc_b.recipient_status(lid, "fred@example.org") == "confirmed"   # now cached in B
+        assert await svc_b.list_for_sender(env.account, "news@example.com") is not None
+        t0 = time.monotonic()
+        await env.svc.remove_subscriber(env.account, lid, "fred@example.org")
+        while await svc_b.recipient_status(lid, "fred@example.org") == "confirmed":
+            assert time.monotonic() - t0 < 1.5, "opt-out not seen by the other gateway within 1 s"
+            await asyncio.sleep(0.02)
+        await env.svc.delete_list(env.account, lid)
+        t0 = time.monotonic()
+        while await svc_b.list_for_sender(env.account, "news@example.com") is not None:
+            assert time.monotonic() - t0 < 1.5
+            await asyncio.sleep(0.02)
+    finally:
+        await svc_b.stop()
+        await engine_b.dispose()
+
+
+async def test_postgres_channel_reconnect_flushes(pg_url):
+    """Kill B's LISTEN connection: B stops serving from its cache at once and
+    flushes when it is back."""
+    import asyncpg
+
+    svc, engine = await _make(pg_url, None)
+    try:
+        assert svc.channel_healthy
+        lid = "0123456789abcdef"
+        await svc.recipient_status(lid, "gina@example.org")
+        assert len(svc.cache) == 1
+        before = svc.channel.connects
+        dsn = pg_url.replace("+asyncpg", "")
+        admin = await asyncpg.connect(dsn)
+        try:
+            await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                "WHERE query LIKE 'LISTEN%' AND datname = current_database() AND pid <> pg_backend_pid()")
+        finally:
+            await admin.close()
+        t0 = time.monotonic()
+        while svc.channel.connects == before:
+            assert time.monotonic() - t0 < 5
+            await asyncio.sleep(0.02)
+        assert svc.channel_healthy and len(svc.cache) == 0
+    finally:
+        await svc.stop()
+        await engine.dispose()
+
+
+async def test_redis_invalidation(tmp_path, pg_url):
+    """invalidation = "redis": two services on PostgreSQL, invalidated through Redis pub/sub."""
+    need(tcp_reachable("127.0.0.1", 6379), "Redis at 127.0.0.1:6379 is not reachable")
+    channel = f"gw_test_{secrets.token_hex(4)}"
+    a, ea = await _make(pg_url, FakeRelay(), invalidation="redis", channel=channel)
+    b, eb = await _make(pg_url, None, invalidation="redis", channel=channel)
+    try:
+        assert a.channel_healthy and b.channel_healthy
+        accounts = AccountStore(ea, scrypt_n=16)
+        acc = f"r-{uuid.uuid4().hex[:8]}"
+        await accounts.add(acc, "pw")
+        await accounts.add_domain(acc, "example.com", approved_by="test")
+        lst = await a.create_list(acc, name="R", list_id="r.example.com", senders=["r@example.com"],
+                                  confirm_from="r@example.com")
+        await a.add_subscriber(acc, lst.id, "hank@example.org")
+        token = a.relay.links("hank@example.org")[-1].rsplit("/", 1)[1]
+        assert await b.recipient_status(lst.id, "hank@example.org") == "pending"
+        await a.confirm(token)
+        t0 = time.monotonic()
+        while await b.recipient_status(lst.id, "hank@example.org") != "confirmed":
+            assert time.monotonic() - t0 < 1.5
+            await asyncio.sleep(0.02)
+    finally:
+        for s, e in ((a, ea), (b, eb)):
+            await s.stop()
+            await e.dispose()
