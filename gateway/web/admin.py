@@ -1,0 +1,128 @@
+"""The operators' HTTP admin API (``/admin``): block lists (P-BLOCK).
+
+Authentication: ``Authorization: Bearer <http.admin_key>``, compared in
+constant time; a missing or wrong key answers 401. With no admin key
+configured the whole admin API answers 503 ("admin API disabled").
+
+    GET    /admin/blocklist[?kind=ip|domain|hostname]   -> 200 {"version", "entries": [...]}
+    POST   /admin/blocklist  {"kind", "value", "reason"?} -> 201 entry | 409 | 422
+    DELETE /admin/blocklist/{kind}/{value}               -> 200 {"removed": entry} | 404 | 422
+
+A CIDR value in the path keeps its slash (``/admin/blocklist/ip/192.0.2.0/24``)
+or percent-encodes it. Errors are JSON: ``{"error": code, "errors": [{"field",
+"reason"}]}`` for 422, ``{"error": code, "reason"}`` otherwise.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from ..blocklist.model import KINDS, BlockError, Invalid
+from .jsonresponse import OrjsonResponse
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..app import Gateway
+
+log = logging.getLogger("gateway.admin")
+
+_BODY_FIELDS = {"kind", "value", "reason"}
+
+
+def _error(status: int, code: str, reason: str, headers: dict[str, str] | None = None) -> Response:
+    return OrjsonResponse({"error": code, "reason": reason}, status_code=status, headers=headers)
+
+
+def _invalid(field: str, reason: str) -> Response:
+    return OrjsonResponse({"error": "invalid", "errors": [{"field": field, "reason": reason}]}, status_code=422)
+
+
+def _from_block_error(exc: BlockError) -> Response:
+    if isinstance(exc, Invalid):
+        return _invalid(exc.field or "value", exc.reason)
+    return OrjsonResponse({"error": exc.code, "reason": exc.reason, "field": exc.field}, status_code=exc.status)
+
+
+def admin_router(gateway: "Gateway") -> APIRouter:
+    router = APIRouter(prefix="/admin", tags=["admin"])
+
+    def denied(request: Request) -> Response | None:
+        key = gateway.config.http.admin_key
+        if not key:
+            return _error(503, "disabled", "admin API disabled (set http.admin_key)")
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                token.strip().encode("utf-8", "surrogatepass"), key.encode("utf-8", "surrogatepass")):
+            return _error(401, "unauthorized", "the admin key is needed (Authorization: Bearer KEY)",
+                          {"WWW-Authenticate": "Bearer"})
+        return None
+
+    def blocklist():
+        bl = getattr(gateway, "blocklist", None)
+        if bl is None:
+            raise RuntimeError("block lists not loaded")
+        return bl
+
+    def who(request: Request) -> str:
+        return f"admin-api {request.client.host}" if request.client else "admin-api"
+
+    @router.get("/blocklist", summary="list block-list entries")
+    async def list_entries(request: Request, kind: str | None = None) -> Response:
+        if (resp := denied(request)) is not None:
+            return resp
+        if kind is not None and kind not in KINDS:
+            return _invalid("kind", f"must be one of {', '.join(KINDS)}")
+        bl = blocklist()
+        try:
+            entries = await bl.list(kind)
+        except BlockError as exc:
+            return _from_block_error(exc)
+        except Exception:
+            log.exception("block list read failed")
+            return _error(503, "unavailable", "storage unavailable, try again")
+        return OrjsonResponse({"version": bl.snapshot.version, "entries": [e.as_dict() for e in entries]})
+
+    @router.post("/blocklist", status_code=201, summary="add a block-list entry")
+    async def add_entry(request: Request) -> Response:
+        if (resp := denied(request)) is not None:
+            return resp
+        try:
+            body: Any = await request.json()
+        except ValueError:
+            return _invalid("body", "must be a JSON object")
+        if not isinstance(body, dict):
+            return _invalid("body", "must be a JSON object")
+        unknown = sorted(set(body) - _BODY_FIELDS)
+        if unknown:
+            return _invalid(str(unknown[0]), "unknown field")
+        for name in ("kind", "value"):
+            if name not in body:
+                return _invalid(name, "required")
+        try:
+            entry = await blocklist().add(body["kind"], body["value"], body.get("reason") or "", who(request))
+        except BlockError as exc:
+            return _from_block_error(exc)
+        except Exception:
+            log.exception("block list change failed")
+            return _error(503, "unavailable", "storage unavailable, try again")
+        log.info("block list: %s added %s %s", who(request), entry.kind, entry.value)
+        return OrjsonResponse(entry.as_dict(), status_code=201)
+
+    @router.delete("/blocklist/{kind}/{value:path}", summary="remove a block-list entry")
+    async def remove_entry(request: Request, kind: str, value: str) -> Response:
+        if (resp := denied(request)) is not None:
+            return resp
+        try:
+            entry = await blocklist().remove(kind, value)
+        except BlockError as exc:
+            return _from_block_error(exc)
+        except Exception:
+            log.exception("block list change failed")
+            return _error(503, "unavailable", "storage unavailable, try again")
+        log.info("block list: %s removed %s %s", who(request), entry.kind, entry.value)
+        return OrjsonResponse({"removed": entry.as_dict()})
+
+    return router
