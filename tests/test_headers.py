@@ -343,3 +343,11 @@ def test_speed_of_a_4k_message():
         check_structure(m, parse_headers(m), s, NOW)
     per = (time.perf_counter() - t) / n
     assert per < 1e-3, f"{per * 1e6:.0f} us per message"
+
+
+def test_non_ascii_inside_encoded_word_is_a_finding_not_a_crash():
+    from gateway.message.headers import EncodedWordError, decode_words
+    with pytest.raises(EncodedWordError):
+        decode_words("=?utf-8?q?caf\u00e9?=")
+    with pytest.raises(EncodedWordError):
+        decode_words("=?utf-8?b?Y2Fm\u00e9?=")

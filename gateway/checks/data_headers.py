@@ -38,7 +38,7 @@ class HeadersCheck:
         parsed = parsed_for(tx)
         now = self.clock() if self.settings.actions.get("hdr.date_window") != "off" else None
         findings = check_structure(data, parsed, self.settings, now)
-        if self.settings.message_id == "add" and any(f.id == "hdr.message_id_missing" for f in findings):
+        if findings and self.settings.message_id == "add" and any(f.id == "hdr.message_id_missing" for f in findings):
             tx.extra.setdefault("add_headers", []).append(("Message-ID", self.new_message_id(tx)))
         return apply(self.name, tx, findings, self.settings.actions, self._overrides)
 

@@ -112,6 +112,8 @@ def apply(check: str, tx: Any, findings: list[Finding], actions: dict[str, str],
     relay will add: recorded, neither refusing nor flagging).
     """
     ledger = tx.extra.setdefault("findings", [])
+    if not findings:
+        return Outcome.ok(check, "")
     refusal: Finding | None = None
     flags: list[str] = []
     notes: list[str] = []

@@ -12,9 +12,10 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import functools
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 
 from .findings import Finding
 from .settings import HeaderSettings
@@ -47,6 +48,9 @@ class ParsedHeaders:
     body_start: int                         # offset of the first body byte in the message
     defects: list[Finding] = field(default_factory=list)  # field-name / folding / utf-8 findings
     index: dict[str, list[int]] = field(default_factory=dict)  # lower-case name -> positions
+    # per-message results shared by the rule functions (address lists, ...);
+    # keyed by the field value, so it can never go stale.
+    memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     def count(self, name: str) -> int:
         return len(self.index.get(name.lower(), ()))
@@ -73,8 +77,8 @@ def _decode_header_bytes(raw: bytes, defects: list[Finding]) -> str:
         return raw.decode("utf-8", "surrogateescape")
 
 
-# A well-formed field: name, colon, value with its continuation lines.
-_FIELD_FAST = re.compile(r"([\x21-\x39\x3b-\x7e]+):([^\n]*(?:\n[ \t][^\n]*)*)\n")
+# A well-formed field at a line start: name, colon, value with its continuation lines.
+_FIELD_LINE = re.compile(r"^([\x21-\x39\x3b-\x7e]+):([^\n]*(?:\n[ \t][^\n]*)*)\n", re.M)
 _WSP_ONLY_LINE = re.compile(r"\n[ \t]+\r?\n")
 
 
@@ -91,22 +95,28 @@ def parse_headers(data: bytes) -> ParsedHeaders:
     defects: list[Finding] = []
     text = _decode_header_bytes(data[:hend], defects)
     if text.endswith("\n") and not text.startswith((" ", "\t")) and not _WSP_ONLY_LINE.search(text):
-        # fast path: one regex match per field; any irregularity falls back to the line walk
-        fields: list[tuple[str, str]] = []
-        index: dict[str, list[int]] = {}
-        pos, n = 0, len(text)
-        match = _FIELD_FAST.match
-        while pos < n:
-            m = match(text, pos)
-            if m is None:
-                break
-            name, value = m.group(1), m.group(2)
-            if "\n" in value:
-                value = value.replace("\r\n", "").replace("\n", "")
-            index.setdefault(name.lower(), []).append(len(fields))
-            fields.append((name, value.strip(" \t\r")))
-            pos = m.end()
+        # fast path: one findall of whole fields (name, colon, value with its
+        # continuation lines), anchored at line starts. Every line that is not a
+        # continuation must start a field, so the block is well formed exactly
+        # when there are as many fields as such lines; any irregularity falls
+        # back to the line walk.
+        found = _FIELD_LINE.findall(text)
+        lines = text.count("\n")
+        if "\n " in text or "\n\t" in text:
+            lines -= text.count("\n ") + text.count("\n\t")
+            fields = [(name, (value.replace("\r\n", "").replace("\n", "") if "\n" in value else value).strip(" \t\r"))
+                      for name, value in found]
         else:
+            fields = [(name, value.strip(" \t\r")) for name, value in found]
+        if len(found) == lines:
+            index: dict[str, list[int]] = {}
+            for i, (name, _) in enumerate(found):
+                low = name.lower()
+                pos = index.get(low)
+                if pos is None:
+                    index[low] = [i]
+                else:
+                    pos.append(i)
             return ParsedHeaders(fields, body_start, defects, index)
     return _parse_lines(text, body_start, defects)
 
@@ -119,16 +129,21 @@ def _parse_lines(text: str, body_start: int, defects: list[Finding]) -> ParsedHe
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
+    # only the first defect of each kind is recorded
+    folding_seen = any(d.id == "hdr.folding" for d in defects)
+    name_seen = any(d.id == "hdr.field_name" for d in defects)
     for n, line in enumerate(lines, 1):
         if line.endswith("\r"):
             line = line[:-1]
         if line[:1] in (" ", "\t"):
             if name is None:
-                if not any(d.id == "hdr.folding" for d in defects):
+                if not folding_seen:
+                    folding_seen = True
                     defects.append(Finding("hdr.folding", f"header line {n} is a continuation with no field before it"))
                 continue
             if not line.strip(" \t"):
-                if not any(d.id == "hdr.folding" for d in defects):
+                if not folding_seen:
+                    folding_seen = True
                     defects.append(Finding("hdr.folding", f"folded line {n} of {name} holds only white space"))
             parts.append(line)
             continue
@@ -137,14 +152,16 @@ def _parse_lines(text: str, body_start: int, defects: list[Finding]) -> ParsedHe
             name = None
         colon = line.find(":")
         if colon <= 0:
-            if not any(d.id == "hdr.field_name" for d in defects):
+            if not name_seen:
+                name_seen = True
                 what = "starts with a colon" if colon == 0 else "has no colon"
                 defects.append(Finding("hdr.field_name", f"header line {n} {what}: {_clip(line)!r}"))
             continue
         fname = line[:colon]
         if not _FIELD_NAME.match(fname):
             stripped = fname.rstrip(" \t")
-            if not any(d.id == "hdr.field_name" for d in defects):
+            if not name_seen:
+                name_seen = True
                 why = ("white space before the colon" if stripped and _FIELD_NAME.match(stripped)
                        else "characters outside printable ASCII")
                 defects.append(Finding("hdr.field_name", f"field name {_clip(fname)!r} has {why}"))
@@ -192,22 +209,27 @@ class Mailbox:
 
 
 _ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
+# atext or any non-ASCII character (RFC 6532 UTF-8, surrogate-escaped bytes too):
+# one character class, so the regex engine runs it as a tight single-character loop
+# (the same set as the alternation "[atext]|[^\x00-\x7f]").
+_ATEXT_U = rf"[{_ATEXT}\x80-\U0010ffff]"
 _TOKEN = re.compile(
     r'(?P<ws>[ \t\r\n]+)'
-    rf'|(?P<atom>(?:[{_ATEXT}]|[^\x00-\x7f])+)'
+    rf'|(?P<atom>{_ATEXT_U}+)'
     r'|(?P<qs>"(?:[^"\\]|\\[\s\S])*")'
     r'|(?P<dl>\[(?:[^\[\]\\]|\\[\s\S])*\])'
     r'|(?P<sp>[<>@,;:.])'
     r'|(?P<cm>\()'
 )
 _COMMENT = re.compile(r"\((?:[^()\\]|\\[\s\S])*\)")
+_QP_UNESCAPE = re.compile(r"\\(.)")  # a quoted-pair; no re.S, as the re.sub calls it replaces
 _SIMPLE_ADDR = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*@[{_ATEXT}]+(?:\.[{_ATEXT}]+)*\Z")
-_DOT_ATOM = rf"(?:[{_ATEXT}]|[^\x00-\x7f])+(?:\.(?:[{_ATEXT}]|[^\x00-\x7f])+)*"
-_WORD_U = rf"(?:[{_ATEXT}]|[^\x00-\x7f])+"
+_DOT_ATOM = rf"{_ATEXT_U}+(?:\.{_ATEXT_U}+)*"
+_WORD_U = rf"{_ATEXT_U}+"
 # One mailbox of the forms nearly all software writes, then "," or the end:
 # ["Quoted"|Plain Words] <local@domain>   or   local@domain
 _FAST_BOX = re.compile(
-    rf'[ \t]*(?:(?:"((?:[^"\\\r\n]|\\.)*)"|({_WORD_U}(?:[ \t]+{_WORD_U})*))?[ \t]*<({_DOT_ATOM})@({_DOT_ATOM})>'
+    rf'[ \t]*(?:(?:"([^"\\\r\n]*(?:\\.[^"\\\r\n]*)*)"|({_WORD_U}(?:[ \t]+{_WORD_U})*))?[ \t]*<({_DOT_ATOM})@({_DOT_ATOM})>'
     rf'|({_DOT_ATOM})@({_DOT_ATOM}))[ \t]*(,|\Z)')
 
 
@@ -412,7 +434,7 @@ def parse_address_list(value: str, *, allow_group: bool = True) -> list[Mailbox]
     Raises :class:`HeaderSyntaxError` with a short reason.
     """
     v = value.strip()
-    if _SIMPLE_ADDR.match(v):  # fast path: the bare addr-spec most software writes
+    if "<" not in v and _SIMPLE_ADDR.match(v):  # fast path: the bare addr-spec most software writes
         local, _, domain = v.rpartition("@")
         return [Mailbox("", local, domain)]
     # fast path 2: a list of plain mailboxes, one compiled regex per mailbox
@@ -425,7 +447,7 @@ def parse_address_list(value: str, *, allow_group: bool = True) -> list[Mailbox]
             break
         q, plain, local, domain, blocal, bdomain, sep = m.groups()
         if local is not None:
-            display = (re.sub(r"\\(.)", r"\1", q) if "\\" in q else q) if q is not None else (plain or "")
+            display = (_QP_UNESCAPE.sub(r"\1", q) if "\\" in q else q) if q is not None else (plain or "")
             out.append(Mailbox(display, local, domain))
         else:
             out.append(Mailbox("", blocal, bdomain))
@@ -436,6 +458,52 @@ def parse_address_list(value: str, *, allow_group: bool = True) -> list[Mailbox]
         return out
     p = _AddrParser(_tokenize(value))
     return p.address_list(allow_group)
+
+
+def _address_count(value: str, allow_group: bool) -> tuple[int, HeaderSyntaxError | None]:
+    """(len(parse_address_list(value, allow_group=...)), None) or (0, the error),
+    without building Mailbox objects for the plain forms (same fast paths)."""
+    v = value.strip()
+    if "<" not in v and _SIMPLE_ADDR.match(v):
+        return 1, None
+    count, pos, n = 0, 0, len(v)
+    match = _FAST_BOX.match
+    while pos < n:
+        m = match(v, pos)
+        if m is None:
+            break
+        count += 1
+        pos = m.end()
+        if not m.group(7):
+            return count, None
+    else:
+        return count, None
+    # The mailboxes before v[pos] are complete and each followed by ",": the full
+    # parser reaches v[pos] in the same state (tokens never span that comma), so only
+    # the rest needs it. Comments, which the full parser spreads over every mailbox,
+    # do not change the count.
+    # (str.strip() also drops white space such as U+00A0 that the tokenizer does
+    # not skip: then the full value goes to the full parser, as parse_address_list does.)
+    rest = v[pos:] if len(v) == len(value.strip(" \t\r\n")) else value
+    try:
+        return (count if rest is not value else 0) + len(_AddrParser(_tokenize(rest)).address_list(allow_group)), None
+    except HeaderSyntaxError as exc:
+        return 0, exc
+
+
+def _addresses(parsed: ParsedHeaders, value: str, allow_group: bool) -> tuple[list[Mailbox], HeaderSyntaxError | None]:
+    """``parse_address_list(value, allow_group=...)`` once per message: (mailboxes, None)
+    or ([], the error). The rule functions share the result through ``parsed.memo``;
+    callers must not change the returned list."""
+    key = ("addr", value, allow_group)
+    hit = parsed.memo.get(key)
+    if hit is None:
+        try:
+            hit = (parse_address_list(value, allow_group=allow_group), None)
+        except HeaderSyntaxError as exc:
+            hit = ([], exc)
+        parsed.memo[key] = hit
+    return hit
 
 
 # --------------------------------------------------------------------------------------
@@ -454,6 +522,37 @@ _DATE = re.compile(
     r"(?:([+-])(\d{2})(\d{2})|(ut|gmt|[ecmp][sd]t|[a-ik-z]))"
     r"(?:\s*\((?:[^()\\]|\\.)*\))*\s*\Z",
     re.I | re.S)
+
+
+# The form nearly all software writes ("Tue, 14 Nov 2023 22:13:20 +0000", optionally
+# with a "(UTC)"-style comment): a strict subset of what _DATE accepts, with the same
+# groups, so _date_timestamp can skip the general pattern and the tz objects.
+_DATE_FAST = re.compile(
+    r"(?:(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), )?([0-9]{1,2}) (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) "
+    r"([0-9]{4}) ([0-9]{2}):([0-9]{2}):([0-9]{2}) (?:([+-])([0-9]{2})([0-9]{2})|GMT)(?: \([A-Za-z]{1,5}\))?\Z")
+_MONTHS_CAP = {m.capitalize(): i for m, i in _MONTHS.items()}
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+_NUM2 = {f"{i:02d}": i for i in range(100)} | {str(i): i for i in range(10)}  # "07"/"7" -> 7, no int() calls
+
+
+def _date_timestamp(value: str) -> float:
+    """``parse_date(value).timestamp()``, with a fast path for the common form."""
+    m = _DATE_FAST.match(value)
+    if m is not None:
+        day, mon, year, hh, mm, ss, sign, zh, zm = m.groups()
+        h, mi, sec = _NUM2[hh], _NUM2[mm], _NUM2[ss]
+        off: int | None = 0
+        if sign is not None:
+            oh, om = _NUM2[zh], _NUM2[zm]
+            off = None if om >= 60 or oh > 23 else (oh * 60 + om) * (60 if sign == "+" else -60)
+        if off is not None and h <= 23 and mi <= 59 and sec <= 59:
+            try:
+                days = date(int(year), _MONTHS_CAP[mon], _NUM2[day]).toordinal() - _EPOCH_ORDINAL
+            except ValueError:
+                pass  # impossible date: parse_date says why
+            else:
+                return float(days * 86400 + h * 3600 + mi * 60 + sec - off)
+    return parse_date(value).timestamp()
 
 
 def parse_date(value: str) -> datetime:
@@ -520,23 +619,46 @@ _SUPERSET = {"gb2312": "gb18030", "gbk": "gb18030", "euc_kr": "cp949", "big5": "
              "iso8859-9": "cp1254", "iso8859-11": "cp874"}
 
 
+@functools.lru_cache(maxsize=256)
+def _codec_for(charset: str) -> str:
+    """The codec an encoded-word charset is decoded with (LookupError if none);
+    failures are not cached."""
+    codec = codecs.lookup(charset).name
+    return _SUPERSET.get(codec, codec)
+
+
 def _ew_bytes(m: re.Match[str]) -> tuple[str, bytes]:
     charset, enc, text = m.group(1), m.group(2), m.group(3)
     try:
-        codec = codecs.lookup(charset).name
+        codec = _codec_for(charset)
     except LookupError:
         raise EncodedWordError(f"unknown charset {charset!r} in encoded-word") from None
-    codec = _SUPERSET.get(codec, codec)
+    if not text.isascii():
+        # RFC 2047 5: an encoded-word is ASCII only (UTF-8 headers of SMTPUTF8
+        # mail may carry raw UTF-8, but not inside an encoded-word).
+        raise EncodedWordError(f"non-ASCII character inside encoded-word {_clip(m.group(0), 40)!r}")
     if enc in "Bb":
-        raw = text.encode("ascii", "surrogateescape")
+        raw = text.encode("ascii")
         try:
             data = base64.b64decode(raw + b"=" * (-len(raw) % 4), validate=True)
         except (binascii.Error, ValueError):
             raise EncodedWordError(f"bad base64 in encoded-word {_clip(m.group(0), 40)!r}") from None
     else:
-        raw = text.replace("_", " ").encode("ascii", "surrogateescape")
-        data = _Q_HEX.sub(lambda h: bytes((int(h.group(1), 16),)), raw)
+        raw = text.encode("ascii")
+        n_eq = raw.count(b"=")
+        if not n_eq:
+            data = raw.replace(b"_", b" ")
+        elif n_eq == len(_Q_HEX.findall(raw)):
+            # every "=" starts a valid =XX escape: binascii decodes exactly like the
+            # regex below ("_" is a space, "=XX" a byte, all else as is), in C
+            data = binascii.a2b_qp(raw, header=True)
+        else:
+            data = _Q_HEX.sub(_q_byte, raw.replace(b"_", b" "))
     return codec, data
+
+
+def _q_byte(h: re.Match[bytes]) -> bytes:
+    return bytes((int(h.group(1), 16),))
 
 
 def decode_words(value: str) -> str:
@@ -583,6 +705,21 @@ def decode_words(value: str) -> str:
     return "".join(out)
 
 
+def _decoded(parsed: ParsedHeaders, value: str) -> tuple[str, EncodedWordError | None]:
+    """``decode_words(value)`` once per message: (text, None), or (value, the error)."""
+    if "=?" not in value:
+        return value, None
+    key = ("ew", value)
+    hit = parsed.memo.get(key)
+    if hit is None:
+        try:
+            hit = (decode_words(value), None)
+        except EncodedWordError as exc:
+            hit = (value, exc)
+        parsed.memo[key] = hit
+    return hit
+
+
 def decode_lenient(value: str) -> str:
     try:
         return decode_words(value)
@@ -595,7 +732,8 @@ def decode_lenient(value: str) -> str:
 # --------------------------------------------------------------------------------------
 
 _CT = re.compile(r"\s*([!#$%&'*+\-.^_`|~0-9A-Za-z]+)\s*/\s*([!#$%&'*+\-.^_`|~0-9A-Za-z]+)\s*(.*)\Z", re.S)
-_PARAM = re.compile(r'''\s*;\s*([^\s=;"]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s;"]*)''', re.S)
+_PARAM = re.compile(r'''\s*;\s*([^\s=;"]+)\s*=\s*("[^"\\]*(?:\\.[^"\\]*)*"|[^\s;"]*)''', re.S)
+_UNFOLD = re.compile(r"\r?\n(?=[ \t])")
 KNOWN_CTE = frozenset(("7bit", "8bit", "binary", "quoted-printable", "base64"))
 _PART_HDR = re.compile(rb"^(content-type|content-transfer-encoding)[ \t]*:((?:[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*))",
                        re.I | re.M)
@@ -603,17 +741,33 @@ _PART_HDR = re.compile(rb"^(content-type|content-transfer-encoding)[ \t]*:((?:[^
 
 def parse_content_type(value: str) -> tuple[str, dict[str, str]] | None:
     """("type/subtype" lower-case, params with lower-case names) or None if it does not parse."""
+    split = _ct_split(value)
+    if split is None:
+        return None
+    return split[0], _ct_params(split[1])
+
+
+def _ct_split(value: str) -> tuple[str, str] | None:
+    """("type/subtype" lower-case, the unparsed parameter text) or None if it does not parse.
+    The parameters never make a Content-Type unparseable, so the MIME walk only
+    parses them for the types that need one (multipart: boundary)."""
     value = _COMMENT.sub(" ", value) if "(" in value else value
     m = _CT.match(value)
     if not m:
         return None
+    return f"{m.group(1).lower()}/{m.group(2).lower()}", m.group(3)
+
+
+def _ct_params(rest: str) -> dict[str, str]:
     params: dict[str, str] = {}
-    for pm in _PARAM.finditer(m.group(3)):
-        v = pm.group(2)
-        if v.startswith('"'):
-            v = re.sub(r"\\(.)", r"\1", v[1:-1])
-        params.setdefault(pm.group(1).lower(), v)
-    return f"{m.group(1).lower()}/{m.group(2).lower()}", params
+    if rest:
+        for name, v in _PARAM.findall(rest):
+            if v.startswith('"'):
+                v = v[1:-1]
+                if "\\" in v:
+                    v = _QP_UNESCAPE.sub(r"\1", v)
+            params.setdefault(name.lower(), v)
+    return params
 
 
 def _cte_ok(cte: str) -> bool:
@@ -627,28 +781,34 @@ def _part_headers(data: bytes, start: int, end: int) -> tuple[bytes | None, byte
     """Content-Type and Content-Transfer-Encoding of the part at data[start:end], and its body start."""
     if data.startswith(b"\r\n", start) or data.startswith(b"\n", start):
         return None, None, data.find(b"\n", start) + 1
+    # as wire.header_end: the "\n\n" search is bounded by a "\n\r\n" found first
     i = data.find(b"\n\r\n", start, end)
-    j = data.find(b"\n\n", start, end)
-    cands = [x for x in (i, j) if x >= 0]
-    hend = min(cands) + 1 if cands else end
-    body = data.find(b"\n", hend, end) + 1 if cands else end
+    j = data.find(b"\n\n", start, i + 1 if i >= 0 else end)
+    if i < 0 and j < 0:
+        hend = body = end
+    else:
+        hend = (j if j >= 0 else i) + 1
+        body = data.find(b"\n", hend, end) + 1
     ct = cte = None
-    for m in _PART_HDR.finditer(data, start, hend):
-        if m.group(1).lower() == b"content-type":
-            ct = ct if ct is not None else m.group(2)
-        else:
-            cte = cte if cte is not None else m.group(2)
+    for name, value in _PART_HDR.findall(data, start, hend):
+        if len(name) == 12:  # "content-type"; the other alternative is 25 long
+            if ct is None:
+                ct = value
+        elif cte is None:
+            cte = value
     return ct, cte, body
 
 
 def _text(b: bytes) -> str:
-    return re.sub(r"\r?\n(?=[ \t])", "", b.decode("utf-8", "replace"))
+    t = b.decode("utf-8", "replace")
+    return _UNFOLD.sub("", t) if "\n" in t else t
 
 
 def check_mime(data: bytes, parsed: ParsedHeaders, max_depth: int = 30) -> list[Finding]:
     """MIME structure findings (hdr.mime, hdr.mime_close) of the whole message."""
     out: list[Finding] = []
-    if not parsed.has("content-type") and not parsed.has("content-transfer-encoding"):
+    idx = parsed.index
+    if "content-type" not in idx and "content-transfer-encoding" not in idx:
         return out
     ct = parsed.get("content-type")
     cte = parsed.get("content-transfer-encoding")
@@ -664,11 +824,11 @@ def _walk(data: bytes, ct: str | None, cte: str | None, start: int, end: int, de
         out.append(Finding("hdr.mime", f"unknown Content-Transfer-Encoding {_clip(cte.strip(), 40)!r} in {where}"))
     if ct is None:
         return
-    parsed = parse_content_type(ct)
-    if parsed is None:
+    split = _ct_split(ct)
+    if split is None:
         out.append(Finding("hdr.mime", f"Content-Type {_clip(ct.strip(), 50)!r} in {where} does not parse"))
         return
-    mtype, params = parsed
+    mtype = split[0]
     if mtype == "message/rfc822" and depth < max_depth:
         _sub_part(data, start, end, depth, max_depth, out, f"{where} > message/rfc822")
         return
@@ -677,7 +837,7 @@ def _walk(data: bytes, ct: str | None, cte: str | None, start: int, end: int, de
     if depth >= max_depth:
         out.append(Finding("hdr.mime", f"MIME nesting deeper than {max_depth}"))
         return
-    boundary = params.get("boundary")
+    boundary = _ct_params(split[1]).get("boundary")
     if not boundary:
         out.append(Finding("hdr.mime", f"{mtype} in {where} has no boundary parameter"))
         return
@@ -766,46 +926,55 @@ def check_structure(data: bytes, parsed: ParsedHeaders, settings: HeaderSettings
     """RFC 5322 structural findings (hdr.*). ``now`` is epoch seconds, None = no window."""
     out: list[Finding] = list(parsed.defects)
     idx = parsed.index
+    fields = parsed.fields
     for name in REQUIRED:
         if name not in idx:
             out.append(Finding("hdr.required", f"missing {_CANON[name]} header"))
-    for name in SINGULAR:
-        pos = idx.get(name)
-        if pos is not None and len(pos) > 1:
-            out.append(Finding("hdr.duplicate", f"duplicate {_CANON[name]} header"))
+    if len(idx) != len(fields):  # some field name occurs more than once
+        for name in SINGULAR:
+            pos = idx.get(name)
+            if pos is not None and len(pos) > 1:
+                out.append(Finding("hdr.duplicate", f"duplicate {_CANON[name]} header"))
     # addresses
     from_boxes: list[Mailbox] | None = None
     for name, allow_group in ADDRESS_FIELDS.items():
-        for i in idx.get(name, ()):
-            fname, value = parsed.fields[i]
+        positions = idx.get(name)
+        if positions is None:
+            continue
+        for i in positions:
+            fname, value = fields[i]
             if not value.strip():
                 if name == "bcc":
                     continue  # RFC 5322 3.6.3: Bcc may be empty
                 out.append(Finding("hdr.address", f"{fname} header is empty"))
                 continue
-            try:
-                boxes = parse_address_list(value, allow_group=allow_group)
-            except HeaderSyntaxError as exc:
-                out.append(Finding("hdr.address", f"{fname} header does not parse: {exc}"))
+            if name == "from":  # the mailboxes themselves are wanted by check_subject too
+                boxes, err = _addresses(parsed, value, allow_group)
+                count = len(boxes)
+            else:
+                count, err = _address_count(value, allow_group)
+            if err is not None:
+                out.append(Finding("hdr.address", f"{fname} header does not parse: {err}"))
                 continue
             if name == "from":
                 if not boxes:
                     out.append(Finding("hdr.address", "From header holds no mailbox"))
                 from_boxes = boxes if from_boxes is None else from_boxes
-            elif name in ("sender", "resent-sender") and len(boxes) != 1:
+            elif name in ("sender", "resent-sender") and count != 1:
                 out.append(Finding("hdr.address", f"{fname} must hold exactly one mailbox"))
     if from_boxes is not None and len(from_boxes) > 1 and "sender" not in idx:
         out.append(Finding("hdr.from_sender", f"From holds {len(from_boxes)} mailboxes and there is no Sender"))
     # date
-    date = parsed.get("date")
-    if date is not None:
+    positions = idx.get("date")
+    if positions:
+        date_value = fields[positions[0]][1]
         try:
-            dt = parse_date(date)
+            ts = _date_timestamp(date_value)
         except ValueError as exc:
-            out.append(Finding("hdr.date", f"Date {_clip(date, 40)!r}: {exc}"))
+            out.append(Finding("hdr.date", f"Date {_clip(date_value, 40)!r}: {exc}"))
         else:
             if now is not None:
-                delta = dt.timestamp() - now
+                delta = ts - now
                 if delta > settings.date_future_seconds:
                     out.append(Finding("hdr.date_window",
                                        f"Date is {_human(delta)} in the future (limit {_human(settings.date_future_seconds)})"))
@@ -813,21 +982,23 @@ def check_structure(data: bytes, parsed: ParsedHeaders, settings: HeaderSettings
                     out.append(Finding("hdr.date_window",
                                        f"Date is {_human(-delta)} in the past (limit {_human(settings.date_past_seconds)})"))
     # message-id
-    mid = parsed.get("message-id")
-    if mid is None:
+    positions = idx.get("message-id")
+    if not positions:
         out.append(Finding("hdr.message_id_missing", "no Message-ID header"))
-    elif not valid_message_id(mid):
-        out.append(Finding("hdr.message_id", f"Message-ID {_clip(mid, 50)!r} is not <left@right>"))
+    else:
+        mid = fields[positions[0]][1]
+        if not valid_message_id(mid):
+            out.append(Finding("hdr.message_id", f"Message-ID {_clip(mid, 50)!r} is not <left@right>"))
     # encoded-words
-    for fname, value in parsed.fields:
+    for fname, value in fields:
         if "=?" in value:
-            try:
-                decode_words(value)
-            except EncodedWordError as exc:
-                out.append(Finding("hdr.encoded_word", f"{fname}: {exc}"))
+            err = _decoded(parsed, value)[1]
+            if err is not None:
+                out.append(Finding("hdr.encoded_word", f"{fname}: {err}"))
                 break
     # MIME
-    out.extend(check_mime(data, parsed, settings.mime_max_depth))
+    if "content-type" in idx or "content-transfer-encoding" in idx:
+        out.extend(check_mime(data, parsed, settings.mime_max_depth))
     return out
 
 
@@ -851,9 +1022,13 @@ def check_trace(parsed: ParsedHeaders, settings: HeaderSettings, hostnames: list
     out: list[Finding] = []
     if parsed.has(trace_header):
         out.append(Finding("trace.forged_header", f"client supplied the gateway's own {trace_header} header"))
+    received = parsed.index.get("received")
+    if not received:
+        return out
     own = {h.lower().rstrip(".") for h in hostnames if h}
     if own:
-        for value in parsed.get_all("received"):
+        for i in received:
+            value = parsed.fields[i][1]
             low = value.lower()
             if not any(h in low for h in own):
                 continue  # cheap pre-filter: most trace lines name none of our hosts
@@ -903,17 +1078,19 @@ def is_bulk(parsed: ParsedHeaders, extra: dict) -> bool:
     """List or bulk mail: registry said so, or the message says so itself."""
     if extra.get("list_id") or extra.get("bulk"):
         return True
-    for h in _LIST_HEADERS:
-        if h in parsed.index:
-            return True
+    if not parsed.index.keys().isdisjoint(_LIST_HEADERS):
+        return True
     prec = parsed.get("precedence")
     return prec is not None and prec.strip().lower() in ("bulk", "list")
 
 
 def display_domains(display: str) -> list[str]:
     """Domains a display name shows: those of e-mail addresses and bare domain names."""
-    found = [m.group(1).lower() for m in _EMAIL_IN_NAME.finditer(display)]
+    # both patterns need a literal "@" / "." : most display names hold neither
+    found = [m.group(1).lower() for m in _EMAIL_IN_NAME.finditer(display)] if "@" in display else []
     rest = _EMAIL_IN_NAME.sub(" ", display) if found else display
+    if "." not in rest:
+        return found
     for m in _DOMAIN_IN_NAME.finditer(rest):
         tld = m.group(2).lower()
         if len(tld) == 2 or tld in _COMMON_TLDS or tld.startswith("xn--"):
@@ -936,10 +1113,12 @@ def check_subject(parsed: ParsedHeaders, settings: HeaderSettings, extra: dict) 
     """Misleading-header findings (subj.*)."""
     out: list[Finding] = []
     bulk = is_bulk(parsed, extra)
-    subject = parsed.get("subject")
-    if subject is not None:
-        decoded = decode_lenient(subject)
-        if _FAKE_REPLY.match(decoded) and not (parsed.has("in-reply-to") or parsed.has("references")):
+    idx = parsed.index
+    fields = parsed.fields
+    positions = idx.get("subject")
+    if positions:
+        decoded = _decoded(parsed, fields[positions[0]][1])[0]
+        if _FAKE_REPLY.match(decoded) and not ("in-reply-to" in idx or "references" in idx):
             marker = decoded.strip().split(":", 1)[0].strip()
             fid = "subj.fake_reply_bulk" if bulk else "subj.fake_reply"
             kind = "list/bulk mail" if bulk else "message"
@@ -948,13 +1127,9 @@ def check_subject(parsed: ParsedHeaders, settings: HeaderSettings, extra: dict) 
         if m:
             out.append(Finding("subj.obfuscated",
                                f"Subject decodes to control or bidi character U+{ord(m.group()):04X}"))
-    from_value = parsed.get("from")
-    boxes: list[Mailbox] = []
-    if from_value is not None:
-        try:
-            boxes = parse_address_list(from_value, allow_group=False)
-        except HeaderSyntaxError:
-            boxes = []
+    positions = idx.get("from")
+    boxes: list[Mailbox] = _addresses(parsed, fields[positions[0]][1], False)[0] if positions else []
+    brands = settings.brand_domains
     for box in boxes:
         display = decode_lenient(box.display)
         if box.comment:
@@ -967,15 +1142,14 @@ def check_subject(parsed: ParsedHeaders, settings: HeaderSettings, extra: dict) 
                 out.append(Finding("subj.display_name",
                                    f"From display name shows {shown} but the address is in {dom}"))
                 break
-        hit = brand_in_name(display, settings.brand_domains)
+        hit = brand_in_name(display, brands) if brands else None
         if hit and not related_domains(hit[1], dom):
             out.append(Finding("subj.brand",
                                f"From display name names {hit[0]} (would impersonate {hit[1]}) but the address is in {dom}"))
     if bulk and boxes:
-        for value in parsed.get_all("reply-to"):
-            try:
-                rts = parse_address_list(value)
-            except HeaderSyntaxError:
+        for i in idx.get("reply-to", ()):
+            rts, err = _addresses(parsed, fields[i][1], True)
+            if err is not None:
                 continue
             for rt in rts:
                 if not any(related_domains(rt.domain, b.domain) for b in boxes):

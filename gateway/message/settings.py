@@ -26,7 +26,6 @@ class HeaderSettings:
     message_id: str = "add"
     # Right-hand side of generated Message-IDs; "" = smtp.hostname.
     message_id_domain: str = ""
-    # The gateway's own trace header; a client must never send it.
     # Host names that only the gateway writes into Received "by"/"from";
     # smtp.hostname is always included.
     own_hostnames: list[str] = field(default_factory=list)

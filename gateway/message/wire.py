@@ -27,10 +27,15 @@ def header_end(data: bytes) -> int:
     """Offset of the blank line that ends the header block (len(data) if none)."""
     if data.startswith(b"\r\n") or data.startswith(b"\n"):
         return 0
+    # Search "\n\r\n" first: on CRLF mail it is found at the end of the header
+    # block, and the "\n\n" search is then bounded by it instead of scanning
+    # the whole body. A "\n\n" ending at i + 1 (starting at i - 1) still wins.
     i = data.find(b"\n\r\n")
+    if i >= 0:
+        j = data.find(b"\n\n", 0, i + 1)
+        return (j if j >= 0 else i) + 1
     j = data.find(b"\n\n")
-    cands = [x for x in (i, j) if x >= 0]
-    return min(cands) + 1 if cands else len(data)
+    return j + 1 if j >= 0 else len(data)
 
 
 def long_line(data: bytes) -> tuple[int, int] | None:
