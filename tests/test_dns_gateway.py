@@ -158,6 +158,17 @@ async def test_null_sender_skips_domain_check_and_relays(sink, gateway_factory, 
     c = aiosmtplib.SMTP(hostname="127.0.0.1", port=h.port(), timeout=10)
     await c.connect()
     await c.login("alice", "s3cret")
-    await c.sendmail("", ["bob@good.example"], MESSAGE)
+    # The null sender is for DSNs only (P-FORGE), and From must be the account's.
+    import email.utils
+    dsn = (b"From: Mail Delivery System <MAILER-DAEMON@good.example>\r\n"
+           b"To: bob@good.example\r\nSubject: Undelivered Mail\r\n"
+           b"Date: " + email.utils.formatdate().encode() + b"\r\n"
+           b"Message-ID: <dsn-1@good.example>\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/report; report-type=delivery-status; boundary=\"b1\"\r\n\r\n"
+           b"--b1\r\nContent-Type: text/plain\r\n\r\nNot delivered.\r\n"
+           b"--b1\r\nContent-Type: message/delivery-status\r\n\r\n"
+           b"Reporting-MTA: dns; mx.good.example\r\n\r\nFinal-Recipient: rfc822; x@example.org\r\n"
+           b"Action: failed\r\nStatus: 5.1.1\r\n\r\n--b1--\r\n")
+    await c.sendmail("", ["bob@good.example"], dsn)
     await c.quit()
     await sink.wait_for(1)

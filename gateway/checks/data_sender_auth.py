@@ -1,0 +1,118 @@
+"""data.sender_auth: From and Sender must be the account's (P-FORGE).
+
+Every mailbox of every From header, and the Sender, must be in the account's
+authorized domains (the rule of ``mail_sender_auth.authorize``). Mail with
+the null reverse-path must be a delivery status notification (RFC 3464,
+``multipart/report; report-type=delivery-status`` with a
+``message/delivery-status`` part; RFC 6533 global forms too) or a
+disposition notification (RFC 8098 MDN).
+
+Display names: ``data_subject`` already refuses a From display name that
+shows an address or domain unrelated to the From domain (``subj.display_name``,
+550 5.7.1 P-FORGE); that is not repeated here. What it cannot know is the
+account: an address shown in the display name whose domain *is* related to
+the From domain (parent or sibling, same organizational domain) but is not
+one of the account's sender domains is refused here, e.g.
+``"ceo@example.com" <news@shop.example.com>`` from an account that owns
+shop.example.com only.
+
+Runs after ``data_headers`` (which refuses headers that do not parse: they
+are skipped here) and before ``data_subject``. Sessions without an account
+are skipped, as at MAIL.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ..message.headers import (HeaderSyntaxError, ParsedHeaders, decode_lenient, display_domains,
+                               parse_address_list, parse_content_type, parsed_for, related_domains)
+from ..smtp import replies
+from ..smtp.transaction import Outcome, Phase
+from .mail_sender_auth import ascii_domain, authorize
+
+REPORT_TYPES = frozenset(("delivery-status", "global-delivery-status",
+                          "disposition-notification", "global-disposition-notification"))
+# The machine-readable part a DSN/MDN carries (RFC 3464 s.2, RFC 8098 s.3, RFC 6533 s.3).
+_REPORT_PART = re.compile(
+    rb"^content-type[ \t]*:[ \t]*(?:\r?\n[ \t]+)?message/(?:global-)?(?:delivery-status|disposition-notification)\b",
+    re.I | re.M)
+
+
+def report_type(data: bytes, parsed: ParsedHeaders) -> str | None:
+    """The report-type of a DSN/MDN, or None when the message is not one (pure)."""
+    value = parsed.get("content-type")
+    ct = parse_content_type(value) if value is not None else None
+    if ct is None or ct[0] != "multipart/report":
+        return None
+    kind = ct[1].get("report-type", "").lower()
+    if kind not in REPORT_TYPES:
+        return None
+    if _REPORT_PART.search(data, parsed.body_start) is None:
+        return None
+    return kind
+
+
+class DataSenderAuth:
+    name = "data_sender_auth"
+    phase = Phase.DATA
+
+    def __init__(self, accounts: Any):
+        self.accounts = accounts
+
+    async def run(self, tx: Any, item: Any = None) -> Outcome:
+        acc = tx.session.account
+        if acc is None:
+            return Outcome.skip(self.name, "not authenticated")
+        if tx.message is None:
+            return Outcome.skip(self.name, "no message")
+        account = self.accounts.cached(acc.name) or acc
+        parsed = parsed_for(tx)
+        notes: list[str] = []
+        if tx.extra.get("null_sender"):
+            kind = report_type(tx.message, parsed)
+            if kind is None:
+                ct = (parsed.get("content-type") or "text/plain (none given)").split(";")[0].strip()
+                return Outcome.refuse(self.name, replies.NULL_SENDER_NOT_REPORT,
+                                      f"message is {ct[:60]}, not multipart/report with a delivery-status "
+                                      f"or disposition-notification part")
+            notes.append(f"null sender, report-type={kind}")
+        from_boxes = []
+        for header, reply in (("from", replies.HEADER_FROM_NOT_AUTHORIZED),
+                              ("sender", replies.HEADER_SENDER_NOT_AUTHORIZED)):
+            for value in parsed.get_all(header):
+                try:
+                    boxes = parse_address_list(value, allow_group=False)
+                except HeaderSyntaxError:
+                    continue  # data_headers refuses it (hdr.address)
+                for box in boxes:
+                    domain = ascii_domain(box.domain)
+                    if domain is None:
+                        return Outcome.refuse(self.name, reply, f"{box.domain[:80]} is not a domain name")
+                    verdict = authorize(account, domain)
+                    if not verdict.allowed:
+                        return Outcome.refuse(self.name, reply, verdict.reason)
+                    if header == "from":
+                        from_boxes.append((box, domain))
+        for box, domain in from_boxes:
+            display = decode_lenient(box.display)
+            if box.comment:
+                display = f"{display} {decode_lenient(box.comment)}".strip()
+            if "@" not in display:
+                continue
+            low = display.lower()
+            for shown in display_domains(display):
+                if "@" + shown not in low or not related_domains(shown, domain):
+                    continue  # bare domain names, and unrelated domains (subj.display_name), are data_subject's
+                shown_ascii = ascii_domain(shown)
+                if shown_ascii is not None and authorize(account, shown_ascii).allowed:
+                    continue
+                return Outcome.refuse(self.name, replies.DISPLAY_NAME_NOT_AUTHORIZED,
+                                      f"From display name shows an address in {shown}, "
+                                      f"which is not a sender domain of this account")
+        notes.append("From: " + (", ".join(sorted({d for _, d in from_boxes})) or "-"))
+        return Outcome.ok(self.name, "; ".join(notes))
+
+
+def build(services: Any) -> DataSenderAuth:
+    return DataSenderAuth(services.accounts)
