@@ -2,7 +2,7 @@
 #   docker build -t gateway .
 #   docker run -p 25:2525 -p 587:2587 -p 465:2465 -p 8025:8025 \
 #     -v /etc/gateway:/etc/gateway:ro -v gateway-data:/var/lib/gateway \
-#     -e GATEWAY_ADMIN_KEY=... gateway
+#     -e GATEWAY_ADMIN_KEY=... -e GATEWAY_REGISTRY_SECRET=... -e GATEWAY_PUBLIC_URL=https://... gateway
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1

@@ -11,7 +11,9 @@ from dataclasses import replace
 from typing import Callable
 
 from .accounts.limiter import AuthLimiter
+from .accounts.proof import DomainProofChecker
 from .accounts.store import AccountError, AccountStore
+from .blocklist.service import BlockList
 from .checks import factories
 from .config import Config, ConfigError, ListenerSettings, UpstreamSettings
 from .dns.dnsbl import Dnsbl
@@ -73,12 +75,15 @@ class Gateway:
         self._proxy_nets: dict[str, list] = {}
         self.engine = None
         self.accounts: AccountStore | None = None
+        self.blocklist: BlockList | None = None
         self.counters = None
         self.relay: RelayPool | None = None
         self.pipeline = None
         self.services: Services | None = None
+        self.registry = None               # registry.service.RegistryService
         self.resolver: Resolver | None = None
         self.dnsbl: Dnsbl | None = None
+        self.proof_checker: DomainProofChecker | None = None
         self._redis = None
         self.auth_limiter: AuthLimiter | None = None
         self.service_mail = MaildirWriter(config.smtp.service_maildir) if config.smtp.service_mailboxes else None
@@ -100,10 +105,14 @@ class Gateway:
         cfg = self.config
         self._check_dev_loopback()
         tls_context = build_tls_context(cfg)
+        from .registry.service import registry_secret, require_secret
+        require_secret(cfg, registry_secret(cfg))   # a missing registry key fails before anything starts
         self.engine = create_engine(cfg.storage.url)
         await migrate(self.engine)
         self.accounts = AccountStore(self.engine, scrypt_n=cfg.auth.scrypt_n, clock=self.clock)
         await self.accounts.start()
+        self.blocklist = BlockList(self.engine, clock=self.clock)   # P-BLOCK, polled for changes
+        await self.blocklist.start()
         if cfg.counters.backend == "redis":
             self.counters = RedisCounters(cfg.counters.redis_url, cfg.counters.key_prefix, self.clock)
         else:
@@ -116,13 +125,18 @@ class Gateway:
         self.resolver = Resolver(cfg.dns, redis=self._redis)
         self.dnsbl = Dnsbl(cfg.dnsbl, self.resolver, on_alert=self._dnsbl_alert)
         self.dnsbl.start()
+        self.proof_checker = DomainProofChecker(self.accounts, self.resolver, cfg.accounts)
+        self.proof_checker.start()
         self.relay = RelayPool(cfg.relay, cfg.smtp.hostname)
         if cfg.dev.enabled:
             await self._start_dev()
         await self.relay.start()
-        self.services = Services(config=cfg, accounts=self.accounts, counters=self.counters,
+        from .registry.service import build_registry
+        self.registry = build_registry(cfg, self.engine, relay=self.relay, accounts=self.accounts, clock=self.clock)
+        await self.registry.start()
+        self.services = Services(config=cfg, accounts=self.accounts, counters=self.counters, registry=self.registry,
                                  connections=self.connections, clock=self.clock,
-                                 resolver=self.resolver, dnsbl=self.dnsbl)
+                                 resolver=self.resolver, dnsbl=self.dnsbl, blocklist=self.blocklist)
         self.pipeline = build_pipeline(cfg.checks.order(), factories(self.services))
         loop = asyncio.get_running_loop()
         for listener in cfg.listeners:
@@ -209,6 +223,8 @@ class Gateway:
             except asyncio.TimeoutError:
                 pass
         await asyncio.sleep(0)  # let connection_lost callbacks run
+        if self.registry is not None:
+            await self.registry.stop()
         if self.relay is not None:
             await self.relay.close()
         if self._http is not None:
@@ -222,6 +238,10 @@ class Gateway:
             await self._devsink.close()
         if self.accounts is not None:
             await self.accounts.stop()
+        if self.blocklist is not None:
+            await self.blocklist.stop()
+        if self.proof_checker is not None:
+            await self.proof_checker.stop()
         if self.dnsbl is not None:
             await self.dnsbl.stop()
         if self.resolver is not None:
@@ -251,38 +271,108 @@ class Gateway:
         """Hook for harvest protection (P-HARVEST) and metrics."""
 
     async def deliver(self, tx: Transaction, upstream_tx: UpstreamTransaction | None) -> Reply | Rendered:
-        """Store for local service mailboxes and relay the rest; the reply is
-        250 only when every copy is safely handed over."""
-        cfg = self.config
-        headers = trace_headers(tx, cfg.smtp.hostname, cfg.smtp.trace_header, self.clock(),
-                                tx.extra.get("add_headers"))
-        data = headers + (tx.message or b"")
-        local = [r for r in tx.recipients if r.local]
-        remote = [r for r in tx.recipients if not r.local]
+        """Hand the message over: to the gateway's own mailboxes, and to the
+        upstream (one shared transaction, or one copy per recipient for list
+        mail). The reply is 250 only when every copy is safely handed over;
+        every upstream transaction is released, whatever happens."""
+        copies = [(r, r.upstream) for r in tx.recipients if r.upstream is not None]
+        owned = ([upstream_tx] if upstream_tx is not None else []) + [utx for _, utx in copies]
+        for r, _ in copies:
+            r.upstream = None
         try:
-            if local:
-                try:
-                    await self.service_mail.store(data)
-                except OSError:
-                    log.exception("cannot store service mail")
-                    tx.ledger.append(Outcome("deliver_local", Result.ERROR, "maildir write failed",
-                                             replies.SERVICE_MAILBOX_FAILED))
-                    return replies.SERVICE_MAILBOX_FAILED
-                tx.ledger.append(Outcome("deliver_local", Result.PASS, f"{len(local)} service mailbox(es)"))
-                if not remote:
-                    tx.decision = "local"
-                    return Rendered(250, "2.0.0", f"OK: stored, trace id {tx.trace_id}")
-            assert upstream_tx is not None
-            reply = await upstream_tx.data(data)
+            local_reply = await self._deliver_local(tx)
+            if local_reply is not None and not local_reply.is_positive:
+                return local_reply
+            if all(r.local for r in tx.recipients):
+                tx.decision = "local"
+                return Rendered(250, "2.0.0", f"OK: done, trace id {tx.trace_id}")
+            if tx.extra.get("list") is not None:
+                reply = await self._relay_list_copies(tx, copies)
+            else:
+                assert upstream_tx is not None
+                data = self._trace(tx) + (tx.message or b"")
+                reply = await upstream_tx.data(data)
         finally:
-            if upstream_tx is not None:
-                await upstream_tx.close()
+            for utx in owned:
+                await utx.close()
         tx.mark("relayed")
         if reply.is_positive:
-            tx.ledger.append(Outcome("relay", Result.PASS, f"upstream {upstream_tx.upstream}"))
+            tx.ledger.append(Outcome("relay", Result.PASS, f"upstream {tx.upstream}"))
             return Rendered(250, "2.0.0", f"OK: relayed, trace id {tx.trace_id} ({reply.text})")
         tx.ledger.append(Outcome("relay", Result.FAIL, reply.render(), reply))
         return reply
+
+    def _trace(self, tx: Transaction, rcpt: str | None = None, extra: list | None = None) -> bytes:
+        cfg = self.config
+        return trace_headers(tx, cfg.smtp.hostname, cfg.smtp.trace_header, self.clock(),
+                             (tx.extra.get("add_headers") or []) + (extra or []), rcpt)
+
+    async def _deliver_local(self, tx: Transaction) -> Reply | Rendered | None:
+        """Service mailboxes (stored as a maildir) and list unsubscribe mails."""
+        kinds = {r.local for r in tx.recipients if r.local}
+        if "unsubscribe" in kinds:
+            reply = await self._unsubscribe_by_mail(tx)
+            if not reply.is_positive:
+                return reply
+        if "service" in kinds:
+            try:
+                await self.service_mail.store(self._trace(tx) + (tx.message or b""))
+            except OSError:
+                log.exception("cannot store service mail")
+                tx.ledger.append(Outcome("deliver_local", Result.ERROR, "maildir write failed",
+                                         replies.SERVICE_MAILBOX_FAILED))
+                return replies.SERVICE_MAILBOX_FAILED
+            tx.ledger.append(Outcome("deliver_local", Result.PASS, "service mailbox"))
+        return None
+
+    async def _unsubscribe_by_mail(self, tx: Transaction) -> Reply | Rendered:
+        from .message.headers import parsed_for
+        from .registry.model import RegistryUnavailable, TokenError
+
+        subject = parsed_for(tx).get("subject") or ""
+        for r in tx.recipients:
+            if r.local != "unsubscribe":
+                continue
+            token = self.registry.token_from_mailto(r.address.local, subject)
+            try:
+                if token is None:
+                    raise TokenError("no unsubscribe token in the address or the subject")
+                result = await self.registry.unsubscribe_by_token(token, via="mailto")
+            except TokenError as exc:
+                tx.ledger.append(Outcome("unsubscribe", Result.FAIL, str(exc), replies.UNSUBSCRIBE_BAD_TOKEN))
+                return replies.UNSUBSCRIBE_BAD_TOKEN
+            except RegistryUnavailable as exc:
+                tx.ledger.append(Outcome("unsubscribe", Result.ERROR, str(exc), replies.REGISTRY_UNAVAILABLE))
+                return replies.REGISTRY_UNAVAILABLE
+            tx.ledger.append(Outcome("unsubscribe", Result.PASS, f"opt-out from list {result.list_name!r}"))
+        return replies.OK
+
+    async def _relay_list_copies(self, tx: Transaction, copies: list) -> Reply | Rendered:
+        """One copy per recipient, each with its own List-Unsubscribe (RFC 8058)
+        replacing whatever the customer set. All copies must be taken for a
+        250; otherwise the client gets the worst answer and retries or bounces
+        the message (a retry may duplicate copies that did go out: never a loss)."""
+        from .message.edit import remove_fields
+
+        lst = tx.extra["list"]
+        body = remove_fields(tx.message or b"", _LIST_FIELDS)
+
+        async def one(r, utx) -> Reply | Rendered:
+            copy = self._trace(tx, r.address.addr, self.registry.list_headers(lst, r.address.addr)) + body
+            return await utx.data(copy)
+
+        results = await asyncio.gather(*(one(r, utx) for r, utx in copies))
+        failed = [rep for rep in results if not rep.is_positive]
+        tx.ledger.append(Outcome("relay_list", Result.PASS if not failed else Result.FAIL,
+                                 f"{len(results) - len(failed)}/{len(results)} copies taken"))
+        if not failed:
+            return results[0]
+        transient = [rep for rep in failed if rep.is_transient]
+        return transient[0] if transient else failed[0]
+
+
+# Header fields the gateway sets itself on registered list mail.
+_LIST_FIELDS = {"list-id", "list-unsubscribe", "list-unsubscribe-post"}
 
 
 def with_listener_ports(config: Config, ports: dict[str, int]) -> Config:

@@ -1,4 +1,4 @@
-"""Command line: ``gateway serve|check-config|account ...``."""
+"""Command line: ``gateway serve|check-config|account|block ...``."""
 from __future__ import annotations
 
 import argparse
@@ -163,12 +163,188 @@ def cmd_account(args) -> int:
                     print(f"domain {dom.domain} added to {args.name} (pending proof)\n"
                           f"publish this DNS TXT record, then run 'gateway account domain verify':\n"
                           f"  _gateway-proof.{dom.domain}. TXT \"gateway-proof={dom.token}\"")
+            elif args.op == "verify":
+                return await _verify_domain(config, store, args.name, args.domain)
             else:
                 await store.remove_domain(args.name, args.domain)
                 print(f"domain {args.domain} removed from {args.name}")
         return 0
 
     return _run(_with_accounts(config, run))
+
+
+# ---------------------------------------------------------------- mailing lists (registry)
+async def _with_registry(config: Config, fn):
+    from .registry.service import RegistryService, registry_secret
+    from .storage.db import create_engine, migrate
+
+    engine = create_engine(config.storage.url)
+    svc = None
+    try:
+        await migrate(engine)
+        # No relay here: confirmation mails of an import are queued and sent by the running gateway.
+        svc = RegistryService(engine, config.registry, secret=registry_secret(config),
+                              hostname=config.smtp.hostname)
+        await svc.start(listen=False, outbox=False)
+        return await fn(svc)
+    finally:
+        if svc is not None:
+            await svc.stop()
+        await engine.dispose()
+
+
+def _read_subscriber_csv(path: str) -> list[dict]:
+    """CSV with a header row (address[,source,ip,user_agent,requested_at]) or one address per line."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
+    if not rows:
+        return []
+    header = [c.strip().lower() for c in rows[0]]
+    if "address" in header:
+        known = {"address", "source", "ip", "user_agent", "requested_at"}
+        unknown = [h for h in header if h not in known]
+        if unknown:
+            raise SystemExit(f"error: {path}: unknown column(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return [{h: (r[i].strip() if i < len(r) else "") or None for i, h in enumerate(header)} for r in rows[1:]]
+    return [{"address": r[0].strip()} for r in rows]
+
+
+def _show_list(lst, stats: dict | None = None) -> str:
+    lines = [f"list {lst.id} ({lst.account})", f"  name: {lst.name}", f"  List-Id: {lst.list_id_header}",
+             f"  senders: {', '.join(lst.senders)}", f"  confirmation From: {lst.confirm_from}"]
+    if stats:
+        lines.append(f"  subscribers: {stats['confirmed']} confirmed, {stats['pending']} pending, "
+                     f"{stats['unsubscribed']} opted out")
+    return "\n".join(lines)
+
+
+def cmd_list(args) -> int:
+    from .registry.model import RegistryError
+
+    config = _load_config(args)
+    action = args.action
+
+    async def run(svc) -> int:
+        if action == "add":
+            lst = await svc.create_list(args.account, name=args.name, list_id=args.list_id, senders=args.sender,
+                                        confirm_from=args.confirm_from)
+            print(_show_list(lst))
+        elif action == "list":
+            for lst in await svc.lists(args.account):
+                print(f"{lst.id}\t{lst.list_id}\t{lst.name}\t{','.join(lst.senders)}")
+        elif action == "show":
+            print(_show_list(await svc.get_list(args.account, args.list), await svc.list_stats(args.account, args.list)))
+        elif action == "delete":
+            await svc.delete_list(args.account, args.list)
+            print(f"list {args.list} deleted with its subscribers and opt-outs")
+        elif action == "import":
+            rows = _read_subscriber_csv(args.file)
+            results = await svc.import_subscribers(args.account, args.list, rows, reoptin=args.reoptin,
+                                                   source=args.source or f"import from {Path(args.file).name}")
+            counts: dict[str, int] = {}
+            for r in results:
+                counts[r["result"]] = counts.get(r["result"], 0) + 1
+                if r["result"] != "queued":
+                    print(f"  {r['address']}: {r['result']} ({r['reason']})", file=sys.stderr)
+            print(f"{counts.get('queued', 0)} subscriber(s) added as pending; the running gateway sends their "
+                  f"confirmation mails. " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()) if k != "queued"))
+        return 0
+
+    try:
+        return _run(_with_registry(config, run))
+    except RegistryError as exc:
+        field = getattr(exc, "field", None)
+        print(f"error: {exc if not field else f'{field}: {exc.reason}'}", file=sys.stderr)
+        return 1
+
+
+def cmd_apikey(args) -> int:
+    from .registry.model import RegistryError
+
+    config = _load_config(args)
+
+    async def run(svc) -> int:
+        key = await svc.issue_api_key(args.name, args.label or "")
+        print(key)
+        print(f"API key for account {args.name} (shown once; only its hash is stored)", file=sys.stderr)
+        return 0
+
+    try:
+        return _run(_with_registry(config, run))
+    except RegistryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+# ---------------------------------------------------------------- block lists (P-BLOCK)
+def _operator() -> str:
+    try:
+        return f"cli {getpass.getuser()}"
+    except Exception:  # no user name in this environment
+        return "cli"
+
+
+def cmd_block(args) -> int:
+    """``gateway block add|remove|list``: the running gateways pick a change up within 1 s."""
+    from .blocklist.model import BlockError
+    from .blocklist.store import BlockStore
+    from .storage.db import create_engine, migrate
+
+    config = _load_config(args)
+
+    async def run() -> int:
+        engine = create_engine(config.storage.url)
+        try:
+            await migrate(engine)
+            store = BlockStore(engine)
+            if args.action == "add":
+                entry = await store.add(args.kind, args.value, reason=args.reason or "", created_by=_operator())
+                print(f"blocked {entry.kind} {entry.value}")
+            elif args.action == "remove":
+                entry = await store.remove(args.kind, args.value)
+                print(f"unblocked {entry.kind} {entry.value}")
+            else:
+                for e in await store.list(args.kind):
+                    print(f"{e.kind}\t{e.value}\t{e.created_by or '-'}\t{e.reason or '-'}")
+            return 0
+        finally:
+            await engine.dispose()
+
+    try:
+        return _run(run())
+    except BlockError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _verify_domain(config: Config, store, name: str, domain: str) -> int:
+    """Look the DNS proof up now: 0 when the domain may send, 1 otherwise."""
+    from .accounts.proof import verify_account_domain
+    from .dns.resolver import Resolver
+
+    resolver = Resolver(config.dns)
+    try:
+        res = await verify_account_domain(store, resolver, name, domain, config.accounts.proof_lookup_timeout)
+    finally:
+        await resolver.close()
+    dom = res.domain.domain
+    if res.status == "verified":
+        print(f"domain {dom} of {name} verified ({res.detail})")
+        return 0
+    if res.status == "approved":
+        print(f"domain {dom} of {name} is pre-approved by the operator; no DNS proof needed")
+        return 0
+    if res.status == "unknown":
+        print(f"domain {dom} of {name} could not be checked now: {res.detail}\n"
+              f"it stays {res.domain.status}; try again later")
+        return 1
+    was = " (it was verified: now back to pending)" if res.domain.status == "verified" else ""
+    print(f"domain {dom} of {name} not verified: proof not yet published ({res.detail}){was}\n"
+          f"publish this DNS TXT record, then run 'gateway account domain verify' again:\n"
+          f"  {res.record}")
+    return 1
 
 
 # ---------------------------------------------------------------- parser
@@ -217,10 +393,59 @@ def build_parser() -> argparse.ArgumentParser:
     acc("reinstate", "make a suspended account active again")
     net = acc("network", "add/remove a client network (CIDR): network add|remove NAME CIDR", ops=["add", "remove"])
     net.add_argument("cidr")
-    dom = acc("domain", "add/remove an authorized sender domain: domain add|remove NAME DOMAIN",
-              ops=["add", "remove"])
+    dom = acc("domain", "add/remove/verify an authorized sender domain: domain add|remove|verify NAME DOMAIN "
+              "(verify looks the DNS TXT proof up now)", ops=["add", "remove", "verify"])
     dom.add_argument("domain")
     dom.add_argument("--approve", action="store_true", help="operator pre-approval (no DNS proof)")
+
+    kinds = ["ip", "domain", "hostname"]
+    b = sub.add_parser("block", help="operator block lists (P-BLOCK): client IPs/CIDRs, sender domains, "
+                       "HELO/reverse-DNS host names; running gateways apply changes within 1 s")
+    b.set_defaults(func=cmd_block)
+    bsub = b.add_subparsers(dest="action", required=True)
+    badd = bsub.add_parser("add", help="block: ip ADDR|CIDR, domain DOMAIN (and subdomains), "
+                           "hostname NAME (exact) or .SUFFIX")
+    config_args(badd)
+    badd.add_argument("kind", choices=kinds)
+    badd.add_argument("value")
+    badd.add_argument("--reason", help="operator's note (logged, never sent to clients)")
+    brm = bsub.add_parser("remove", help="remove an entry")
+    config_args(brm)
+    brm.add_argument("kind", choices=kinds)
+    brm.add_argument("value")
+    bls = bsub.add_parser("list", help="list entries (kind, value, created by, reason)")
+    config_args(bls)
+    bls.add_argument("--kind", choices=kinds)
+    key = acc("apikey", "issue an API key for the registry HTTP API (printed once)")
+    key.add_argument("--label", help="a note to tell keys apart")
+    key.set_defaults(func=cmd_apikey)
+
+    lp = sub.add_parser("list", help="manage mailing lists (registry)")
+    lsub = lp.add_subparsers(dest="action", required=True)
+
+    def lcmd(name, help_, with_list=True):
+        sp = lsub.add_parser(name, help=help_)
+        config_args(sp)
+        sp.add_argument("account")
+        if with_list:
+            sp.add_argument("list", help="the list's id (16 hex digits)")
+        sp.set_defaults(func=cmd_list)
+        return sp
+
+    ladd = lcmd("add", "register a mailing list", with_list=False)
+    ladd.add_argument("--name", required=True)
+    ladd.add_argument("--list-id", required=True, help="RFC 2919 List-Id, e.g. news.example.com")
+    ladd.add_argument("--sender", action="append", required=True, metavar="ADDRESS",
+                      help="envelope sender of the list's mail ('*' in the local part for VERP); repeatable")
+    ladd.add_argument("--confirm-from", required=True, metavar="ADDRESS", help="From: of the confirmation mail")
+    lcmd("list", "the account's lists", with_list=False)
+    lcmd("show", "one list with its statistics")
+    lcmd("delete", "delete a list with its subscribers and opt-outs")
+    limp = lcmd("import", "import subscribers from a CSV file (each becomes pending; the gateway mails them)")
+    limp.add_argument("file", help="CSV: header address[,source,ip,user_agent,requested_at], or one address a line")
+    limp.add_argument("--source", help="where these people subscribed (consent evidence)")
+    limp.add_argument("--reoptin", action="store_true",
+                      help="addresses that opted out get a new confirmation mail instead of being skipped")
     return p
 
 

@@ -16,6 +16,7 @@ from typing import Literal, Mapping
 
 from .configload import ConfigError, load_section
 from .registry.settings import RegistrySettings
+from .accounts.settings import AccountSettings
 from .dns.settings import DnsblSettings, DomainSettings, ResolverSettings
 from .message.settings import HeaderSettings
 from .smtp.transaction import Phase
@@ -196,12 +197,14 @@ class LogSettings:
 
 
 DEFAULT_CHECKS: dict[str, list[str]] = {
-    "connect": ["connect_limits", "connect_dnsbl"],
-    "helo": [],
+    "connect": ["connect_limits", "connect_blocklist", "connect_dnsbl"],
+    "helo": ["helo_blocklist"],
     "auth": [],
-    "mail": ["mail_account_status", "mail_size", "mail_dnsbl", "mail_domain_exists"],
-    "rcpt": ["rcpt_relay", "rcpt_limit"],
-    "data": ["data_size", "data_wire", "data_headers", "data_from_domain", "data_trace", "data_subject"],
+    "mail": ["mail_account_status", "mail_sender_auth", "mail_size", "mail_blocklist", "mail_dnsbl",
+             "mail_domain_exists", "mail_list"],
+    "rcpt": ["rcpt_relay", "rcpt_limit", "rcpt_optin"],
+    "data": ["data_size", "data_wire", "data_headers", "data_sender_auth", "data_from_domain", "data_trace",
+             "data_listmail", "data_subject"],
 }
 
 
@@ -243,6 +246,7 @@ class Config:
     headers: HeaderSettings = field(default_factory=HeaderSettings)
     dev: DevSettings = field(default_factory=DevSettings)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
+    accounts: AccountSettings = field(default_factory=AccountSettings)
 
     def __post_init__(self) -> None:
         names = [listener.name for listener in self.listeners]

@@ -63,6 +63,7 @@ class _StatsCollector:
 class Metrics:
     def __init__(self, source: Callable[[], Any] | None = None) -> None:
         self.registry = CollectorRegistry()
+        self._children: dict = {}
         if source is not None:
             self.registry.register(_StatsCollector(source))
         r = self.registry
@@ -80,13 +81,22 @@ class Metrics:
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
                                  registry=r)
 
+    def _child(self, metric, *labels):
+        # labels() resolves and locks on every call; the hot path keeps the children.
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def observe_transaction(self, tx) -> None:
-        self.transactions.labels(tx.decision).inc()
+        child = self._child
+        child(self.transactions, tx.decision).inc()
         for outcome in tx.ledger:
-            self.checks.labels(outcome.check, outcome.result.value).inc()
-        self.recipients.labels("accepted").inc(len(tx.recipients))
+            child(self.checks, outcome.check, outcome.result.value).inc()
+        child(self.recipients, "accepted").inc(len(tx.recipients))
         if tx.refused_recipients:
-            self.recipients.labels("refused").inc(tx.refused_recipients)
+            child(self.recipients, "refused").inc(tx.refused_recipients)
         if tx.decision == "relayed" and tx.message is not None:
             self.bytes_relayed.inc(len(tx.message))
         done = tx.timings.get("done")

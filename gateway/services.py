@@ -18,4 +18,5 @@ class Services:
     resolver: Any = None               # dns.resolver.Resolver
     dnsbl: Any = None                  # dns.dnsbl.Dnsbl
     registry: Any = None               # registry service (mailing lists)
+    blocklist: Any = None              # blocklist.service.BlockList (operator block lists)
     extras: dict[str, Any] = field(default_factory=dict)

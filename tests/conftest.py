@@ -184,6 +184,7 @@ def base_config(tmp_path: Path, sink: Sink | None, certs: Certs | None = None, *
         "log": {"transactions": str(tmp_path / "transactions.jsonl")},
         "relay": {"upstreams": [{"host": "127.0.0.1", "port": sink.port if sink else free_port(),
                                  "connect_timeout": 2.0, "command_timeout": 5.0}]},
+        "registry": {"secret": "0123456789abcdef0123456789abcdef"},
         # No DNS server in these tests: the domains they use exist in a static table.
         "dns": {"static_only": True, "static": list(TEST_DNS)},
     }

@@ -126,7 +126,7 @@ def test_check_config_accepts_the_shipped_examples(tmp_path, certs):
         text = text.replace("/etc/gateway/tls/privkey.pem", certs.key_file)
         path = tmp_path / name
         path.write_text(text)
-        env = {"GATEWAY_ADMIN_KEY": "k", "GATEWAY_HOSTNAME": "relay.example", "GATEWAY_UPSTREAM_HOST": "mx.example",
+        env = {"GATEWAY_ADMIN_KEY": "k", "GATEWAY_REGISTRY_SECRET": "00112233445566778899aabbccddeeff", "GATEWAY_HOSTNAME": "relay.example", "GATEWAY_PUBLIC_URL": "https://relay.example", "GATEWAY_UPSTREAM_HOST": "mx.example",
                "GATEWAY_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'x.db'}"}
         result = run_cli("check-config", str(path), env=env)
         assert result.returncode == 0, result.stderr
@@ -246,3 +246,11 @@ async def test_readme_dev_command_runs_and_relays(tmp_path):
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_example_config_runs_the_default_checks():
+    """deploy/gateway.example.toml documents the defaults: the same checks, same order."""
+    import tomllib
+    from gateway.config import DEFAULT_CHECKS
+    data = tomllib.loads((REPO / "deploy" / "gateway.example.toml").read_text())
+    assert data["checks"] == DEFAULT_CHECKS

@@ -251,7 +251,9 @@ async def test_client_network_relays_without_auth(sink, gateway_factory):
     h = await gateway_factory(sink)
     await h.add_account("webhost", domains=("shop.example",), networks=("127.0.0.0/8",))
     c = await client(h.port())
-    await c.sendmail("orders@shop.example", ["buyer@example.org"], MESSAGE)
+    # From must be in the account's domains too (P-FORGE).
+    message = MESSAGE.replace(b"From: Alice <alice@example.com>", b"From: Orders <orders@shop.example>")
+    await c.sendmail("orders@shop.example", ["buyer@example.org"], message)
     await c.quit()
     await sink.wait_for(1)
     assert b"(client network of account webhost)" in sink.messages[0].data
@@ -668,3 +670,18 @@ async def test_stdlib_smtplib_client(sink, gateway_factory):
     await sink.wait_for(1)
     assert sink.messages[0].rcpt_tos == ["bob@example.org", "carol@example.org"]
     assert b"\r\n.leading dot line\r\n" in sink.messages[0].data
+
+
+async def test_non_ascii_encoded_word_is_refused_not_deferred(sink, gateway_factory):
+    """A defect our parser trips over must end as a finding (5xx), never as 451 forever."""
+    h = await gateway_factory(sink)
+    await h.add_account()
+    c = await client(h.port())
+    await c.login("alice", "s3cret")
+    message = MESSAGE.replace(b"Subject: test message", "Subject: =?utf-8?q?caf\u00e9?=".encode())
+    await c.execute_command(b"MAIL", b"FROM:<alice@example.com>", b"SMTPUTF8", b"BODY=8BITMIME")
+    await c.rcpt("bob@example.org")
+    with pytest.raises(aiosmtplib.SMTPDataError) as err:
+        await c.data(message)
+    assert err.value.code == 550 and "P-HDR" in err.value.message, err.value
+    await c.quit()

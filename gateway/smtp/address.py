@@ -8,6 +8,7 @@ refuse them whoever sends them.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import unicodedata
@@ -327,6 +328,7 @@ def parse_mailbox(mailbox: str, utf8: bool) -> EnvelopeAddress:
     return EnvelopeAddress(local, domain, ascii_domain, quoted=quoted)
 
 
+@functools.lru_cache(maxsize=8192)
 def parse_path(arg: str, *, utf8: bool, allow_null: bool) -> tuple[EnvelopeAddress, str]:
     """Parse a MAIL FROM / RCPT TO argument (after ``FROM:``/``TO:``).
 

@@ -191,3 +191,30 @@ HEADER_FROM_DOMAIN_NOT_FOUND = R(550, "5.7.1", "Header From domain does not exis
 HEADER_FROM_DOMAIN_NO_MAIL = R(550, "5.7.1", "Header From domain has no usable mail exchanger (MX, A or AAAA)", "P-DOM")
 HEADER_FROM_NULL_MX = R(550, "5.7.27", "Header From domain does not accept mail (null MX)", "P-DOM")
 DNS_TEMPFAIL = R(451, "4.4.3", "Cannot verify the domain now (DNS failure), try again later", "P-DOM")
+
+# --- block lists (issue 3) ---
+# Operator block lists (P-BLOCK). The detail names the matched entry; the
+# operator's reason stays in the transaction log.
+BLOCKED_CLIENT = R(554, "5.7.1", "Client address is blocked by the operator", "P-BLOCK")
+BLOCKED_CLIENT_HOST = R(554, "5.7.1", "Client host name (reverse DNS) is blocked by the operator", "P-BLOCK")
+BLOCKED_HELO = R(554, "5.7.1", "HELO/EHLO host name is blocked by the operator", "P-BLOCK")
+BLOCKED_SENDER = R(554, "5.7.1", "Sender domain is blocked by the operator", "P-BLOCK")
+
+# --- sender authorization (issue 5) ---
+# The envelope sender and the From/Sender headers must be in the account's
+# authorized domains: verified by a DNS TXT proof, or approved by an operator
+# (P-FORGE). The detail says which domain and why (pending proof, subdomain).
+SENDER_NOT_AUTHORIZED = R(550, "5.7.1", "Sender domain not authorized for this account", "P-FORGE")
+HEADER_FROM_NOT_AUTHORIZED = R(550, "5.7.1", "Header From domain not authorized for this account", "P-FORGE")
+HEADER_SENDER_NOT_AUTHORIZED = R(550, "5.7.1", "Header Sender domain not authorized for this account", "P-FORGE")
+DISPLAY_NAME_NOT_AUTHORIZED = R(550, "5.7.1", "From display name shows an address not authorized for this account",
+                                "P-FORGE")
+NULL_SENDER_NOT_REPORT = R(550, "5.7.1", "Null sender only for delivery status or disposition notifications",
+                           "P-FORGE")
+
+# --- mailing lists (issue 4) ---
+REGISTRY_UNAVAILABLE = R(451, "4.3.0", "Mailing-list registry unavailable, try again later", "P-OPTIN")
+OPTIN_NOT_SUBSCRIBED = R(550, "5.7.1", "Recipient is not a confirmed subscriber of this list", "P-OPTIN")
+OPTIN_UNSUBSCRIBED = R(550, "5.7.1", "Recipient has unsubscribed from this list", "P-OPTOUT")
+OPTIN_UNREGISTERED_LIST = R(550, "5.7.1", "Mailing-list mail from a list that is not registered", "P-OPTIN")
+UNSUBSCRIBE_BAD_TOKEN = R(550, "5.1.1", "Unknown or damaged unsubscribe address", "P-OPTOUT")

@@ -100,10 +100,9 @@ class GatewaySMTP(AioSMTP):
             self.tx.decision = "aborted"
             self.tx.ledger.append(Outcome("session", Result.ERROR, "client disconnected"))
             self.gw.log_transaction(self.tx)
-        if self.upstream_tx is not None:
-            # Nothing is relayed: the upstream transaction is reset and the
-            # connection goes back to the pool.
-            utx, self.upstream_tx = self.upstream_tx, None
+        # Nothing is relayed: the upstream transactions are reset and their
+        # connections go back to the pool.
+        for utx in self._take_upstreams():
             self.loop.create_task(utx.close())
         self.tx = None
         super().connection_lost(error)
@@ -285,6 +284,9 @@ class GatewaySMTP(AioSMTP):
         self.session.extended_smtp = esmtp
         verdict = await self.gw.pipeline.run(Phase.HELO, sess, sess.ledger)
         if not verdict.accepted:
+            # A refused greeting is no greeting: MAIL must still answer 503 "send EHLO/HELO first".
+            sess.helo = None
+            self.session.host_name = None
             await self.reply(verdict.refusal.reply, verdict.refusal.detail or None)
             return False
         return True
@@ -468,10 +470,21 @@ class GatewaySMTP(AioSMTP):
             # a refusal, otherwise an abort (nothing was relayed either way).
             self.tx.decision = "refused" if not self.tx.recipients and self.tx.refused_recipients else "aborted"
             self.gw.log_transaction(self.tx)
-        self.tx = None
-        if self.upstream_tx is not None:
-            utx, self.upstream_tx = self.upstream_tx, None
+        for utx in self._take_upstreams():
             await utx.close()
+        self.tx = None
+
+    def _take_upstreams(self) -> list:
+        """Every upstream transaction still open (shared one, per-recipient
+        ones of list mail), handed to the caller to close."""
+        out = [self.upstream_tx] if self.upstream_tx is not None else []
+        self.upstream_tx = None
+        if self.tx is not None:
+            for r in self.tx.recipients:
+                if r.upstream is not None:
+                    out.append(r.upstream)
+                    r.upstream = None
+        return out
 
     async def smtp_RSET(self, arg: str | None) -> None:
         if arg:
@@ -582,14 +595,24 @@ class GatewaySMTP(AioSMTP):
             await self.gw.on_recipient_refused(tx, verdict.refusal)
             await self.reply(verdict.refusal.reply, verdict.refusal.detail or None)
             return
-        local = address.normalized.lower() in tx.extra.get("local_rcpts", ())
+        local = tx.extra.get("local_rcpts", {}).get(address.normalized.lower())
+        upstream = None
         if local:
             reply: Reply | Rendered = replies.RECIPIENT_OK
+        elif tx.extra.get("list") is not None:
+            # List mail: one copy per recipient (its own unsubscribe link),
+            # so each recipient gets its own upstream transaction.
+            upstream, reply = await self._begin_upstream(tx)
+            if upstream is not None:
+                reply = await upstream.rcpt(address.addr, [])
+                if not reply.is_positive:
+                    await upstream.close()
+                    upstream = None
         else:
             reply = await self._relay_rcpt(tx, address)
         tx.mark("rcpt")
         if reply.is_positive:
-            tx.recipients.append(Recipient(address, params, reply, local))
+            tx.recipients.append(Recipient(address, params, reply, local, upstream))
         else:
             tx.refused_recipients += 1
             tx.ledger.append(Outcome("relay_rcpt", Result.FAIL, reply.render(), reply, Phase.RCPT, label))
@@ -602,16 +625,21 @@ class GatewaySMTP(AioSMTP):
         await self.gw.on_recipient_refused(tx, outcome)
         await self.reply(reply, detail)
 
+    async def _begin_upstream(self, tx: Transaction):
+        size = tx.mail_params.get("SIZE")
+        utx, reply = await self.gw.relay.begin(
+            tx.mail_from.addr, [], utf8=tx.smtputf8, eight_bit=tx.body_8bit,
+            size=int(size) if isinstance(size, str) else None)
+        if utx is not None:
+            tx.upstream = utx.upstream
+        return utx, reply
+
     async def _relay_rcpt(self, tx: Transaction, address: EnvelopeAddress) -> Reply | Rendered:
         if self.upstream_tx is None:
-            size = tx.mail_params.get("SIZE")
-            utx, reply = await self.gw.relay.begin(
-                tx.mail_from.addr, [], utf8=tx.smtputf8, eight_bit=tx.body_8bit,
-                size=int(size) if isinstance(size, str) else None)
+            utx, reply = await self._begin_upstream(tx)
             if utx is None:
                 return reply
             self.upstream_tx = utx
-            tx.upstream = utx.upstream
         return await self.upstream_tx.rcpt(address.addr, [])
 
     async def smtp_DATA(self, arg: str | None) -> None:
@@ -646,8 +674,8 @@ class GatewaySMTP(AioSMTP):
         if not verdict.accepted:
             await self._finish(verdict.refusal.reply, verdict.refusal.detail or None)
             return
-        final = await self.gw.deliver(tx, self.upstream_tx)
-        self.upstream_tx = None  # deliver() released it
+        utx, self.upstream_tx = self.upstream_tx, None
+        final = await self.gw.deliver(tx, utx)  # releases every upstream transaction
         await self._finish(final)
 
     async def _finish(self, reply: Reply | Rendered, detail: str | None = None) -> None:

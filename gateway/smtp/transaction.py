@@ -126,7 +126,8 @@ class Recipient:
     address: "EnvelopeAddress"
     params: dict[str, str | bool]
     reply: Reply | Rendered | None = None  # the answer the client got (upstream's when relayed)
-    local: bool = False  # a gateway service mailbox, not relayed
+    local: str | None = None  # "service" | "unsubscribe": handled by the gateway itself, not relayed
+    upstream: Any = None      # list mail: this recipient's own upstream transaction (one copy each)
 
 
 @dataclass(slots=True)

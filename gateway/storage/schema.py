@@ -42,3 +42,93 @@ account_domains = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.UniqueConstraint("account_id", "domain", name="uq_account_domains"),
 )
+
+# --- mailing-list registry (migration 0002) -----------------------------------------
+api_keys = sa.Table(
+    "api_keys", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("account_id", sa.Integer, sa.ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("key_hash", sa.String(64), nullable=False, unique=True),     # sha256 hex of the key
+    sa.Column("label", sa.String(128), nullable=False, server_default=""),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+mailing_lists = sa.Table(
+    "mailing_lists", metadata,
+    sa.Column("id", sa.String(16), primary_key=True),                       # random, 16 hex digits
+    sa.Column("account_id", sa.Integer, sa.ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("list_id", sa.String(255), nullable=False),                   # RFC 2919 identifier
+    sa.Column("confirm_from", sa.String(320), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("account_id", "name", name="uq_mailing_lists_name"),
+    sa.UniqueConstraint("account_id", "list_id", name="uq_mailing_lists_list_id"),
+)
+
+list_senders = sa.Table(
+    "list_senders", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("list_id", sa.String(16), sa.ForeignKey("mailing_lists.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("account_id", sa.Integer, sa.ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("pattern", sa.String(320), nullable=False),                   # address or VERP pattern
+    sa.UniqueConstraint("account_id", "pattern", name="uq_list_senders"),
+)
+
+list_subscribers = sa.Table(
+    "list_subscribers", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("list_id", sa.String(16), sa.ForeignKey("mailing_lists.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("address", sa.String(320), nullable=False),                   # normalized
+    sa.Column("address_hash", sa.String(24), nullable=False),               # keyed hash (tokens, cache)
+    sa.Column("status", sa.String(16), nullable=False),                     # pending | confirmed
+    sa.Column("nonce", sa.String(16), nullable=False),                      # binds confirmation links
+    sa.Column("source", sa.String(255), nullable=False, server_default=""),
+    sa.Column("requested_at", sa.Float, nullable=False),
+    sa.Column("requested_ip", sa.String(64), nullable=False, server_default=""),
+    sa.Column("requested_ua", sa.String(512), nullable=False, server_default=""),
+    sa.Column("confirmed_at", sa.Float, nullable=True),
+    sa.Column("confirmed_ip", sa.String(64), nullable=False, server_default=""),
+    sa.Column("confirmed_ua", sa.String(512), nullable=False, server_default=""),
+    sa.Column("confirm_status", sa.String(16), nullable=False, server_default=""),  # queued|sending|sent|failed
+    sa.Column("confirm_sent_at", sa.Float, nullable=True),
+    sa.Column("confirm_mails", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("list_id", "address_hash", name="uq_list_subscribers_hash"),
+    sa.UniqueConstraint("list_id", "address", name="uq_list_subscribers_address"),
+    sa.Index("ix_list_subscribers_status", "list_id", "status", "id"),
+    sa.Index("ix_list_subscribers_outbox", "confirm_status", "confirm_sent_at"),
+)
+
+list_suppressions = sa.Table(
+    "list_suppressions", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("list_id", sa.String(16), sa.ForeignKey("mailing_lists.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("address_hash", sa.String(24), nullable=False),               # the only trace of the address
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("reoptin_at", sa.Float, nullable=True),                       # last fresh opt-in started
+    sa.UniqueConstraint("list_id", "address_hash", name="uq_list_suppressions"),
+)
+
+registry_state = sa.Table(
+    "registry_state", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("version", sa.BigInteger, nullable=False, server_default="0"),  # change counter (local mode)
+)
+
+# --- operator block lists, P-BLOCK (migration 0003) ---------------------------------
+block_entries = sa.Table(
+    "block_entries", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),                       # ip | domain | hostname
+    sa.Column("value", sa.String(255), nullable=False),                     # canonical form (blocklist.model)
+    sa.Column("reason", sa.String(255), nullable=False, server_default=""),  # operator's note, never sent
+    sa.Column("created_by", sa.String(128), nullable=False, server_default=""),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("kind", "value", name="uq_block_entries"),
+)
+
+block_version = sa.Table(
+    "block_version", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),                          # a single row, id 1
+    sa.Column("version", sa.BigInteger, nullable=False, server_default="0"),  # bumped by every change
+)

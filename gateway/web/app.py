@@ -5,14 +5,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
-from fastapi.responses import ORJSONResponse, Response
+from fastapi.responses import Response
+
+from .jsonresponse import OrjsonResponse
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..app import Gateway
 
 
 def create_app(gateway: "Gateway") -> FastAPI:
-    app = FastAPI(title="SMTP relay gateway", version="0.1.0", default_response_class=ORJSONResponse)
+    app = FastAPI(title="SMTP relay gateway", version="0.1.0", default_response_class=OrjsonResponse)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict:
@@ -23,11 +25,18 @@ def create_app(gateway: "Gateway") -> FastAPI:
     async def readyz() -> Response:
         """Listening and not draining (readiness for a load balancer)."""
         if gateway.ready and not gateway.draining:
-            return ORJSONResponse({"status": "ready"})
-        return ORJSONResponse({"status": "draining" if gateway.draining else "starting"}, status_code=503)
+            return OrjsonResponse({"status": "ready"})
+        return OrjsonResponse({"status": "draining" if gateway.draining else "starting"}, status_code=503)
 
     @app.get("/metrics", tags=["ops"])
     async def metrics() -> Response:
         return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    if getattr(gateway, "registry", None) is not None:
+        from .registry_api import install as install_registry
+        install_registry(app, gateway)   # /api/v1 (lists, subscribers), /confirm, /unsubscribe
+
+    from .admin import admin_router
+    app.include_router(admin_router(gateway))   # /admin (block lists), admin key
 
     return app

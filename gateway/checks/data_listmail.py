@@ -1,0 +1,36 @@
+"""P-OPTIN: mail that looks like list mail (List-Id, List-Unsubscribe,
+Precedence: bulk|list) but does not come from a registered list is
+refused: mailing lists need the registry's confirmed opt-in."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..message.headers import parsed_for
+from ..smtp import replies
+from ..smtp.transaction import Outcome, Phase
+
+_LIST_FIELDS = ("list-id", "list-unsubscribe", "list-unsubscribe-post", "list-post", "list-help")
+
+
+class DataListmail:
+    name = "data_listmail"
+    phase = Phase.DATA
+
+    async def run(self, tx: Any, item: Any = None) -> Outcome:
+        if tx.message is None:
+            return Outcome.skip(self.name, "no message")
+        if tx.extra.get("list") is not None:
+            return Outcome.ok(self.name, "registered list mail")
+        parsed = parsed_for(tx)
+        marks = [name for name in _LIST_FIELDS if parsed.has(name)]
+        precedence = (parsed.get("precedence") or "").strip().lower()
+        if precedence in ("bulk", "list"):
+            marks.append(f"Precedence: {precedence}")
+        if marks:
+            tx.extra["bulk"] = True
+            return Outcome.refuse(self.name, replies.OPTIN_UNREGISTERED_LIST, ", ".join(marks))
+        return Outcome.ok(self.name)
+
+
+def build(services) -> DataListmail:
+    return DataListmail()

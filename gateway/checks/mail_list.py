@@ -1,0 +1,39 @@
+"""P-OPTIN: is this list mail? A MAIL FROM that matches the envelope sender
+(or VERP pattern) of one of the account's registered lists makes the
+transaction list mail: every recipient must then be a confirmed subscriber
+(rcpt_optin), and the relayed copies carry the list's unsubscribe headers.
+The registry being unreachable defers; it never lets list mail through
+unchecked."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..registry.model import RegistryUnavailable
+from ..smtp import replies
+from ..smtp.transaction import Outcome, Phase
+
+
+class MailList:
+    name = "mail_list"
+    phase = Phase.MAIL
+
+    def __init__(self, registry):
+        self.registry = registry
+
+    async def run(self, tx: Any, item: Any = None) -> Outcome:
+        account = tx.session.account
+        if account is None or tx.mail_from is None or tx.mail_from.is_null:
+            return Outcome.skip(self.name, "no account or null sender")
+        try:
+            lst = await self.registry.list_for_sender(account.name, tx.mail_from.addr)
+        except RegistryUnavailable as exc:
+            return Outcome.error(self.name, f"registry unavailable: {exc}", replies.REGISTRY_UNAVAILABLE)
+        if lst is None:
+            return Outcome.ok(self.name, "not list mail")
+        tx.extra["list"] = lst
+        tx.extra["list_id"] = lst.id
+        return Outcome.ok(self.name, f"list {lst.id} ({lst.list_id})")
+
+
+def build(services) -> MailList:
+    return MailList(services.registry)
