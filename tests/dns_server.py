@@ -27,7 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
-from dnslib import AAAA, CNAME, MX, NS, QTYPE, RCODE, RR, SOA, TXT, A, DNSLabel, DNSRecord
+from dnslib import AAAA, CNAME, MX, NS, PTR, QTYPE, RCODE, RR, SOA, TXT, A, DNSRecord
 
 _RDATA = {
     "A": lambda v: A(v),
@@ -36,6 +36,7 @@ _RDATA = {
     "TXT": lambda v: TXT([v[i:i + 255].encode() for i in range(0, max(len(v), 1), 255)]),
     "CNAME": lambda v: CNAME(v),
     "NS": lambda v: NS(v),
+    "PTR": lambda v: PTR(v),
 }
 
 

@@ -26,10 +26,9 @@ from pathlib import Path
 import httpx
 import pytest
 import uvloop
-from dnslib import PTR
 
-import dns_server as dns_server_module
 from conftest import MESSAGE, TEST_DNS, need, tcp_reachable
+from smtp_client import cmd, proxied_session, reply
 from gateway.blocklist.matcher import Snapshot
 from gateway.blocklist.model import BlockEntry, Conflict, Invalid, NotFound, normalize
 from gateway.blocklist.service import BlockList
@@ -41,8 +40,6 @@ REGISTRY_SECRET = "test-blocklist-registry-secret-0123456789"
 PROPAGATION = 1.0          # the promise: every gateway within 1 s
 MARGIN = 0.5               # probing and scheduling slack on a loaded machine
 
-# The test DNS server answers PTR queries too (reverse-DNS host-name entries).
-dns_server_module._RDATA.setdefault("PTR", lambda v: PTR(v))
 
 
 def entries(*specs: str) -> list[BlockEntry]:
@@ -217,30 +214,6 @@ async def test_refresher_picks_up_another_writer_and_survives_db_errors(engine, 
 
 
 # ====================================================================== SMTP end to end
-async def proxied_session(port: int, client_ip: str):
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    fam = "TCP6" if ":" in client_ip else "TCP4"
-    dst = "::1" if ":" in client_ip else "127.0.0.1"
-    writer.write(f"PROXY {fam} {client_ip} {dst} 40000 25\r\n".encode())
-    await writer.drain()
-    return reader, writer
-
-
-async def reply(reader) -> bytes:
-    out = b""
-    while True:
-        line = await asyncio.wait_for(reader.readline(), 10)
-        out += line
-        if len(line) < 4 or line[3:4] != b"-":
-            return out
-
-
-async def cmd(reader, writer, line: bytes) -> bytes:
-    writer.write(line + b"\r\n")
-    await writer.drain()
-    return await reply(reader)
-
-
 async def greeting(port: int, client_ip: str) -> bytes:
     reader, writer = await proxied_session(port, client_ip)
     try:

@@ -3,39 +3,14 @@ test DNS server on UDP loopback. PROXY headers let a test claim a client
 address (the RFC 5782 test points 127.0.0.2 / 127.0.0.1)."""
 from __future__ import annotations
 
-import asyncio
-from pathlib import Path
 
 import aiosmtplib
 import pytest
 
-from conftest import CORPORA, MESSAGE
+from conftest import CORPORA
+from smtp_client import cmd, proxied_session, reply
 
 ZONES = CORPORA / "dnsbl-rfc5782-rbldnsd" / "zones"
-
-
-async def proxied_session(port: int, client_ip: str):
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    fam = "TCP6" if ":" in client_ip else "TCP4"
-    dst = "::1" if ":" in client_ip else "127.0.0.1"
-    writer.write(f"PROXY {fam} {client_ip} {dst} 40000 25\r\n".encode())
-    await writer.drain()
-    return reader, writer
-
-
-async def reply(reader) -> bytes:
-    out = b""
-    while True:
-        line = await asyncio.wait_for(reader.readline(), 10)
-        out += line
-        if len(line) < 4 or line[3:4] != b"-":
-            return out
-
-
-async def cmd(reader, writer, line: bytes) -> bytes:
-    writer.write(line + b"\r\n")
-    await writer.drain()
-    return await reply(reader)
 
 
 def live_dns(server) -> dict:

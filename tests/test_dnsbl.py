@@ -8,7 +8,6 @@ import socket
 import subprocess
 import tempfile
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest

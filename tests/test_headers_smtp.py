@@ -24,6 +24,7 @@ import pytest
 
 from gateway.config import DEFAULT_CHECKS
 from gateway.message.findings import RULES
+from smtp_client import cmd, reply
 
 AUTH = b"AUTH PLAIN " + base64.b64encode(b"\0alice\0s3cret")
 _ids = itertools.count(1)
@@ -60,21 +61,6 @@ def build(*, replace: dict[bytes, bytes | None] | None = None, extra: bytes = b"
 
 
 # ------------------------------------------------------------------ SMTP
-async def reply(reader) -> bytes:
-    out = b""
-    while True:
-        line = await asyncio.wait_for(reader.readline(), 10)
-        out += line
-        if len(line) < 4 or line[3:4] != b"-":
-            return out
-
-
-async def cmd(reader, writer, line: bytes) -> bytes:
-    writer.write(line + b"\r\n")
-    await writer.drain()
-    return await reply(reader)
-
-
 async def send(port: int, data: bytes, mail_from: str = "alice@example.com", params: str = "",
                rcpt: str = "bob@example.org") -> bytes:
     """One authenticated transaction; the reply to the end of DATA (or the first refusal)."""

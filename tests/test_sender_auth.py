@@ -20,6 +20,7 @@ from gateway.accounts.model import Account, AccountStatus, SenderDomain
 from gateway.message.headers import parse_headers
 
 from conftest import TEST_DNS
+from smtp_client import cmd, reply
 
 AUTH = b"AUTH PLAIN " + base64.b64encode(b"\0alice\0s3cret")
 
@@ -60,21 +61,6 @@ def dsn(frm: str = "Mail Delivery System <MAILER-DAEMON@example.com>",
             b"--b1--\r\n")
     return message(frm=frm, ctype=b"MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type="
                    + report + b"; boundary=\"b1\"\r\n", body=body)
-
-
-async def reply(reader) -> bytes:
-    out = b""
-    while True:
-        line = await asyncio.wait_for(reader.readline(), 10)
-        out += line
-        if len(line) < 4 or line[3:4] != b"-":
-            return out
-
-
-async def cmd(reader, writer, line: bytes) -> bytes:
-    writer.write(line + b"\r\n")
-    await writer.drain()
-    return await reply(reader)
 
 
 async def session(port: int, auth: bool = True):

@@ -10,6 +10,8 @@ import pytest
 from gateway.smtp.transaction import Outcome, Phase
 
 from conftest import MESSAGE
+from smtp_client import cmd, raw_session
+from smtp_client import reply as read_reply
 
 
 async def client(port: int, **kw) -> aiosmtplib.SMTP:
@@ -18,27 +20,6 @@ async def client(port: int, **kw) -> aiosmtplib.SMTP:
     await c.connect()
     await c.ehlo()
     return c
-
-
-async def raw_session(port: int):
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    greeting = await reader.readline()
-    return reader, writer, greeting
-
-
-async def read_reply(reader) -> bytes:
-    lines = []
-    while True:
-        line = await asyncio.wait_for(reader.readline(), 10)
-        lines.append(line)
-        if len(line) < 4 or line[3:4] != b"-":
-            return b"".join(lines)
-
-
-async def cmd(reader, writer, line: bytes) -> bytes:
-    writer.write(line + b"\r\n")
-    await writer.drain()
-    return await read_reply(reader)
 
 
 # ----------------------------------------------------------------- EHLO / AUTH

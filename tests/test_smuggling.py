@@ -20,6 +20,7 @@ import time
 import pytest
 
 from gateway.config import DEFAULT_CHECKS
+from smtp_client import cmd, reply
 
 AUTH = b"AUTH PLAIN " + base64.b64encode(b"\0alice\0s3cret")
 
@@ -73,21 +74,6 @@ SMUGGLED = (b"MAIL FROM:<alice@example.com>\r\n"
             b"Message-ID: <smuggled@example.com>\r\n"
             b"\r\n"
             b"This must never be a message of its own.")
-
-
-async def reply(reader) -> bytes:
-    out = b""
-    while True:
-        line = await asyncio.wait_for(reader.readline(), 10)
-        out += line
-        if len(line) < 4 or line[3:4] != b"-":
-            return out
-
-
-async def cmd(reader, writer, line: bytes) -> bytes:
-    writer.write(line + b"\r\n")
-    await writer.drain()
-    return await reply(reader)
 
 
 async def open_transaction(port: int):
