@@ -251,7 +251,7 @@ async def test_recheck_never_revokes_on_dns_failure_and_skips_approved(sink, gat
     for d in ("kept.example", "gone.example", "approved.example"):
         serve_domain(dns_server, d)
     h = await gateway_factory(sink, dns=live_dns(dns_server), accounts={"proof_recheck_interval": 0})
-    assert h.gw.proof_checker._task is None  # 0 = no periodic re-check
+    assert not h.gw.proof_checker._task.running  # 0 = no periodic re-check
     await h.add_account(domains=("approved.example",))
     store = h.gw.accounts
     tokens = {}

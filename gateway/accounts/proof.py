@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..state.background import BackgroundTask
 from ..dns.resolver import Status
 from .model import SenderDomain
 from .settings import AccountSettings
@@ -160,20 +161,14 @@ class DomainProofChecker:
         self.resolver = resolver
         self.settings = settings or AccountSettings()
         self.last: RecheckReport | None = None
-        self._task: asyncio.Task | None = None
+        self._task = BackgroundTask("domain-proof-recheck")
 
     def start(self) -> None:
-        if self.settings.proof_recheck_interval > 0 and self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._loop())
+        if self.settings.proof_recheck_interval > 0:
+            self._task.start(self._loop)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await self._task.stop()
 
     async def _loop(self) -> None:
         # First pass one interval after start: a restart of many gateways

@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ..smtp.address import AddressError, parse_domain
+from ..state.background import BackgroundTask
 from ..storage.schema import account_domains, account_networks, accounts
 from .model import Account, AccountStatus, SenderDomain
 from .passwords import hash_password, verify_password_async
@@ -54,7 +55,7 @@ class AccountStore:
         self._networks: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]] = []
         self._loaded_at = 0.0
         self._refresh_lock = asyncio.Lock()
-        self._task: asyncio.Task | None = None
+        self._task = BackgroundTask("account-refresher")
 
     # --- snapshot used by the hot path ---------------------------------------------
     async def refresh(self) -> None:
@@ -96,16 +97,10 @@ class AccountStore:
 
     async def start(self) -> None:
         await self.refresh()
-        self._task = asyncio.get_running_loop().create_task(self._refresher())
+        self._task.start(self._refresher)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await self._task.stop()
 
     def cached(self, name: str) -> Account | None:
         return self._by_name.get(name)

@@ -22,6 +22,7 @@ from typing import Callable
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ..state.background import BackgroundTask
 from .matcher import EMPTY, Snapshot
 from .model import BlockEntry
 from .store import BlockStore
@@ -40,21 +41,15 @@ class BlockList:
         self.failing = False
         self._loaded_at = 0.0
         self._lock = asyncio.Lock()
-        self._task: asyncio.Task | None = None
+        self._task = BackgroundTask("blocklist-refresher")
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         await self.refresh()
-        self._task = asyncio.get_running_loop().create_task(self._refresher(), name="blocklist-refresher")
+        self._task.start(self._refresher)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await self._task.stop()
 
     async def refresh(self) -> None:
         """Reload every entry (serialized, so an older load never replaces a newer one)."""
