@@ -17,6 +17,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import ipaddress
+import time
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -166,11 +169,39 @@ async def _addresses(resolver: Resolver, host: str, soa_zone: str) -> HostAddres
     return HostAddresses(host, a, aaaa)
 
 
+# Verdicts per resolver, kept no longer than the shortest TTL of the answers
+# they were made from: the same sender domain on every message costs a dict
+# lookup instead of several cached queries, task switches and address scans.
+_verdicts: "weakref.WeakKeyDictionary[Resolver, OrderedDict]" = weakref.WeakKeyDictionary()
+_VERDICTS_MAX = 10_000
+
+
 async def check_domain_exists(resolver: Resolver, domain: str, settings: DomainSettings) -> DomainVerdict:
     """Look ``domain`` (A-label or U-label) up and judge it; never raises for DNS reasons."""
+    cache = _verdicts.get(resolver)
+    if cache is None:
+        cache = _verdicts[resolver] = OrderedDict()
+    key = (domain, id(settings))
+    hit = cache.get(key)
+    now = time.monotonic()
+    if hit is not None and hit[0] > now:
+        cache.move_to_end(key)
+        return hit[1]
+    verdict, ttl = await _check_domain_exists(resolver, domain, settings)
+    if ttl > 0 and verdict.status is not DomainStatus.TEMPFAIL:
+        cache[key] = (now + ttl, verdict)
+        cache.move_to_end(key)
+        if len(cache) > _VERDICTS_MAX:
+            cache.popitem(last=False)
+    return verdict
+
+
+async def _check_domain_exists(resolver: Resolver, domain: str, settings: DomainSettings
+                               ) -> tuple[DomainVerdict, int]:
+    """The verdict and how long it may be reused (the shortest TTL involved)."""
     name = to_a_label(domain)
     if name is None:
-        return DomainVerdict(domain, DomainStatus.INVALID, "not a valid domain name")
+        return DomainVerdict(domain, DomainStatus.INVALID, "not a valid domain name"), 0
     # negative answers are cached for the SOA minimum of the zone the name
     # lives in (the resolver tries the name, then its parent)
     mx = await resolver.query(name, "MX", soa_zone=name)
@@ -181,4 +212,5 @@ async def check_domain_exists(resolver: Resolver, domain: str, settings: DomainS
         hosts = list(await asyncio.gather(*(_addresses(resolver, t, t) for t in targets)))
     elif mx.status is Status.NODATA:
         hosts = [await _addresses(resolver, name, name)]
-    return evaluate(name, mx, hosts, settings)
+    ttl = min([mx.ttl, *(x.ttl for h in hosts for x in (h.a, h.aaaa))])
+    return evaluate(name, mx, hosts, settings), ttl
