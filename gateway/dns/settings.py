@@ -151,7 +151,7 @@ class DnsblZone:
         if not self.name.strip(".") or " " in self.name:
             raise ValueError("dnsbl zone needs a name")
         if not self.display.strip():
-            raise ValueError(f"dnsbl zone needs a display name (the zone name may carry a key)")
+            raise ValueError("dnsbl zone needs a display name (the zone name may carry a key)")
         if self.weight == 0:
             raise ValueError("dnsbl zone weight must not be 0")
         for c in self.codes:

@@ -128,7 +128,7 @@ def pages_router(gateway: "Gateway") -> APIRouter:
         if info.state == "confirmed":
             return page("Subscription confirmed",
                         _p(f"{info.masked_address} is subscribed to \u201c{info.list_name}\u201d."))
-        return page(f"Confirm your subscription",
+        return page("Confirm your subscription",
                     _p(f"Please confirm that {info.masked_address} wants to receive the mailing list "
                        f"\u201c{info.list_name}\u201d.")
                     + _form(request.url.path, "Confirm subscription")
