@@ -576,3 +576,143 @@ async def test_redis_invalidation(tmp_path, pg_url):
         for s, e in ((a, ea), (b, eb)):
             await s.stop()
             await e.dispose()
+
+
+# ------------------------------------------------------------------ PostgreSQL read-only fast path (asyncpg pool)
+def test_asyncpg_dsn_from_sqlalchemy_url():
+    from gateway.storage.db import asyncpg_dsn
+
+    assert asyncpg_dsn("postgresql+asyncpg://u:p%40ss@db.example:5433/gw?prepared_statement_cache_size=0"
+                       "&ssl=require") == "postgresql://u:p%40ss@db.example:5433/gw?ssl=require"
+    assert asyncpg_dsn("postgresql://root@127.0.0.1/x") == "postgresql://root@127.0.0.1/x"
+    assert asyncpg_dsn("sqlite+aiosqlite:///x.db") is None
+
+
+def test_fast_path_status_precedence():
+    from gateway.registry.fastpath import pick_statuses
+
+    rows = [("a", "unsubscribed"), ("a", "confirmed"), ("b", "unsubscribed"), ("b", "pending"), ("c", "unsubscribed")]
+    assert pick_statuses(rows, ["a", "b", "c", "d"]) == {
+        "a": "confirmed", "b": "pending", "c": "unsubscribed", "d": "unknown"}
+
+
+async def test_fast_path_only_on_postgres_and_configurable(env: Env):
+    if env.url.startswith("sqlite"):
+        assert env.svc.store.fast is None
+        return
+    assert env.svc.store.fast is not None
+    svc, engine = await _make(env.url, None, lookup_pool_size=0)
+    try:
+        assert svc.store.fast is None
+    finally:
+        await svc.stop()
+        await engine.dispose()
+
+
+async def test_fast_path_answers_like_the_engine_and_batches(pg_url):
+    """Every state answered through the asyncpg pool equals the SQLAlchemy
+    answer; concurrent misses for one list share one query; the sender map
+    read through the pool equals the engine's."""
+    svc, engine = await _make(pg_url, FakeRelay())
+    try:
+        accounts = AccountStore(engine, scrypt_n=16)
+        acc = f"f-{uuid.uuid4().hex[:8]}"
+        await accounts.add(acc, "pw")
+        await accounts.add_domain(acc, "example.com", approved_by="test")
+        env = Env(svc, engine, svc.relay, acc, acc, pg_url)
+        lid = await env.new_list(senders=["news@example.com", "b-*@example.com"])
+        await env.subscribe(lid, "conf@example.org")
+        await svc.add_subscriber(acc, lid, "pend@example.org")
+        await env.subscribe(lid, "gone@example.org")
+        await svc.remove_subscriber(acc, lid, "gone@example.org")
+        # opted out, then a fresh opt-in started: pending wins over the suppression entry
+        await env.subscribe(lid, "back2@example.org")
+        await svc.remove_subscriber(acc, lid, "back2@example.org")
+        await svc.add_subscriber(acc, lid, "back2@example.org", reoptin=True)
+        addrs = {"conf@example.org": "confirmed", "pend@example.org": "pending",
+                 "gone@example.org": "unsubscribed", "back2@example.org": "pending",
+                 "nobody@example.org": "unknown"}
+        fast = svc.store.fast
+        assert fast is not None
+        svc.cache.flush()
+        q0 = fast.stats["queries"]
+        got = await asyncio.gather(*(svc.recipient_status(lid, a) for a in addrs))
+        assert dict(zip(addrs, got)) == addrs
+        assert fast.stats["queries"] - q0 == 1, "misses of one loop turn share one query"
+        # the same answers through the engine (one code path with SQLite)
+        svc.store.fast = None
+        try:
+            svc.cache.flush()
+            assert [await svc.recipient_status(lid, a) for a in addrs] == list(addrs.values())
+            slow_lists = await svc.store.lists(account_name=acc)
+        finally:
+            svc.store.fast = fast
+        fast_lists = await svc.store.lists(account_name=acc)
+        assert fast_lists == slow_lists and fast_lists[0].senders == ("news@example.com", "b-*@example.com")
+        assert (await svc.list_for_sender(acc, "b-x@example.com")).id == lid
+        # unbatched mode answers the same
+        fast.batch = False
+        svc.cache.flush()
+        assert [await svc.recipient_status(lid, a) for a in addrs] == list(addrs.values())
+    finally:
+        await svc.stop()
+        await engine.dispose()
+
+
+async def test_fast_path_race_with_invalidation_keeps_nothing(pg_url):
+    """A lookup that read before an invalidation arrived must not be cached."""
+    svc, engine = await _make(pg_url, None)
+    try:
+        fast = svc.store.fast
+        lid = "0123456789abcdef"
+        real = fast._fetch_statuses
+        gate = asyncio.Event()
+
+        async def slow(list_id, hashes):
+            found = await real(list_id, hashes)
+            await gate.wait()
+            return found
+
+        fast._fetch_statuses = slow
+        task = asyncio.ensure_future(svc.recipient_status(lid, "race@example.org"))
+        await asyncio.sleep(0.2)
+        h = svc.keys.address_hash(lid, "race@example.org")
+        svc.cache.apply([("s", lid, h)])       # e.g. a NOTIFY of a concurrent write
+        gate.set()
+        assert await task == "unknown"
+        assert len(svc.cache) == 0
+        fast._fetch_statuses = real
+        assert await svc.recipient_status(lid, "race@example.org") == "unknown"
+        assert len(svc.cache) == 1
+    finally:
+        await svc.stop()
+        await engine.dispose()
+
+
+async def test_fast_path_unresponsive_database_defers(pg_url):
+    """A server that accepts and never answers: RegistryUnavailable within
+    lookup_timeout, for every waiter of the batch, never "accept"."""
+    import asyncpg  # noqa: F401
+
+    conns = []
+
+    async def swallow(reader, writer):
+        conns.append(writer)
+        await reader.read()
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    engine = create_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{port}/none")
+    svc = RegistryService(engine, RegistrySettings(secret=SECRET, lookup_timeout=0.5), secret=SECRET.encode())
+    try:
+        t0 = time.monotonic()
+        got = await asyncio.gather(*(svc.recipient_status("0123456789abcdef", f"u{i}@example.org")
+                                     for i in range(5)), return_exceptions=True)
+        assert all(isinstance(g, RegistryUnavailable) for g in got), got
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        await svc.stop()
+        await engine.dispose()
+        for w in conns:
+            w.close()
+        server.close()

@@ -166,7 +166,15 @@ class RegistryService:
         if mode == "postgres" and engine.dialect.name != "postgresql":
             raise ValueError("registry.invalidation: postgres needs PostgreSQL storage")
         self.mode = mode
-        self.store = RegistryStore(engine, channel=settings.channel, bump_version=mode == "local", clock=clock)
+        fast = None
+        if engine.dialect.name == "postgresql" and settings.lookup_pool_size > 0:
+            from ..storage.db import asyncpg_dsn
+            from .fastpath import FastLookups
+
+            fast = FastLookups(asyncpg_dsn(engine.url), max_size=settings.lookup_pool_size,
+                               timeout=settings.lookup_timeout, batch=settings.lookup_batch)
+        self.store = RegistryStore(engine, channel=settings.channel, bump_version=mode == "local", clock=clock,
+                                   fast=fast)
         self.store.on_commit = self._on_commit
         self.cache = SubscriptionCache(settings.cache_size, settings.cache_ttl)
         self.channel: Channel | None = None
@@ -183,7 +191,9 @@ class RegistryService:
         queued confirmation mails (``outbox``, needs a relay)."""
         if listen:
             if self.mode == "postgres":
-                dsn = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+                from ..storage.db import asyncpg_dsn
+
+                dsn = asyncpg_dsn(self.engine.url)
                 self.channel = PostgresChannel(self.cache, dsn, self.settings.channel, self.settings.ping_interval)
             elif self.mode == "redis":
                 self.channel = RedisChannel(self.cache, self.settings.redis_url, self.settings.channel,
@@ -212,6 +222,7 @@ class RegistryService:
         if self.channel is not None:
             await self.channel.stop()
             self.channel = None
+        await self.store.close()
 
     @property
     def channel_healthy(self) -> bool:
@@ -313,7 +324,8 @@ class RegistryService:
 
     async def _db(self, coro):
         try:
-            return await asyncio.wait_for(coro, self.settings.lookup_timeout)
+            async with asyncio.timeout(self.settings.lookup_timeout):   # no extra task, unlike wait_for
+                return await coro
         except asyncio.CancelledError:
             raise
         except RegistryError:

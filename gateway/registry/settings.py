@@ -32,6 +32,11 @@ class RegistrySettings:
     cache_size: int = 200_000          # (list, address) entries, positive and negative
     cache_ttl: float = 300.0           # an entry is re-read after this even without invalidation
     lookup_timeout: float = 3.0        # a database lookup on the RCPT path
+    # PostgreSQL: RCPT lookups (and the sender map) read through their own asyncpg
+    # pool of at most this many connections (read-only fast path); 0 = through
+    # the SQLAlchemy engine like everything else. SQLite always uses the engine.
+    lookup_pool_size: int = 20
+    lookup_batch: bool = True          # misses for one list in one event-loop turn share a query
     invalidation: Invalidation = "auto"   # auto: postgres with PostgreSQL storage, else local
     redis_url: str = "redis://127.0.0.1:6379/0"
     channel: str = "gw_registry"
@@ -52,6 +57,8 @@ class RegistrySettings:
                      "cache_ttl", "lookup_timeout", "ping_interval", "poll_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be greater than 0")
+        if not 0 <= self.lookup_pool_size <= 500:
+            raise ValueError("lookup_pool_size: must be between 0 (off) and 500")
         if self.reoptin_interval < 0:
             raise ValueError("reoptin_interval: must not be negative")
         for name in ("max_confirmation_mails", "outbox_batch", "outbox_concurrency", "max_bulk", "cache_size"):

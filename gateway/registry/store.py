@@ -5,9 +5,10 @@ commits; a change counter in local mode), so caches elsewhere can be
 invalidated. Nothing here knows about HTTP or SMTP."""
 from __future__ import annotations
 
+import logging
 import secrets
 import time
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
@@ -16,6 +17,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from ..storage.schema import (account_domains, accounts, api_keys, list_senders, list_subscribers,
                               list_suppressions, mailing_lists, registry_state)
 from .model import Conflict, MailingList, NotFound, RateLimited, RecipientStatus, Subscriber
+
+if TYPE_CHECKING:
+    from .fastpath import FastLookups
+
+log = logging.getLogger("gateway.registry")
 
 # Invalidation events: ("s", list_id, address_hash) one subscription changed;
 # ("l", "", "") lists/senders changed; ("f", "", "") flush everything.
@@ -65,8 +71,11 @@ def new_nonce() -> str:
 
 class RegistryStore:
     def __init__(self, engine: AsyncEngine, *, channel: str = "gw_registry", bump_version: bool = False,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, fast: "FastLookups | None" = None):
         self.engine = engine
+        # PostgreSQL only: the read-only fast path of two hot-path queries
+        # (lookup_status, lists(account_name=)); see fastpath.py.
+        self.fast = fast
         self.channel = channel
         self.postgres = engine.dialect.name == "postgresql"
         self.bump_version = bump_version
@@ -93,6 +102,14 @@ class RegistryStore:
     def _committed(self, events: Sequence[Event]) -> None:
         if events and self.on_commit is not None:
             self.on_commit(events)
+
+    async def close(self) -> None:
+        if self.fast is not None:
+            st = self.fast.stats
+            if st["lookups"]:
+                log.info("registry fast path: %d lookups in %d queries (%.1f per query), %d failed queries",
+                         st["lookups"], st["queries"], st["lookups"] / max(1, st["queries"]), st["errors"])
+            await self.fast.close()
 
     async def version(self) -> int:
         async with self.engine.connect() as conn:
@@ -189,6 +206,8 @@ class RegistryStore:
         return found[0] if found else None
 
     async def lists(self, account_id: int | None = None, account_name: str | None = None) -> list[MailingList]:
+        if self.fast is not None and account_id is None and account_name is not None:
+            return await self.fast.lists(account_name)   # the sender map of the SMTP side
         q = self._lists_query().order_by(mailing_lists.c.created_at, mailing_lists.c.id)
         if account_id is not None:
             q = q.where(mailing_lists.c.account_id == account_id)
@@ -214,7 +233,11 @@ class RegistryStore:
 
     # ------------------------------------------------------------ subscription state
     async def lookup_status(self, list_id: str, address_hash: str) -> RecipientStatus:
-        """One round trip: the subscriber's status, or whether the hash is suppressed."""
+        """One round trip: the subscriber's status, or whether the hash is suppressed.
+        On PostgreSQL with the fast path: through its asyncpg pool, possibly in
+        one query with other misses for the same list (same answer)."""
+        if self.fast is not None:
+            return await self.fast.lookup_status(list_id, address_hash)
         q = sa.union_all(
             sa.select(list_subscribers.c.status.label("s")).where(
                 (list_subscribers.c.list_id == list_id) & (list_subscribers.c.address_hash == address_hash)),

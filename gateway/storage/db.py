@@ -6,6 +6,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import event
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -25,6 +26,22 @@ def create_engine(url: str) -> AsyncEngine:
 
         return engine
     return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+# Query arguments of SQLAlchemy's asyncpg dialect that asyncpg itself does not know
+# (asyncpg would send unknown ones to the server as settings).
+_SQLALCHEMY_ONLY_ARGS = ("prepared_statement_cache_size", "prepared_statement_name_func", "async_fallback")
+
+
+def asyncpg_dsn(url: str | URL) -> str | None:
+    """The libpq-style DSN asyncpg takes for a SQLAlchemy PostgreSQL URL
+    (``postgresql+asyncpg://user:pw@host:5432/db`` -> ``postgresql://user:pw@host:5432/db``),
+    or None for any other database. For the registry's read-only fast path."""
+    u = make_url(url) if isinstance(url, str) else url
+    if u.get_backend_name() != "postgresql":
+        return None
+    u = u.set(drivername="postgresql").difference_update_query(_SQLALCHEMY_ONLY_ARGS)
+    return u.render_as_string(hide_password=False)
 
 
 def _alembic_config(connection) -> AlembicConfig:
