@@ -13,27 +13,11 @@ from gateway.config import load
 from gateway.registry.service import RegistryService
 from gateway.storage.db import create_engine
 
-from test_config_cli import run_cli
+from test_config_cli import GOOD, run_cli
 
 SECRET = "cli-test-registry-secret-0123456789abcdef"
 
-CONFIG = """
-[[listeners]]
-name = "smtp"
-address = "127.0.0.1"
-port = 2525
-tls = "none"
-
-[[relay.upstreams]]
-host = "127.0.0.1"
-port = 2526
-
-[storage]
-url = "sqlite+aiosqlite:///{db}"
-
-[auth]
-scrypt_n = 16
-
+CONFIG = GOOD + """
 [registry]
 secret = "env:GW_TEST_CLI_REGISTRY_SECRET"
 """
