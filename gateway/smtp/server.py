@@ -575,7 +575,9 @@ class GatewaySMTP(AioSMTP):
             await self.reply(replies.ARG_SYNTAX, "RCPT TO:<address>")
             return
         try:
-            address, rest = parse_path(arg[3:], utf8=tx.smtputf8 or True, allow_null=False)
+            # Parsed with UTF-8 allowed so a non-ASCII address without SMTPUTF8
+            # gets its own precise reply (5.6.7) below instead of a syntax error.
+            address, rest = parse_path(arg[3:], utf8=True, allow_null=False)
             params = parse_params(rest)
         except AddressError as exc:
             reply = replies.RELAY_TRICK if exc.kind == "trick" else replies.BAD_RECIPIENT_SYNTAX
