@@ -619,3 +619,30 @@ port = {sink.port}
             except asyncio.TimeoutError:
                 proc.kill()
                 await proc.wait()
+
+
+async def test_pipelined_rcpts_of_list_mail_share_one_lookup(gateway_factory, sink, pg_url):
+    """A PIPELINING client's RCPTs are looked up together: on PostgreSQL the
+    registry answers them with one batched query, not one round trip each."""
+    from smtp_client import cmd, reply
+    h, _base = await _start(gateway_factory, sink, pg_url)
+    reg = h.gw.registry
+    await reg.create_list("alice", name="News", list_id="news.example.com", senders=["news@example.com"],
+                          confirm_from="confirm@example.com")
+    fast = reg.store.fast
+    assert fast is not None, "PostgreSQL storage uses the RCPT fast path"
+    reader, writer = await asyncio.open_connection("127.0.0.1", h.port())
+    await reader.readline()
+    await cmd(reader, writer, b"EHLO client.test")
+    assert (await cmd(reader, writer, b"AUTH PLAIN AGFsaWNlAHMzY3JldA==")).startswith(b"235")
+    assert (await cmd(reader, writer, b"MAIL FROM:<news@example.com>")).startswith(b"250")
+    before = fast.stats["queries"]
+    rcpts = [f"never{i}@example.org".encode() for i in range(8)]
+    writer.write(b"".join(b"RCPT TO:<" + r + b">\r\n" for r in rcpts))
+    await writer.drain()
+    answers = [await reply(reader) for _ in rcpts]
+    assert all(a.startswith(b"550 5.7.1 P-OPTIN") for a in answers), answers
+    queries = fast.stats["queries"] - before
+    assert 1 <= queries <= 2, f"{queries} queries for 8 pipelined RCPTs"
+    await cmd(reader, writer, b"QUIT")
+    writer.close()
