@@ -223,35 +223,27 @@ class Gateway:
             except asyncio.TimeoutError:
                 pass
         await asyncio.sleep(0)  # let connection_lost callbacks run
-        if self.registry is not None:
-            await self.registry.stop()
-        if self.relay is not None:
-            await self.relay.close()
         if self._http is not None:
             self._http.should_exit = True
-            if self._http_task is not None:
-                try:
-                    await asyncio.wait_for(self._http_task, 5)
-                except (asyncio.TimeoutError, Exception):
-                    pass
-        if self._devsink is not None:
-            await self._devsink.close()
-        if self.accounts is not None:
-            await self.accounts.stop()
-        if self.blocklist is not None:
-            await self.blocklist.stop()
-        if self.proof_checker is not None:
-            await self.proof_checker.stop()
-        if self.dnsbl is not None:
-            await self.dnsbl.stop()
-        if self.resolver is not None:
-            await self.resolver.close()
-        if self._redis is not None:
-            await self._redis.aclose()
-        if self.counters is not None:
-            await self.counters.close()
-        if self.engine is not None:
-            await self.engine.dispose()
+        # Each component gets a bounded time: a stuck one is logged and left
+        # behind, so SIGTERM always ends the process.
+        steps = [
+            ("registry", self.registry.stop() if self.registry is not None else None),
+            ("relay pool", self.relay.close() if self.relay is not None else None),
+            ("HTTP server", self._http_task),
+            ("dev outbox", self._devsink.close() if self._devsink is not None else None),
+            ("account refresher", self.accounts.stop() if self.accounts is not None else None),
+            ("block lists", self.blocklist.stop() if self.blocklist is not None else None),
+            ("domain proof re-check", self.proof_checker.stop() if self.proof_checker is not None else None),
+            ("DNSBL probes", self.dnsbl.stop() if self.dnsbl is not None else None),
+            ("resolver", self.resolver.close() if self.resolver is not None else None),
+            ("Redis", self._redis.aclose() if self._redis is not None else None),
+            ("counters", self.counters.close() if self.counters is not None else None),
+            ("database", self.engine.dispose() if self.engine is not None else None),
+        ]
+        for what, awaitable in steps:
+            if awaitable is not None:
+                await _bounded(what, awaitable)
         self.txlog.close()
         self.stopped.set()
 
@@ -373,6 +365,17 @@ class Gateway:
 
 # Header fields the gateway sets itself on registered list mail.
 _LIST_FIELDS = {"list-id", "list-unsubscribe", "list-unsubscribe-post"}
+
+
+async def _bounded(what: str, awaitable, seconds: float = 5.0) -> None:
+    """Await a shutdown step for at most ``seconds``; never raise."""
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        task.cancel()
+        log.error("shutdown: %s did not finish within %.0f s; going on", what, seconds)
+    elif not task.cancelled() and task.exception() is not None:
+        log.error("shutdown: %s failed: %r", what, task.exception())
 
 
 def with_listener_ports(config: Config, ports: dict[str, int]) -> Config:

@@ -154,7 +154,10 @@ class Sink:
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
-            await self.server.wait_closed()
+            try:  # bounded: a client connection left open must not hang the teardown
+                await asyncio.wait_for(self.server.wait_closed(), 5)
+            except asyncio.TimeoutError:
+                pass
             self.server = None
 
 
