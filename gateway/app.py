@@ -277,7 +277,7 @@ class Gateway:
                 return local_reply
             if all(r.local for r in tx.recipients):
                 tx.decision = "local"
-                return Rendered(250, "2.0.0", f"OK: done, trace id {tx.trace_id}")
+                return replies.HANDLED_LOCALLY.with_suffix(f", trace id {tx.trace_id}")
             if tx.extra.get("list") is not None:
                 reply = await self._relay_list_copies(tx, copies)
             else:
@@ -290,7 +290,7 @@ class Gateway:
         tx.mark("relayed")
         if reply.is_positive:
             tx.ledger.append(Outcome("relay", Result.PASS, f"upstream {tx.upstream}"))
-            return Rendered(250, "2.0.0", f"OK: relayed, trace id {tx.trace_id} ({reply.text})")
+            return replies.RELAYED.with_suffix(f", trace id {tx.trace_id} ({reply.text})")
         tx.ledger.append(Outcome("relay", Result.FAIL, reply.render(), reply))
         return reply
 

@@ -44,10 +44,14 @@ class Reply:
         parts.append(_UNSAFE.sub(" ", text))
         return " ".join(parts)
 
+    def with_suffix(self, suffix: str) -> "Rendered":
+        """This reply with ``suffix`` appended to its text as is (e.g. ", trace id X")."""
+        text = f"{self.rule} {self.text}{suffix}" if self.rule else f"{self.text}{suffix}"
+        return Rendered(self.code, self.enhanced, text)
+
     def with_detail(self, detail: str) -> "Rendered":
         """This reply with a run-time detail appended to its text (rule id kept)."""
-        text = f"{self.rule} {self.text}: {detail}" if self.rule else f"{self.text}: {detail}"
-        return Rendered(self.code, self.enhanced, text)
+        return self.with_suffix(f": {detail}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +80,9 @@ R = Reply
 OK = R(250, "2.0.0", "OK")
 SENDER_OK = R(250, "2.1.0", "Sender OK")
 RECIPIENT_OK = R(250, "2.1.5", "Recipient OK")
-QUEUED = R(250, "2.0.0", "OK: relayed")  # text is completed with the trace id
+RELAYED = R(250, "2.0.0", "OK: relayed")        # completed with the trace id and the upstream's answer
+HANDLED_LOCALLY = R(250, "2.0.0", "OK: done")   # service mailboxes / unsubscribe only; with the trace id
+HELP = R(214, "2.0.0", "See https://www.rfc-editor.org/rfc/rfc5321 and the provider's policy")
 RESET = R(250, "2.0.0", "Reset")
 NOOP = R(250, "2.0.0", "OK")
 BYE = R(221, "2.0.0", "Bye")
@@ -89,7 +95,6 @@ START_DATA = R(354, "", "End data with <CR><LF>.<CR><LF>")
 SYNTAX_ERROR = R(500, "5.5.2", "Syntax error, command unrecognized", "P-STD")
 LINE_TOO_LONG = R(500, "5.5.2", "Line too long", "P-STD")
 ARG_SYNTAX = R(501, "5.5.4", "Syntax error in parameters or arguments", "P-STD")
-NOT_IMPLEMENTED = R(502, "5.5.1", "Command not implemented", "P-STD")
 EXPN_DISABLED = R(502, "5.5.1", "EXPN gives nothing", "P-HARVEST")
 BAD_SEQUENCE = R(503, "5.5.1", "Bad sequence of commands", "P-STD")
 PARAM_UNKNOWN = R(555, "5.5.4", "MAIL FROM/RCPT TO parameters not recognized or not implemented", "P-STD")
@@ -98,7 +103,6 @@ NEED_MAIL = R(503, "5.5.1", "Need MAIL command", "P-STD")
 NEED_RCPT = R(503, "5.5.1", "Need RCPT command", "P-STD")
 NESTED_MAIL = R(503, "5.5.1", "Nested MAIL command", "P-STD")
 SMTPUTF8_REQUIRED = R(553, "5.6.7", "Non-ASCII address needs SMTPUTF8", "P-STD")
-STRICT_ASCII = R(500, "5.6.7", "Non-ASCII command without SMTPUTF8", "P-STD")
 TLS_NOT_AVAILABLE = R(454, "4.7.0", "TLS not available")
 TLS_REQUIRED = R(530, "5.7.0", "Must issue a STARTTLS command first", "P-RELAY")
 TLS_ALREADY = R(503, "5.5.1", "TLS already active", "P-STD")
@@ -139,7 +143,6 @@ BAD_RECIPIENT_SYNTAX = R(553, "5.1.3", "Bad recipient address syntax", "P-STD")
 # --- upstream (relay) ------------------------------------------------------------------------
 UPSTREAM_UNAVAILABLE = R(451, "4.4.1", "Upstream relay unavailable, try again later")
 UPSTREAM_TEMP_FAILURE = R(451, "4.4.1", "Upstream relay failed temporarily, try again later")
-UPSTREAM_REFUSED = R(550, "5.0.0", "Upstream relay refused")
 UPSTREAM_NO_SMTPUTF8 = R(451, "4.6.7", "No upstream relay supports SMTPUTF8, try again later")
 SERVICE_MAILBOX_FAILED = R(451, "4.3.0", "Could not store message, try again later")
 

@@ -507,7 +507,7 @@ class GatewaySMTP(AioSMTP):
         await self.reply(replies.EXPN_DISABLED)
 
     async def smtp_HELP(self, arg: str | None) -> None:
-        await self.push("214 2.0.0 See https://www.rfc-editor.org/rfc/rfc5321 and the provider's policy")
+        await self.reply(replies.HELP)
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         sess = self.gsession
