@@ -55,9 +55,27 @@ class _StatsCollector:
             for key, value in relay.stats.items():
                 fam.add_metric([key], value)
             yield fam
+        registry = getattr(gw, "registry", None)
+        if registry is not None:
+            yield from _registry_metrics(registry)
         fam = GaugeMetricFamily("gateway_smtp_connections", "Open SMTP connections")
         fam.add_metric([], gw.connections.total)
         yield fam
+
+
+def _registry_metrics(registry):
+    st = registry.stats
+    fam = CounterMetricFamily("gateway_registry_confirmations",
+                              "Confirmation (double opt-in) mails: sent, failed, or deferred by the account's "
+                              "budget (a single add queued, a resend refused, an outbox claim refused)",
+                              labels=["outcome"])
+    for key in ("sent", "failed", "deferred"):
+        fam.add_metric([key], st.get(f"confirmations_{key}", 0))
+    yield fam
+    yield CounterMetricFamily("gateway_registry_confirmation_budget_exhausted",
+                              "Times an account used up its budget of confirmation mails "
+                              "(once per account and window per gateway)",
+                              value=st.get("confirmation_budget_exhausted", 0))
 
 
 class Metrics:

@@ -54,6 +54,12 @@ class RateLimited(RegistryError):
         self.retry_after = retry_after
 
 
+class BudgetExhausted(RateLimited):
+    """The account's budget of confirmation mails for the current window
+    (registry ``confirmations_per_account`` per ``confirmation_window``) is used
+    up. ``retry_after``: until the next window."""
+
+
 class TokenError(RegistryError):
     """A confirmation/unsubscribe token that is forged, damaged or expired."""
 

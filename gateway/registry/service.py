@@ -25,12 +25,12 @@ from typing import Any, Callable, Sequence
 from urllib.parse import quote
 
 from .cache import Channel, LocalChannel, PostgresChannel, RedisChannel, SubscriptionCache
-from .model import (AddResult, Invalid, MailingList, NotFound, RecipientStatus, RegistryError,
+from .model import (AddResult, BudgetExhausted, Invalid, MailingList, NotFound, RecipientStatus, RegistryError,
                     RegistryUnavailable, Subscriber, TokenError, UnsubscribeResult, display_address,
                     list_name, mask_address, normalize_address, normalize_list_id, normalize_sender_pattern,
                     sender_matcher)
 from .settings import RegistrySettings
-from .store import Event, RegistryStore
+from .store import Budget, Event, RegistryStore
 from .tokens import UNSUBSCRIBE_TOKEN_CHARS, Keys, api_key_hash
 
 log = logging.getLogger("gateway.registry")
@@ -182,7 +182,9 @@ class RegistryService:
         self._tasks: set[asyncio.Task] = set()
         self._outbox_task: asyncio.Task | None = None
         self._outbox_kick = asyncio.Event()
-        self.stats = {"confirmations_sent": 0, "confirmations_failed": 0, "unsubscribes": 0}
+        self.stats = {"confirmations_sent": 0, "confirmations_failed": 0, "unsubscribes": 0,
+                      "confirmations_deferred": 0, "confirmation_budget_exhausted": 0}
+        self._budget_warned: dict[int, float] = {}   # account id -> window whose exhaustion was logged
 
     # ============================================================ life cycle
     async def start(self, *, listen: bool = True, outbox: bool = True, connect_wait: float = 5.0) -> None:
@@ -502,6 +504,40 @@ class RegistryService:
             return False, f"{type(exc).__name__}: {exc}"
         return True, reply.render()
 
+    def _budget(self) -> Budget:
+        """The per-account budget of confirmation mails: at most
+        ``confirmations_per_account`` per fixed ``confirmation_window`` (0: none),
+        so a bought list imported at once does not make the gateway mail
+        thousands of strangers; the rest waits in the queue for later windows.
+
+        Counted in the database (table ``confirmation_budget``, one row per
+        account and window), not in the gateway's Counters: every gateway
+        sharing the registry database shares the database, but not necessarily
+        the counters (the memory backend is per process), and a reservation is
+        a conditional UPDATE in the *same transaction* as the claim of the mail
+        (``add_pending``, ``claim_resend``, ``claim_outbox``), so a claim lost to
+        another gateway or rolled back never consumes budget, and gateways
+        together never overdraw it. Not derived from ``confirm_sent_at`` either:
+        a resend overwrites it and a removed subscriber takes it away, which
+        would let an add/remove loop reset the budget."""
+        return Budget(self.settings.confirmations_per_account, self.settings.confirmation_window)
+
+    def _budget_exhausted(self, account_id: int, account_name: str, window_start: float) -> None:
+        """A confirmation mail was held back by the budget: count it, and warn
+        once per account and window (per gateway process): operators want to
+        notice bought-list imports."""
+        self.stats["confirmations_deferred"] += 1
+        if self._budget_warned.get(account_id) == window_start:
+            return
+        if len(self._budget_warned) > 10_000:
+            self._budget_warned = {a: w for a, w in self._budget_warned.items() if w >= window_start}
+        self._budget_warned[account_id] = window_start
+        self.stats["confirmation_budget_exhausted"] += 1
+        b = self._budget()
+        log.warning("account %s used up its budget of %d confirmation mails per %g s; further confirmation "
+                    "mails stay queued until %s (a bought or old list being imported?)", account_name, b.limit,
+                    b.window, format_datetime(datetime.fromtimestamp(window_start + b.window, timezone.utc)))
+
     async def _deliver(self, lst: MailingList, address: str, address_hash: str, nonce: str,
                        source: str = "") -> str:
         ok, detail = await self._send_confirmation(lst, address, address_hash, nonce, source)
@@ -516,8 +552,10 @@ class RegistryService:
         return status
 
     async def _outbox(self) -> None:
-        """Send queued confirmation mails (bulk imports, CLI). Several gateways
-        may run this: claims are atomic per subscriber."""
+        """Send queued confirmation mails (bulk imports, CLI, single adds over
+        the budget). Several gateways may run this: claims are atomic per
+        subscriber and take the account's budget in the same transaction;
+        accounts over budget are skipped until their window turns."""
         sem = asyncio.Semaphore(self.settings.outbox_concurrency)
         stale_after = max(60.0, self.settings.send_timeout * 2)
         while True:
@@ -528,7 +566,9 @@ class RegistryService:
             self._outbox_kick.clear()
             try:
                 while True:
-                    batch = await self.store.claim_outbox(self.settings.outbox_batch, stale_after)
+                    batch = await self.store.claim_outbox(self.settings.outbox_batch, stale_after,
+                                                          budget=self._budget(),
+                                                          on_exhausted=self._budget_exhausted)
                     if not batch:
                         break
                     lists: dict[str, MailingList | None] = {}
@@ -638,16 +678,23 @@ class RegistryService:
         Conflict("exists") if subscribed/pending, Conflict("suppressed") if the
         address opted out and ``reoptin`` is false; with ``reoptin`` a fresh
         double opt-in starts (RateLimited if one was started within
-        reoptin_interval). ``confirmation`` of the result: sent | failed."""
+        reoptin_interval). ``confirmation`` of the result: sent | failed, or
+        queued when the account's budget of confirmation mails for this window
+        is used up (the outbox sends it in a later window)."""
         lst = await self.get_list(account_name, list_id)
         keys = self._need_keys()
         ev = self._evidence({"address": address, "source": source, "ip": ip, "user_agent": user_agent,
                              "requested_at": requested_at}, "")
         addr_hash = keys.address_hash(lst.id, ev["address"])
+        budget = self._budget()
         sub, nonce = await self._db(self.store.add_pending(
             lst.id, ev["address"], addr_hash, source=ev["source"], requested_at=ev["requested_at"], ip=ev["ip"],
             user_agent=ev["user_agent"], reoptin=reoptin, reoptin_interval=self.settings.reoptin_interval,
-            confirm_status="sending"))
+            confirm_status="sending", account_id=lst.account_id, budget=budget))
+        if sub.confirmation == "queued":
+            self._budget_exhausted(lst.account_id, lst.account, budget.start(self.clock()))
+            return AddResult(sub, "queued", "the account's budget of confirmation mails for this window is used "
+                                            "up; the mail is queued and goes out in a later window")
         status = await self._deliver(lst, ev["address"], addr_hash, nonce, ev["source"])
         sub = await self._db(self.store.subscriber(lst.id, addr_hash)) or sub
         return AddResult(sub, status)
@@ -657,7 +704,8 @@ class RegistryService:
         """Bulk add: all rows are validated first (Invalid names the first bad
         field, e.g. ``subscribers[3].address``; nothing is stored then); each new
         address becomes pending with its confirmation mail queued (sent by the
-        outbox within outbox_interval). Returns one result per row:
+        outbox within outbox_interval, as far as the account's budget of
+        confirmation mails allows; the rest in later windows). Returns one result per row:
         {"address", "result": queued|exists|suppressed|rate_limited|duplicate, "reason"}."""
         lst = await self.get_list(account_name, list_id)
         keys = self._need_keys()
@@ -734,12 +782,20 @@ class RegistryService:
 
     async def resend_confirmation(self, account_name: str, list_id: str, address: str) -> str:
         """Send the confirmation mail again: RateLimited within resend_interval
-        of the last one or after max_confirmation_mails; "sent" | "failed"."""
+        of the last one or after max_confirmation_mails, BudgetExhausted (a
+        RateLimited, retry_after = until the next window) when the account's
+        budget of confirmation mails is used up; "sent" | "failed"."""
         lst = await self.get_list(account_name, list_id)
         addr = normalize_address(address)
         addr_hash = self._need_keys().address_hash(lst.id, addr)
-        address, nonce = await self._db(self.store.claim_resend(
-            lst.id, addr_hash, self.settings.resend_interval, self.settings.max_confirmation_mails))
+        budget = self._budget()
+        try:
+            address, nonce = await self._db(self.store.claim_resend(
+                lst.id, addr_hash, self.settings.resend_interval, self.settings.max_confirmation_mails,
+                account_id=lst.account_id, budget=budget))
+        except BudgetExhausted:
+            self._budget_exhausted(lst.account_id, lst.account, budget.start(self.clock()))
+            raise
         return await self._deliver(lst, address, addr_hash, nonce)
 
     async def list_stats(self, account_name: str, list_id: str) -> dict:

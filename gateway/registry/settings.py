@@ -28,6 +28,12 @@ class RegistrySettings:
     outbox_interval: float = 2.0       # how often queued confirmation mails (bulk import) are sent
     outbox_batch: int = 200
     outbox_concurrency: int = 8
+    # Budget of confirmation mails per account: at most confirmations_per_account
+    # in each fixed confirmation_window (aligned to multiples of it), counted in
+    # the database, so shared by every gateway on it. A mail beyond it waits in the
+    # queue (subscriber pending) until a later window. 0 = no budget.
+    confirmations_per_account: int = 500
+    confirmation_window: float = 3600.0
     max_bulk: int = 10000              # subscribers per import request
     cache_size: int = 200_000          # (list, address) entries, positive and negative
     cache_ttl: float = 300.0           # an entry is re-read after this even without invalidation
@@ -64,6 +70,10 @@ class RegistrySettings:
         for name in ("max_confirmation_mails", "outbox_batch", "outbox_concurrency", "max_bulk", "cache_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1")
+        if self.confirmations_per_account < 0:
+            raise ValueError("confirmations_per_account: must be 0 (no budget) or more")
+        if self.confirmation_window < 1:
+            raise ValueError("confirmation_window: must be at least 1 second")
         if "{list}" not in self.confirm_subject:
             raise ValueError("confirm_subject: must contain {list}")
         if not self.channel.replace("_", "").isalnum() or len(self.channel) > 63:

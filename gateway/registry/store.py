@@ -8,15 +8,16 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ..storage.schema import (account_domains, accounts, api_keys, list_senders, list_subscribers,
-                              list_suppressions, mailing_lists, registry_state)
-from .model import Conflict, MailingList, NotFound, RateLimited, RecipientStatus, Subscriber
+from ..storage.schema import (account_domains, accounts, api_keys, confirmation_budget, list_senders,
+                              list_subscribers, list_suppressions, mailing_lists, registry_state)
+from .model import BudgetExhausted, Conflict, MailingList, NotFound, RateLimited, RecipientStatus, Subscriber
 
 if TYPE_CHECKING:
     from .fastpath import FastLookups
@@ -67,6 +68,26 @@ def _subscriber(row) -> Subscriber:
 
 def new_nonce() -> str:
     return secrets.token_hex(8)
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """Confirmation mails per account in fixed windows (registry settings
+    ``confirmations_per_account`` / ``confirmation_window``); limit 0: none."""
+    limit: int
+    window: float
+
+    def start(self, now: float) -> float:
+        """The current window: a multiple of ``window``, the same on every gateway."""
+        return (now // self.window) * self.window
+
+    @property
+    def active(self) -> bool:
+        return self.limit > 0
+
+
+class _ClaimLost(Exception):
+    """Another gateway claimed the row first: roll back the budget taken for it."""
 
 
 class RegistryStore:
@@ -274,16 +295,24 @@ class RegistryStore:
 
     async def add_pending(self, list_id: str, address: str, address_hash: str, *, source: str,
                           requested_at: float, ip: str, user_agent: str, reoptin: bool,
-                          reoptin_interval: float, confirm_status: str) -> tuple[Subscriber, str]:
+                          reoptin_interval: float, confirm_status: str, account_id: int | None = None,
+                          budget: Budget | None = None) -> tuple[Subscriber, str]:
         """Insert a pending subscriber; (subscriber, nonce). Refuses an existing
         subscriber, and an opted-out address unless ``reoptin`` starts a fresh
-        double opt-in (at most once per ``reoptin_interval``)."""
+        double opt-in (at most once per ``reoptin_interval``). With
+        ``confirm_status="sending"`` and a ``budget``, the mail takes one of the
+        account's budget in the same transaction; if that is used up the
+        subscriber is stored with the mail "queued" instead (the outbox sends it
+        in a later window): ``subscriber.confirmation`` tells which."""
         now = self.clock()
         nonce = new_nonce()
         events = [("s", list_id, address_hash)]
         try:
             async with self.engine.begin() as conn:
                 await self._check_new(conn, list_id, address_hash, reoptin, reoptin_interval, now)
+                if (confirm_status == "sending" and budget is not None and account_id is not None
+                        and not await self._reserve(conn, account_id, budget, now)):
+                    confirm_status = "queued"
                 await conn.execute(list_subscribers.insert().values(
                     list_id=list_id, address=address, address_hash=address_hash, status="pending",
                     nonce=nonce, source=source, requested_at=requested_at, requested_ip=ip,
@@ -298,6 +327,30 @@ class RegistryStore:
         sub = await self.subscriber(list_id, address_hash)
         assert sub is not None
         return sub, nonce
+
+    async def _reserve(self, conn: AsyncConnection, account_id: int, budget: Budget | None, now: float) -> bool:
+        """Take one confirmation mail of the account's budget for the current
+        window, inside the caller's transaction (a rollback gives it back).
+        False: used up. The conditional UPDATE is atomic, so gateways sharing
+        the database never overdraw it together."""
+        if budget is None or not budget.active:
+            return True
+        start = budget.start(now)
+        row = (confirmation_budget.c.account_id == account_id) & (confirmation_budget.c.window_start == start)
+        take = (confirmation_budget.update().where(row & (confirmation_budget.c.sent < budget.limit))
+                .values(sent=confirmation_budget.c.sent + 1))
+        if (await conn.execute(take)).rowcount == 1:
+            return True
+        if self.postgres:
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        new = await conn.execute(insert(confirmation_budget).values(account_id=account_id, window_start=start,
+                                                                    sent=0).on_conflict_do_nothing())
+        if new.rowcount == 1:  # the account's first mail of this window: forget its older windows
+            await conn.execute(confirmation_budget.delete().where(
+                (confirmation_budget.c.account_id == account_id) & (confirmation_budget.c.window_start < start)))
+        return (await conn.execute(take)).rowcount == 1
 
     async def _check_new(self, conn, list_id, address_hash, reoptin, reoptin_interval, now) -> None:
         row = (await conn.execute(sa.select(list_subscribers.c.status).where(
@@ -426,9 +479,10 @@ class RegistryStore:
         return res.rowcount > 0
 
     # ------------------------------------------------------------ confirmation mail state
-    async def claim_resend(self, list_id: str, address_hash: str, interval: float,
-                           max_mails: int) -> tuple[str, str]:
-        """Reserve one more confirmation mail: (address, nonce), or raise."""
+    async def claim_resend(self, list_id: str, address_hash: str, interval: float, max_mails: int, *,
+                           account_id: int | None = None, budget: Budget | None = None) -> tuple[str, str]:
+        """Reserve one more confirmation mail: (address, nonce), or raise
+        (BudgetExhausted when the account's budget for this window is used up)."""
         now = self.clock()
         async with self.engine.begin() as conn:
             row = (await conn.execute(sa.select(list_subscribers).where(
@@ -443,6 +497,12 @@ class RegistryStore:
                                   f"sent for this subscription (remove and add it again later)", 86400.0)
             if row.confirm_sent_at is not None and now - row.confirm_sent_at < interval:
                 raise RateLimited("a confirmation mail was sent recently", interval - (now - row.confirm_sent_at))
+            if account_id is not None and not await self._reserve(conn, account_id, budget, now):
+                assert budget is not None
+                raise BudgetExhausted(
+                    f"this account's budget of {budget.limit} confirmation mails per {budget.window:g} seconds "
+                    f"is used up; queued confirmation mails go out first when the next window starts",
+                    budget.start(now) + budget.window - now)
             res = await conn.execute(list_subscribers.update().where(
                 (list_subscribers.c.id == row.id) & (list_subscribers.c.confirm_mails == row.confirm_mails))
                 .values(confirm_status="sending", confirm_sent_at=now, confirm_mails=row.confirm_mails + 1))
@@ -456,31 +516,71 @@ class RegistryStore:
                 (list_subscribers.c.list_id == list_id) & (list_subscribers.c.address_hash == address_hash)
                 & (list_subscribers.c.status == "pending")).values(confirm_status=status))
 
-    async def claim_outbox(self, limit: int, stale_after: float) -> list[tuple[str, str, str, str]]:
+    async def claim_outbox(self, limit: int, stale_after: float, *, budget: Budget | None = None,
+                           on_exhausted: Callable[[int, str, float], None] | None = None
+                           ) -> list[tuple[str, str, str, str]]:
         """Claim queued confirmation mails (also ones stuck in 'sending' after a
         crash): [(list_id, address, address_hash, nonce)]. A conditional update
-        per row makes the claim safe with several gateways."""
+        per row makes the claim safe with several gateways.
+
+        With a ``budget`` each claim also takes one mail of the list owner's
+        budget, in the same transaction. Rows of an account whose budget for the
+        current window is used up are not claimed (they stay "queued" with
+        ``confirm_mails`` unchanged: no send attempt is counted, and they never
+        look like a stale claim), and the query leaves them out until the window
+        turns, so they cost no reads or writes and never stand in the way of
+        other accounts' rows. ``on_exhausted(account_id, account_name,
+        window_start)`` is called when a claim finds an account's budget used up."""
         now = self.clock()
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(
-                sa.select(list_subscribers.c.id, list_subscribers.c.list_id, list_subscribers.c.address,
-                          list_subscribers.c.address_hash, list_subscribers.c.nonce,
-                          list_subscribers.c.confirm_status, list_subscribers.c.confirm_sent_at,
-                          list_subscribers.c.confirm_mails)
-                .where((list_subscribers.c.status == "pending") & (
-                    (list_subscribers.c.confirm_status == "queued")
-                    | ((list_subscribers.c.confirm_status == "sending")
-                       & (list_subscribers.c.confirm_sent_at < now - stale_after))))
-                .order_by(list_subscribers.c.id).limit(limit))).all()
-        claimed = []
-        for r in rows:
-            async with self.engine.begin() as conn:
-                res = await conn.execute(list_subscribers.update().where(
-                    (list_subscribers.c.id == r.id) & (list_subscribers.c.confirm_status == r.confirm_status)
-                    & (list_subscribers.c.confirm_mails == r.confirm_mails))
-                    .values(confirm_status="sending", confirm_sent_at=now, confirm_mails=r.confirm_mails + 1))
-            if res.rowcount == 1:
+        limited = budget is not None and budget.active
+        claimed: list[tuple[str, str, str, str]] = []
+        # Each pass claims rows, or finds an account exhausted (left out by the next
+        # query), or loses its rows to another gateway: a few passes always suffice.
+        for _ in range(8):
+            q = (sa.select(list_subscribers.c.id, list_subscribers.c.list_id, list_subscribers.c.address,
+                           list_subscribers.c.address_hash, list_subscribers.c.nonce,
+                           list_subscribers.c.confirm_status, list_subscribers.c.confirm_sent_at,
+                           list_subscribers.c.confirm_mails, mailing_lists.c.account_id,
+                           accounts.c.name.label("account_name"))
+                 .join(mailing_lists, mailing_lists.c.id == list_subscribers.c.list_id)
+                 .join(accounts, accounts.c.id == mailing_lists.c.account_id)
+                 .where((list_subscribers.c.status == "pending") & (
+                     (list_subscribers.c.confirm_status == "queued")
+                     | ((list_subscribers.c.confirm_status == "sending")
+                        & (list_subscribers.c.confirm_sent_at < now - stale_after)))))
+            if limited:
+                assert budget is not None
+                q = q.where(mailing_lists.c.account_id.not_in(
+                    sa.select(confirmation_budget.c.account_id).where(
+                        (confirmation_budget.c.window_start == budget.start(now))
+                        & (confirmation_budget.c.sent >= budget.limit))))
+            async with self.engine.connect() as conn:
+                rows = (await conn.execute(q.order_by(list_subscribers.c.id).limit(limit))).all()
+            if not rows:
+                break
+            exhausted: set[int] = set()
+            for r in rows:
+                if r.account_id in exhausted:
+                    continue
+                try:
+                    async with self.engine.begin() as conn:
+                        if limited and not await self._reserve(conn, r.account_id, budget, now):
+                            exhausted.add(r.account_id)
+                            if on_exhausted is not None:
+                                on_exhausted(r.account_id, r.account_name, budget.start(now))
+                            continue
+                        res = await conn.execute(list_subscribers.update().where(
+                            (list_subscribers.c.id == r.id) & (list_subscribers.c.confirm_status == r.confirm_status)
+                            & (list_subscribers.c.confirm_mails == r.confirm_mails))
+                            .values(confirm_status="sending", confirm_sent_at=now,
+                                    confirm_mails=r.confirm_mails + 1))
+                        if res.rowcount != 1:
+                            raise _ClaimLost
+                except _ClaimLost:
+                    continue
                 claimed.append((r.list_id, r.address, r.address_hash, r.nonce))
+            if claimed or not exhausted:
+                break
         return claimed
 
     # ------------------------------------------------------------ reading

@@ -115,6 +115,15 @@ registry_state = sa.Table(
     sa.Column("version", sa.BigInteger, nullable=False, server_default="0"),  # change counter (local mode)
 )
 
+# Confirmation mails sent per account and fixed window (migration 0004): the
+# per-account budget of double opt-in mails, shared by every gateway on the database.
+confirmation_budget = sa.Table(
+    "confirmation_budget", metadata,
+    sa.Column("account_id", sa.Integer, sa.ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("window_start", sa.Float, primary_key=True),                  # multiple of confirmation_window
+    sa.Column("sent", sa.Integer, nullable=False, server_default="0"),
+)
+
 # --- operator block lists, P-BLOCK (migration 0003) ---------------------------------
 block_entries = sa.Table(
     "block_entries", metadata,

@@ -105,7 +105,10 @@ class SubscriberOut(BaseModel):
 
 
 class AddOut(SubscriberOut):
-    confirmation: Literal["sent", "failed"]
+    confirmation: Literal["sent", "failed", "queued"] = Field(
+        ..., description="sent: the confirmation mail went out; failed: it could not be handed to the "
+                         "upstream (resend later); queued: the account's budget of confirmation mails for "
+                         "this window is used up, the gateway sends it in a later window")
 
 
 class ImportRow(BaseModel):
@@ -289,7 +292,10 @@ def registry_router(gateway: "Gateway") -> APIRouter:
     # --------------------------------------------------------------- subscribers
     @router.post("/lists/{list_id}/subscribers", status_code=202, response_model=AddOut,
                  responses={409: {"model": ErrorOut}, 429: {"model": ErrorOut}},
-                 summary="Add a subscriber: pending until they confirm the mail the gateway sends")
+                 summary="Add a subscriber: pending until they confirm the mail the gateway sends",
+                 description="The confirmation mail is sent at once (confirmation: sent or failed), or queued "
+                             "when the account's budget of confirmation mails for the current window is used "
+                             "up (confirmation: queued; the gateway sends it in a later window).")
     async def add_subscriber(list_id: ListPath, body: SubscriberAdd, acc: Account):
         res = await registry().add_subscriber(acc, list_id, body.address, source=body.source, ip=body.ip,
                                               user_agent=body.user_agent, requested_at=body.requested_at,
@@ -299,7 +305,9 @@ def registry_router(gateway: "Gateway") -> APIRouter:
         return out
 
     @router.post("/lists/{list_id}/subscribers/import", status_code=202, response_model=ImportOut,
-                 summary="Bulk import: each new address becomes pending; confirmation mails are queued")
+                 summary="Bulk import: each new address becomes pending; confirmation mails are queued",
+                 description="The gateway sends the queued confirmation mails in the background, at most the "
+                             "account's budget of confirmation mails per window; the rest in later windows.")
     async def import_subscribers(list_id: ListPath, body: SubscriberImport, acc: Account):
         rows = [r.model_dump() for r in body.subscribers]
         results = await registry().import_subscribers(acc, list_id, rows, reoptin=body.reoptin, source=body.source)
@@ -307,7 +315,10 @@ def registry_router(gateway: "Gateway") -> APIRouter:
 
     @router.post("/lists/{list_id}/subscribers/resend", status_code=202,
                  responses={429: {"model": ErrorOut}, 409: {"model": ErrorOut}},
-                 summary="Send the confirmation mail again (rate-limited)")
+                 summary="Send the confirmation mail again (rate-limited)",
+                 description="429 (with Retry-After) within resend_interval of the last mail, after "
+                             "max_confirmation_mails, or while the account's budget of confirmation mails "
+                             "for the current window is used up (Retry-After: until the next window).")
     async def resend(list_id: ListPath, body: AddressRef, acc: Account) -> dict:
         return {"confirmation": await registry().resend_confirmation(acc, list_id, body.address)}
 
