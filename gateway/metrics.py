@@ -76,6 +76,31 @@ def _registry_metrics(registry):
                               "Times an account used up its budget of confirmation mails "
                               "(once per account and window per gateway)",
                               value=st.get("confirmation_budget_exhausted", 0))
+    cache = registry.cache
+    snaps = cache.snapshots
+    fam = CounterMetricFamily("gateway_registry_lookups", "RCPT subscription lookups by what answered them",
+                              labels=["answered_by"])
+    fam.add_metric(["list_snapshot"], snaps.stats["hits"] if snaps is not None else 0)
+    fam.add_metric(["entry_cache"], cache.stats["hits"])
+    fam.add_metric(["database"], cache.stats["misses"])
+    yield fam
+    g = GaugeMetricFamily("gateway_registry_channel_healthy",
+                          "1 while the invalidation channel is up (else every lookup reads the database)")
+    g.add_metric([], 1 if cache.healthy else 0)
+    yield g
+    if snaps is not None:
+        g = GaugeMetricFamily("gateway_registry_snapshot_lists", "Mailing lists held in memory")
+        g.add_metric([], len(snaps))
+        yield g
+        g = GaugeMetricFamily("gateway_registry_snapshot_entries", "Subscription entries held in memory")
+        g.add_metric([], snaps.entries)
+        yield g
+        fam = CounterMetricFamily("gateway_registry_snapshot_loads", "List snapshot loads by result",
+                                  labels=["result"])
+        for key, label in (("loads", "loaded"), ("too_big", "too_big"), ("load_failures", "failed"),
+                           ("discarded", "discarded"), ("evictions", "evicted")):
+            fam.add_metric([label], snaps.stats[key])
+        yield fam
 
 
 class Metrics:

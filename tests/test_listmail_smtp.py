@@ -309,8 +309,18 @@ async def test_subscriber_life_through_http_and_smtp(gateway_factory, sink, stor
         # the unsubscribe page (GET) changes nothing; the RFC 8058 one-click POST opts bob out
         r = await c.get(bob["https"])
         assert r.status_code == 200 and "<button" in r.text
+        # meanwhile the whole list has been loaded into the gateway's memory: from now on
+        # RCPTs are answered from there (and the opt-out below must reach it)
+        snaps = h.gw.registry.cache.snapshots
+        deadline = time.monotonic() + 10
+        while not snaps.ready(lid):
+            assert time.monotonic() < deadline, "the list was not loaded into memory"
+            await asyncio.sleep(0.02)
         _, got, _ = await _transaction(smtp, "news@example.com", ["bob@example.org"], None)
         assert got["bob@example.org"][0] == 250
+        metrics = (await c.get("/metrics")).text
+        assert re.search(r'gateway_registry_lookups_total\{answered_by="list_snapshot"\} [1-9]', metrics), metrics
+        assert "gateway_registry_snapshot_lists 1.0" in metrics and "gateway_registry_channel_healthy 1.0" in metrics
         r = await c.post(bob["https"], content=b"List-Unsubscribe=One-Click",
                          headers={"Content-Type": "application/x-www-form-urlencoded"})
         assert r.status_code == 200 and "unsubscribed" in r.text.lower()
@@ -629,6 +639,7 @@ async def test_pipelined_rcpts_of_list_mail_share_one_lookup(gateway_factory, si
     reg = h.gw.registry
     await reg.create_list("alice", name="News", list_id="news.example.com", senders=["news@example.com"],
                           confirm_from="confirm@example.com")
+    reg.cache.snapshots = None     # misses, not the list's in-memory snapshot
     fast = reg.store.fast
     assert fast is not None, "PostgreSQL storage uses the RCPT fast path"
     reader, writer = await asyncio.open_connection("127.0.0.1", h.port())

@@ -20,6 +20,7 @@ import uvloop
 
 from conftest import need, tcp_reachable
 from gateway.accounts.store import AccountStore
+from gateway.registry.cache import HashSet, ListSnapshots
 from gateway.registry.model import (Conflict, Invalid, NotFound, RateLimited, RegistryUnavailable, TokenError,
                                     normalize_address)
 from gateway.registry.service import RegistryService
@@ -421,6 +422,7 @@ async def test_bulk_import_validates_all_then_queues(env: Env):
 
 async def test_cache_answers_without_database_and_invalidates(env: Env):
     svc = env.svc
+    svc.cache.snapshots = None     # the per-entry layer alone (list snapshots: test_snapshot_*)
     lid = await env.new_list()
     await env.subscribe(lid, "erin@example.org")
     # On PostgreSQL the NOTIFY of our own writes comes back through LISTEN a
@@ -458,11 +460,225 @@ async def test_cache_answers_without_database_and_invalidates(env: Env):
 
 async def test_cache_is_bounded_lru(env: Env):
     svc = env.svc
+    svc.cache.snapshots = None     # the per-entry layer alone
     svc.cache.size = 50
     lid = await env.new_list()
     for i in range(200):
         await svc.recipient_status(lid, f"x{i}@example.org")
     assert len(svc.cache) == 50
+
+
+# ---------------------------------------------------------------- list snapshots
+async def _snapshot_ready(svc, lid: str, timeout: float = 10.0) -> None:
+    snaps = svc.cache.snapshots
+    deadline = time.monotonic() + timeout
+    while not snaps.ready(lid):
+        assert time.monotonic() < deadline, f"list snapshot of {lid} not loaded within {timeout} s"
+        await asyncio.sleep(0.01)
+
+
+def _counting_lookups(svc) -> list[int]:
+    calls = [0]
+    real = svc.store.lookup_status
+
+    async def counting(*a):
+        calls[0] += 1
+        return await real(*a)
+
+    svc.store.lookup_status = counting
+    return calls
+
+
+def _gated_pages(snaps) -> tuple[asyncio.Event, asyncio.Event]:
+    """Hold the snapshot load after its first page until ``gate`` is set."""
+    real = snaps.fetch_page
+    first, gate = asyncio.Event(), asyncio.Event()
+
+    async def gated(*a):
+        rows = await real(*a)
+        if not first.is_set():
+            first.set()
+            await gate.wait()
+        return rows
+
+    snaps.fetch_page = gated
+    return first, gate
+
+
+def test_hash_set_sorted_and_unsorted_pages():
+    keys = [(5 << 32) | 7, (5 << 32) | 3, 1, (1 << 95) + 12345, (5 << 32) | 9]
+    ordered, shuffled = HashSet(), HashSet()
+    for k in sorted(keys):
+        ordered.extend([k])
+    shuffled.extend(keys[:2])
+    shuffled.extend(keys[2:])
+    assert ordered.sorted and not shuffled.sorted
+    shuffled.finish()
+    for s in (ordered, shuffled):
+        assert len(s) == 5
+        assert all(k in s for k in keys)
+        assert (5 << 32) | 8 not in s and 0 not in s and (1 << 95) not in s and (6 << 32) not in s
+    assert list(ordered.hi) == list(shuffled.hi) and list(ordered.lo) == list(shuffled.lo)
+
+
+async def test_snapshot_answers_every_state_without_queries(env: Env):
+    """A list loaded into memory (in pages) answers confirmed, pending,
+    unsubscribed, pending-again-after-opt-out and unknown exactly as the
+    database does, with no lookup query."""
+    svc = env.svc
+    svc.cache.snapshots.page_size = 2
+    lid = await env.new_list()
+    for i in range(5):
+        await env.subscribe(lid, f"conf{i}@example.org")
+    await svc.add_subscriber(env.account, lid, "pend@example.org")
+    await env.subscribe(lid, "gone@example.org")
+    await svc.remove_subscriber(env.account, lid, "gone@example.org")
+    await env.subscribe(lid, "back@example.org")
+    await svc.remove_subscriber(env.account, lid, "back@example.org")
+    await svc.add_subscriber(env.account, lid, "back@example.org", reoptin=True)
+    await asyncio.sleep(0.5)        # PostgreSQL: our own NOTIFYs come back; let them land first
+    want = {f"conf{i}@example.org": "confirmed" for i in range(5)}
+    want.update({"pend@example.org": "pending", "gone@example.org": "unsubscribed",
+                 "back@example.org": "pending", "nobody@example.org": "unknown", "conf1@Example.ORG": "confirmed",
+                 "CONF1@example.org": "unknown"})     # domains are case-folded, local parts are not
+    assert await svc.recipient_status(lid, "conf0@example.org") == "confirmed"   # starts the load
+    await _snapshot_ready(svc, lid)
+    calls = _counting_lookups(svc)
+    hits = svc.cache.snapshots.stats["hits"]
+    assert {a: await svc.recipient_status(lid, a) for a in want} == want
+    assert calls[0] == 0 and svc.cache.snapshots.stats["hits"] - hits == len(want)
+    # 7 subscriber rows (5 confirmed, 2 pending) + 2 suppression entries ("gone", "back")
+    assert svc.cache.snapshots.entries == 9
+
+
+async def test_snapshot_changes_during_and_after_load(env: Env):
+    """Writes that land while the list is loading, or after, are answered from
+    the database (dirty), never from the snapshot's old state."""
+    svc = env.svc
+    snaps = svc.cache.snapshots
+    snaps.page_size = 2
+    lid = await env.new_list()
+    people = [f"p{i}@example.org" for i in range(6)]
+    for a in people:
+        await env.subscribe(lid, a)
+    await asyncio.sleep(0.5)
+    first, gate = _gated_pages(snaps)
+    assert await svc.recipient_status(lid, people[0]) == "confirmed"   # starts the load
+    await asyncio.wait_for(first.wait(), 5)
+    for a in people[:4]:                                      # some of these are in the page already read
+        await svc.remove_subscriber(env.account, lid, a)
+    gate.set()
+    await _snapshot_ready(svc, lid)
+    assert [await svc.recipient_status(lid, a) for a in people] == ["unsubscribed"] * 4 + ["confirmed"] * 2
+    # after the load: an opt-out is seen at once as well
+    await svc.remove_subscriber(env.account, lid, people[5])
+    assert await svc.recipient_status(lid, people[5]) == "unsubscribed"
+    await env.subscribe(lid, "new@example.org")
+    assert await svc.recipient_status(lid, "new@example.org") == "confirmed"
+
+
+async def test_snapshot_flush_during_load_discards_it(env: Env):
+    svc = env.svc
+    snaps = svc.cache.snapshots
+    snaps.page_size = 1
+    lid = await env.new_list()
+    for a in ("a@example.org", "b@example.org"):
+        await env.subscribe(lid, a)
+    first, gate = _gated_pages(snaps)
+    await svc.recipient_status(lid, "a@example.org")
+    await asyncio.wait_for(first.wait(), 5)
+    svc.cache.flush()                       # e.g. the invalidation channel reconnected
+    gate.set()
+    deadline = time.monotonic() + 5
+    while snaps.stats["discarded"] == 0:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    assert not snaps.ready(lid)
+    assert await svc.recipient_status(lid, "b@example.org") == "confirmed"   # a new load starts
+    await _snapshot_ready(svc, lid)
+
+
+async def test_snapshot_not_served_while_channel_down(env: Env):
+    svc = env.svc
+    lid = await env.new_list()
+    await env.subscribe(lid, "c@example.org")
+    await svc.recipient_status(lid, "c@example.org")
+    await _snapshot_ready(svc, lid)
+    calls = _counting_lookups(svc)
+    svc.cache.healthy = False
+    assert await svc.recipient_status(lid, "c@example.org") == "confirmed"
+    assert await svc.recipient_status(lid, "c@example.org") == "confirmed"
+    assert calls[0] == 2, "with the channel down every lookup reads the database"
+
+
+async def test_snapshot_budget_too_big_lru_and_failures(env: Env):
+    """A list over the budget is never held (its lookups read the database);
+    loading another list beyond the budget drops the least recently used one;
+    a failed load retries later and the database answers meanwhile."""
+    svc = env.svc
+    snaps = ListSnapshots(svc._snapshot_page, max_entries=3, refresh=900.0, page_size=2)
+    svc.cache.snapshots = snaps
+    big, small1, small2 = [await env.new_list(senders=[f"n{i}@example.com"]) for i in range(3)]
+    for i in range(5):
+        await env.subscribe(big, f"b{i}@example.org")
+    for lid in (small1, small2):
+        for i in range(2):
+            await env.subscribe(lid, f"s{i}@example.org")
+    await asyncio.sleep(0.5)
+    await svc.recipient_status(big, "b0@example.org")
+    deadline = time.monotonic() + 5
+    while snaps.stats["too_big"] == 0:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    assert not snaps.ready(big) and snaps.entries == 0
+    calls = _counting_lookups(svc)
+    assert await svc.recipient_status(big, "b4@example.org") == "confirmed" and calls[0] == 1
+    assert snaps.stats["too_big"] == 1, "not retried before snapshot_refresh"
+    await svc.recipient_status(small1, "s0@example.org")
+    await _snapshot_ready(svc, small1)
+    await svc.recipient_status(small2, "s0@example.org")
+    await _snapshot_ready(svc, small2)
+    assert not snaps.ready(small1) and snaps.stats["evictions"] == 1 and snaps.entries == 2
+
+    # a failing load: retried after retry_after, the database answers meanwhile
+    failing = ListSnapshots(svc._snapshot_page, max_entries=100, refresh=900.0, retry_after=0.2)
+    svc.cache.snapshots = failing
+
+    async def broken(*a):
+        raise ConnectionError("database went away")
+
+    failing.fetch_page = broken
+    assert await svc.recipient_status(small1, "s1@example.org") == "confirmed"
+    deadline = time.monotonic() + 5
+    while failing.stats["load_failures"] == 0:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    failing.fetch_page = svc._snapshot_page
+    assert await svc.recipient_status(small1, "s1@example.org") == "confirmed"
+    assert not failing.ready(small1), "no new attempt before retry_after"
+    await asyncio.sleep(0.25)
+    await svc.recipient_status(small1, "s1@example.org")
+    await _snapshot_ready(svc, small1)
+    await snaps.stop()
+
+
+async def test_snapshot_reloads_when_old(env: Env):
+    svc = env.svc
+    now = [1000.0]
+    snaps = ListSnapshots(svc._snapshot_page, max_entries=100, refresh=60.0, clock=lambda: now[0])
+    svc.cache.snapshots = snaps
+    lid = await env.new_list()
+    await env.subscribe(lid, "old@example.org")
+    await svc.recipient_status(lid, "old@example.org")
+    await _snapshot_ready(svc, lid)
+    assert snaps.stats["loads"] == 1
+    now[0] += 61
+    for _ in range(1024):       # the age is looked at every 1024 lookups
+        assert await svc.recipient_status(lid, "old@example.org") == "confirmed"
+    deadline = time.monotonic() + 5
+    while snaps.stats["loads"] < 2:
+        assert time.monotonic() < deadline, "an old snapshot is reloaded"
+        await asyncio.sleep(0.01)
 
 
 async def test_database_unreachable_raises_not_accepts(env: Env):
@@ -508,7 +724,12 @@ async def test_two_services_on_one_database_invalidate_each_other(env: Env):
     try:
         lid = await env.new_list()
         await env.subscribe(lid, "fred@example.org")
+        await asyncio.sleep(0.5)      # the NOTIFYs of these writes reach B first
         assert await svc_b.recipient_status(lid, "fred@example.org") == "confirmed"   # now cached in B
+        await _snapshot_ready(svc_b, lid)                   # and the whole list held in B's memory
+        hits = svc_b.cache.snapshots.stats["hits"]
+        assert await svc_b.recipient_status(lid, "fred@example.org") == "confirmed"
+        assert svc_b.cache.snapshots.stats["hits"] == hits + 1
         assert await svc_b.list_for_sender(env.account, "news@example.com") is not None
         t0 = time.monotonic()
         await env.svc.remove_subscriber(env.account, lid, "fred@example.org")
@@ -617,7 +838,7 @@ async def test_fast_path_answers_like_the_engine_and_batches(pg_url):
     """Every state answered through the asyncpg pool equals the SQLAlchemy
     answer; concurrent misses for one list share one query; the sender map
     read through the pool equals the engine's."""
-    svc, engine = await _make(pg_url, FakeRelay())
+    svc, engine = await _make(pg_url, FakeRelay(), snapshot_max_entries=0)   # misses, not snapshots
     try:
         accounts = AccountStore(engine, scrypt_n=16)
         acc = f"f-{uuid.uuid4().hex[:8]}"
@@ -665,7 +886,7 @@ async def test_fast_path_answers_like_the_engine_and_batches(pg_url):
 
 async def test_fast_path_race_with_invalidation_keeps_nothing(pg_url):
     """A lookup that read before an invalidation arrived must not be cached."""
-    svc, engine = await _make(pg_url, None)
+    svc, engine = await _make(pg_url, None, snapshot_max_entries=0)
     try:
         fast = svc.store.fast
         lid = "0123456789abcdef"

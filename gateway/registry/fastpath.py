@@ -1,8 +1,9 @@
 """Read-only fast path of the RCPT hot path on PostgreSQL.
 
-Two queries of the SMTP side — the subscription status of (list, address
-hash) and an account's lists with their envelope senders — are served through
-a dedicated asyncpg pool instead of the SQLAlchemy engine:
+Three queries of the SMTP side — the subscription status of (list, address
+hash), the pages that load a list's in-memory snapshot, and an account's
+lists with their envelope senders — are served through a dedicated asyncpg
+pool instead of the SQLAlchemy engine:
 
 - no SQLAlchemy/greenlet layer, no ``pool_pre_ping`` ``SELECT 1``, no implicit
   ``BEGIN``/``ROLLBACK``: one prepared statement (asyncpg caches it per
@@ -45,6 +46,13 @@ LISTS_SQL = (
     " FROM mailing_lists m JOIN accounts a ON a.id = m.account_id"
     " WHERE a.name = $1 ORDER BY m.created_at, m.id")
 
+PAGE_SQL = {
+    "subscribers": "SELECT address_hash, status FROM list_subscribers"
+                   " WHERE list_id = $1 AND address_hash > $2 ORDER BY address_hash LIMIT $3",
+    "suppressions": "SELECT address_hash, 'unsubscribed' FROM list_suppressions"
+                    " WHERE list_id = $1 AND address_hash > $2 ORDER BY address_hash LIMIT $3",
+}
+
 _RANK = {"confirmed": 0, "pending": 1, "unsubscribed": 2}
 MAX_BATCH = 500          # hashes per query
 MAX_RUNNING = 4          # batched status queries at once (per process); more misses wait for a slot
@@ -80,7 +88,7 @@ class FastLookups:
         self._flush_handle: asyncio.Handle | None = None
         self._tasks: set[asyncio.Task] = set()
         # queries/lookups/errors: status queries, hashes asked for, failed status queries
-        self.stats = {"queries": 0, "lookups": 0, "errors": 0, "list_queries": 0}
+        self.stats = {"queries": 0, "lookups": 0, "errors": 0, "list_queries": 0, "page_queries": 0}
 
     # ------------------------------------------------------------ pool
     async def _get_pool(self):
@@ -192,6 +200,14 @@ class FastLookups:
         self._running -= 1
         if self._pending and self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    async def subscription_page(self, list_id: str, table: str, after: str, limit: int) -> list[tuple[str, str]]:
+        """One page of a list snapshot's load (as RegistryStore.subscription_page)."""
+        pool = await self._get_pool()
+        self.stats["page_queries"] += 1
+        async with asyncio.timeout(self.timeout * 4):
+            rows = await pool.fetch(PAGE_SQL[table], list_id, after, limit)
+        return [(r[0], r[1]) for r in rows]
 
     async def lists(self, account_name: str) -> list[MailingList]:
         """The account's lists with their senders (as RegistryStore.lists(account_name=...))."""

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 from urllib.parse import quote
 
-from .cache import Channel, LocalChannel, PostgresChannel, RedisChannel, SubscriptionCache
+from .cache import Channel, ListSnapshots, LocalChannel, PostgresChannel, RedisChannel, SubscriptionCache
 from .model import (AddResult, BudgetExhausted, Invalid, MailingList, NotFound, RecipientStatus, RegistryError,
                     RegistryUnavailable, Subscriber, TokenError, UnsubscribeResult, display_address,
                     list_name, mask_address, normalize_address, normalize_list_id, normalize_sender_pattern,
@@ -177,6 +177,9 @@ class RegistryService:
                                    fast=fast)
         self.store.on_commit = self._on_commit
         self.cache = SubscriptionCache(settings.cache_size, settings.cache_ttl)
+        if settings.snapshot_max_entries > 0:
+            self.cache.snapshots = ListSnapshots(self._snapshot_page, max_entries=settings.snapshot_max_entries,
+                                                 refresh=settings.snapshot_refresh)
         self.channel: Channel | None = None
         self._inflight: dict[tuple, tuple[int, asyncio.Task]] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -224,6 +227,8 @@ class RegistryService:
         if self.channel is not None:
             await self.channel.stop()
             self.channel = None
+        if self.cache.snapshots is not None:
+            await self.cache.snapshots.stop()
         await self.store.close()
 
     @property
@@ -312,6 +317,10 @@ class RegistryService:
         status = await self._db(self.store.lookup_status(list_id, addr_hash))
         self.cache.put(list_id, addr_hash, status, gen)
         return status
+
+    async def _snapshot_page(self, list_id: str, table: str, after: str, limit: int) -> list[tuple[str, str]]:
+        async with asyncio.timeout(self.settings.lookup_timeout * 4):
+            return await self.store.subscription_page(list_id, table, after, limit)
 
     async def _coalesced(self, key: tuple, fn, *args):
         current = self._inflight.get(key)

@@ -37,6 +37,11 @@ class RegistrySettings:
     max_bulk: int = 10000              # subscribers per import request
     cache_size: int = 200_000          # (list, address) entries, positive and negative
     cache_ttl: float = 300.0           # an entry is re-read after this even without invalidation
+    # Whole lists in memory: every subscription state of a list that gets mail is
+    # loaded in the background (12 bytes per address); at most this many
+    # addresses over all lists (LRU beyond; a bigger list is never loaded). 0 = off.
+    snapshot_max_entries: int = 5_000_000
+    snapshot_refresh: float = 900.0    # a list snapshot is reloaded after this even without invalidation
     lookup_timeout: float = 3.0        # a database lookup on the RCPT path
     # PostgreSQL: RCPT lookups (and the sender map) read through their own asyncpg
     # pool of at most this many connections (read-only fast path); 0 = through
@@ -63,6 +68,10 @@ class RegistrySettings:
                      "cache_ttl", "lookup_timeout", "ping_interval", "poll_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be greater than 0")
+        if self.snapshot_max_entries < 0:
+            raise ValueError("snapshot_max_entries: must not be negative (0 = off)")
+        if self.snapshot_refresh <= 0:
+            raise ValueError("snapshot_refresh: must be greater than 0")
         if not 0 <= self.lookup_pool_size <= 500:
             raise ValueError("lookup_pool_size: must be between 0 (off) and 500")
         if self.reoptin_interval < 0:

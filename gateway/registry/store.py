@@ -271,6 +271,26 @@ class RegistryStore:
                 return status  # type: ignore[return-value]
         return "unknown"
 
+    async def subscription_page(self, list_id: str, table: str, after: str, limit: int) -> list[tuple[str, str]]:
+        """One page of a list's subscription states for its in-memory snapshot:
+        ``(address_hash, status)`` with address_hash > ``after``, ordered by
+        address_hash, at most ``limit``; ``table`` is "subscribers" (pending,
+        confirmed) or "suppressions" (status "unsubscribed"). An index range
+        scan on the unique (list_id, address_hash) index."""
+        if self.fast is not None:
+            return await self.fast.subscription_page(list_id, table, after, limit)
+        if table == "subscribers":
+            t, status = list_subscribers, list_subscribers.c.status
+        elif table == "suppressions":
+            t, status = list_suppressions, sa.literal("unsubscribed")
+        else:
+            raise ValueError(f"unknown table {table!r}")
+        q = (sa.select(t.c.address_hash, status)
+             .where((t.c.list_id == list_id) & (t.c.address_hash > after))
+             .order_by(t.c.address_hash).limit(limit))
+        async with self.engine.connect() as conn:
+            return [(r[0], r[1]) for r in (await conn.execute(q)).all()]
+
     async def subscriber(self, list_id: str, address_hash: str) -> Subscriber | None:
         async with self.engine.connect() as conn:
             row = (await conn.execute(sa.select(list_subscribers).where(
