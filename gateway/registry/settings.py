@@ -41,7 +41,7 @@ class RegistrySettings:
     # loaded in the background (12 bytes per address); at most this many
     # addresses over all lists (LRU beyond; a bigger list is never loaded). 0 = off.
     snapshot_max_entries: int = 5_000_000
-    snapshot_refresh: float = 900.0    # a list snapshot is reloaded after this even without invalidation
+    snapshot_refresh: float = 3600.0   # a list snapshot is reloaded after this even without invalidation
     lookup_timeout: float = 3.0        # a database lookup on the RCPT path
     # PostgreSQL: RCPT lookups (and the sender map) read through their own asyncpg
     # pool of at most this many connections (read-only fast path); 0 = through
