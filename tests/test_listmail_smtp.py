@@ -600,8 +600,15 @@ port = {sink.port}
             b = await _smtp(smtp_b)
             _, got, _ = await _transaction(b, "news@example.com", ["eve@example.org"], None)
             assert got["eve@example.org"][0] == 250, got          # B has eve cached as confirmed
+            # ... and loads the whole list into its memory: the opt-out must reach that too
+            deadline = time.monotonic() + 10
+            while "gateway_registry_snapshot_lists 1.0" not in (await c.get(f"http://127.0.0.1:{http_b}/metrics")).text:
+                assert time.monotonic() < deadline, "gateway B did not load the list into memory"
+                await asyncio.sleep(0.05)
             _, got, _ = await _transaction(b, "news@example.com", ["eve@example.org"], None)
             assert got["eve@example.org"][0] == 250, got
+            metrics = (await c.get(f"http://127.0.0.1:{http_b}/metrics")).text
+            assert re.search(r'gateway_registry_lookups_total\{answered_by="list_snapshot"\} [1-9]', metrics), metrics
 
             # the one-click URL as gateway A writes it into eve's mail
             lst = await h.gw.registry.get_list("alice", lid)
