@@ -13,11 +13,9 @@ reverse-DNS host names.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -25,9 +23,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvloop
 
-from conftest import MESSAGE, TEST_DNS, need, tcp_reachable
+from conftest import MESSAGE, TEST_DNS, pg_database_url, stop_process
 from smtp_client import cmd, proxied_session, reply
 from gateway.blocklist.matcher import Snapshot
 from gateway.blocklist.model import BlockEntry, Conflict, Invalid, NotFound, normalize
@@ -35,7 +32,6 @@ from gateway.blocklist.service import BlockList
 from gateway.storage.db import create_engine, migrate
 
 REPO = Path(__file__).resolve().parents[1]
-PG_HOST, PG_PORT = "127.0.0.1", 5432
 REGISTRY_SECRET = "test-blocklist-registry-secret-0123456789"
 PROPAGATION = 1.0          # the promise: every gateway within 1 s
 MARGIN = 0.5               # probing and scheduling slack on a loaded machine
@@ -515,42 +511,11 @@ def test_cli_usage_errors():
 
 
 # ====================================================================== two processes, PostgreSQL
-def _in_thread(coro_fn):
-    """Run a coroutine on its own loop in another thread (a fixture may run while a loop runs)."""
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(lambda: uvloop.run(coro_fn())).result(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def pg_url():
-    import asyncpg
-
-    need(tcp_reachable(PG_HOST, PG_PORT), f"PostgreSQL at {PG_HOST}:{PG_PORT} is not reachable")
-
-    def execute(user: str, sql: str):
-        async def run():
-            conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=user, database="test", timeout=5)
-            try:
-                await conn.execute(sql)
-            finally:
-                await conn.close()
-        return _in_thread(run)
-
-    user = None
-    for candidate in ("postgres", "root"):
-        try:
-            execute(candidate, "SELECT 1")
-            user = candidate
-            break
-        except Exception:
-            continue
-    need(user is not None, "PostgreSQL does not let user postgres or root into database 'test'")
-    name = f"gw_block_{secrets.token_hex(6)}"
-    execute(user, f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+asyncpg://{user}@{PG_HOST}:{PG_PORT}/{name}"
-    finally:
-        execute(user, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    url, drop = pg_database_url("gw_block")
+    yield url
+    drop()
 
 
 class GatewayProcess:
@@ -594,12 +559,7 @@ class GatewayProcess:
     async def stop(self) -> None:
         if self.proc is None or self.proc.returncode is not None:
             return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(self.proc.wait(), 15)
-        except asyncio.TimeoutError:
-            self.proc.kill()
-            await self.proc.wait()
+        await stop_process(self.proc)
         if self._drain is not None:
             self._drain.cancel()
 

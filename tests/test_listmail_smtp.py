@@ -21,7 +21,6 @@ import email
 import email.policy
 import os
 import re
-import signal
 import sys
 import time
 from email.utils import formatdate
@@ -32,8 +31,8 @@ import aiosmtplib
 import httpx
 import pytest
 
-from conftest import TEST_DNS, free_port
-from test_registry_store import _assert_nowhere, _in_thread, pg_database_url
+from conftest import TEST_DNS, free_port, in_thread, pg_database_url, stop_process
+from test_registry_store import _assert_nowhere
 
 SECRET = "listmail-test-registry-secret-0123456789"
 MAILTO = "unsub@gw.test"
@@ -41,16 +40,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------ storage: SQLite and PostgreSQL
-@pytest.fixture(params=["sqlite", "postgresql"])
-def storage_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}"
-        return
-    url, drop = pg_database_url()
-    yield url
-    drop()
-
-
 @pytest.fixture
 def pg_url():
     url, drop = pg_database_url()
@@ -76,7 +65,7 @@ async def _pg_admin(url: str, sql: str) -> None:
         finally:
             await conn.close()
 
-    await asyncio.to_thread(_in_thread, run())
+    await asyncio.to_thread(in_thread, run())
 
 
 # ------------------------------------------------------------------ gateway, HTTP, SMTP helpers
@@ -629,13 +618,7 @@ port = {sink.port}
             assert elapsed < 1.0 + 0.5, elapsed
             await b.quit()
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 15)
-            except asyncio.TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await stop_process(proc)
 
 
 async def test_pipelined_rcpts_of_list_mail_share_one_lookup(gateway_factory, sink, pg_url):

@@ -23,7 +23,6 @@ from gateway.config import ConfigError, from_mapping
 from gateway.registry.settings import RegistrySettings
 from gateway.txlog import TransactionLog
 from test_registry_http import ADMIN, _auth, _link, _new_list
-from test_registry_store import pg_database_url
 
 SECRET = "budget-test-registry-secret-0123456789"
 WINDOW = 3600.0
@@ -45,16 +44,6 @@ class Clock:
     def next_window(self) -> None:
         now = self()
         self.offset += (now // self.window + 1) * self.window - now + 1.0
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def storage_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}"
-        return
-    url, drop = pg_database_url()
-    yield url
-    drop()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import email
 import email.policy
 import os
 import re
-import signal
 import sys
 import time
 from pathlib import Path
@@ -16,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import free_port
-from test_registry_store import _assert_nowhere, pg_database_url
+from conftest import free_port, pg_database_url, stop_process
+from test_registry_store import _assert_nowhere
 
 SECRET = "http-test-registry-secret-0123456789"
 ADMIN = "admin-key-for-tests-0123456789"
@@ -394,10 +393,4 @@ port = {sink.port}
             assert status == "unsubscribed"
             assert time.monotonic() - t0 < 1.0 + 0.5
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 15)
-            except asyncio.TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await stop_process(proc)

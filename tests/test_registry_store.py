@@ -16,9 +16,8 @@ import uuid
 
 import pytest
 import sqlalchemy as sa
-import uvloop
 
-from conftest import need, tcp_reachable
+from conftest import need, pg_database_url, tcp_reachable
 from gateway.accounts.store import AccountStore
 from gateway.registry.cache import HashSet, ListSnapshots
 from gateway.registry.model import (Conflict, Invalid, NotFound, RateLimited, RegistryUnavailable, TokenError,
@@ -31,57 +30,6 @@ from gateway.smtp import replies
 from gateway.storage.db import create_engine, migrate
 
 SECRET = "test-registry-secret-0123456789abcdef"
-PG_HOST, PG_PORT = "127.0.0.1", 5432
-
-
-# ------------------------------------------------------------------ PostgreSQL database for the run
-def _pg_admin_url() -> str | None:
-    import asyncpg
-
-    async def probe(user):
-        conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=user, database="test", timeout=3)
-        await conn.close()
-
-    for user in ("postgres", "root"):
-        try:
-            _in_thread(probe(user))
-            return user
-        except Exception:
-            continue
-    return None
-
-
-def _in_thread(coro):
-    """Run a coroutine to completion on its own loop in another thread (fixtures
-    may be set up while the test's loop is running)."""
-    import concurrent.futures
-
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(uvloop.run, coro).result(timeout=30)
-
-
-def pg_database_url() -> tuple[str, callable]:
-    """Create a fresh database; returns (SQLAlchemy URL, drop function)."""
-    import asyncpg
-
-    need(tcp_reachable(PG_HOST, PG_PORT), f"PostgreSQL at {PG_HOST}:{PG_PORT} is not reachable")
-    user = _pg_admin_url()
-    need(user is not None, "PostgreSQL does not let user postgres or root into database 'test'")
-    name = f"gw_test_{secrets.token_hex(6)}"
-
-    async def run(sql):
-        conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=user, database="test", timeout=5)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    _in_thread(run(f'CREATE DATABASE "{name}"'))
-
-    def drop():
-        _in_thread(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-    return f"postgresql+asyncpg://{user}@{PG_HOST}:{PG_PORT}/{name}", drop
 
 
 @pytest.fixture(scope="module")
