@@ -436,6 +436,48 @@ class Channel:
                         "database until it is", self.name)
 
 
+class RemoteChannel(Channel):
+    """A channel to a server (PostgreSQL LISTEN, Redis pub/sub): one session
+    at a time, reconnected with a backoff (0.1 s doubling to 2 s) whenever it
+    ends; the cache serves nothing between sessions."""
+
+    def __init__(self, cache: SubscriptionCache):
+        super().__init__(cache)
+        self._connected = asyncio.Event()
+        self._backoff = 0.1
+
+    async def start(self, wait: float = 5.0) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        await self._wait_connected(self._connected, wait)
+
+    def _listening(self) -> None:
+        """Called by a session once changes reach it: whatever changed before is
+        re-read from the database, and the cache may serve again."""
+        self.cache.flush()
+        self.cache.healthy = True
+        self._connected.set()
+        self._backoff = 0.1
+
+    async def _session(self) -> None:
+        """Connect, call ``_listening()``, apply events until the connection is
+        lost (raise), and close what it opened."""
+        raise NotImplementedError
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.cache.healthy:
+                    log.warning("registry invalidation channel lost (%s): cache off, reconnecting", exc)
+            finally:
+                self.cache.healthy = False
+            await asyncio.sleep(self._backoff)
+            self._backoff = min(self._backoff * 2, 2.0)
+
+
 class LocalChannel(Channel):
     """Single process owns the database. The change counter catches writes by
     other processes (e.g. ``gateway list import`` run beside a gateway)."""
@@ -476,7 +518,7 @@ class LocalChannel(Channel):
             await asyncio.sleep(self.poll_interval)
 
 
-class PostgresChannel(Channel):
+class PostgresChannel(RemoteChannel):
     name = "postgres"
 
     def __init__(self, cache: SubscriptionCache, dsn: str, channel: str, ping_interval: float):
@@ -484,53 +526,34 @@ class PostgresChannel(Channel):
         self.dsn = dsn
         self.channel = channel
         self.ping_interval = ping_interval
-        self._connected = asyncio.Event()
         self.connects = 0
-
-    async def start(self, wait: float = 5.0) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-        await self._wait_connected(self._connected, wait)
 
     def _on_notify(self, _conn, _pid, _channel, payload: str) -> None:
         self.cache.apply(decode_events(payload))
 
-    async def _run(self) -> None:
+    async def _session(self) -> None:
         import asyncpg
 
-        backoff = 0.1
-        while True:
-            conn = None
-            try:
-                conn = await asyncpg.connect(self.dsn, timeout=5)
-                lost = asyncio.Event()
-                conn.add_termination_listener(lambda _c: lost.set())
-                await conn.add_listener(self.channel, self._on_notify)
-                # Listening now: whatever changed before is re-read from the database.
-                self.cache.flush()
-                self.cache.healthy = True
-                self.connects += 1
-                self._connected.set()
-                backoff = 0.1
-                while not lost.is_set():
-                    try:
-                        await asyncio.wait_for(lost.wait(), self.ping_interval)
-                    except asyncio.TimeoutError:
-                        await asyncio.wait_for(conn.fetchval("SELECT 1"), max(1.0, self.ping_interval * 2))
-                raise ConnectionError("LISTEN connection closed")
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if self.cache.healthy:
-                    log.warning("registry invalidation channel lost (%s): cache off, reconnecting", exc)
-            finally:
-                self.cache.healthy = False
-                if conn is not None:
-                    conn.terminate()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+        conn = None
+        try:
+            conn = await asyncpg.connect(self.dsn, timeout=5)
+            lost = asyncio.Event()
+            conn.add_termination_listener(lambda _c: lost.set())
+            await conn.add_listener(self.channel, self._on_notify)
+            self._listening()
+            self.connects += 1
+            while not lost.is_set():
+                try:
+                    await asyncio.wait_for(lost.wait(), self.ping_interval)
+                except asyncio.TimeoutError:
+                    await asyncio.wait_for(conn.fetchval("SELECT 1"), max(1.0, self.ping_interval * 2))
+            raise ConnectionError("LISTEN connection closed")
+        finally:
+            if conn is not None:
+                conn.terminate()
 
 
-class RedisChannel(Channel):
+class RedisChannel(RemoteChannel):
     name = "redis"
 
     def __init__(self, cache: SubscriptionCache, url: str, channel: str, ping_interval: float):
@@ -540,59 +563,41 @@ class RedisChannel(Channel):
         self.client = aioredis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
         self.channel = channel
         self.ping_interval = ping_interval
-        self._connected = asyncio.Event()
-
-    async def start(self, wait: float = 5.0) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-        await self._wait_connected(self._connected, wait)
 
     async def publish(self, events: Sequence[Event]) -> None:
         for payload in encode_events(events):
             await asyncio.wait_for(self.client.publish(self.channel, payload), 5)
 
-    async def _run(self) -> None:
-        backoff = 0.1
-        while True:
-            pubsub = self.client.pubsub()
+    async def _session(self) -> None:
+        pubsub = self.client.pubsub()
+        try:
+            await pubsub.subscribe(self.channel)
+            confirmed = False
+            last_pong = time.monotonic()
+            last_ping = 0.0
+            while True:
+                msg = await pubsub.get_message(timeout=self.ping_interval / 2)
+                now = time.monotonic()
+                if msg is not None:
+                    kind = msg.get("type")
+                    if kind == "subscribe" and not confirmed:
+                        self._listening()
+                        confirmed = True
+                    elif kind == "message":
+                        data = msg["data"]
+                        self.cache.apply(decode_events(data.decode() if isinstance(data, bytes) else data))
+                    elif kind == "pong":
+                        last_pong = now
+                if now - last_ping >= self.ping_interval:
+                    await pubsub.ping()
+                    last_ping = now
+                if now - last_pong > self.ping_interval * 4 + 1:
+                    raise ConnectionError("no PONG from Redis")
+        finally:
             try:
-                await pubsub.subscribe(self.channel)
-                confirmed = False
-                last_pong = time.monotonic()
-                last_ping = 0.0
-                while True:
-                    msg = await pubsub.get_message(timeout=self.ping_interval / 2)
-                    now = time.monotonic()
-                    if msg is not None:
-                        kind = msg.get("type")
-                        if kind == "subscribe" and not confirmed:
-                            self.cache.flush()
-                            self.cache.healthy = True
-                            self._connected.set()
-                            confirmed = True
-                            backoff = 0.1
-                        elif kind == "message":
-                            data = msg["data"]
-                            self.cache.apply(decode_events(data.decode() if isinstance(data, bytes) else data))
-                        elif kind == "pong" or (kind == "message" and msg.get("data") in (b"PONG", "PONG")):
-                            last_pong = now
-                    if now - last_ping >= self.ping_interval:
-                        await pubsub.ping()
-                        last_ping = now
-                    if now - last_pong > self.ping_interval * 4 + 1:
-                        raise ConnectionError("no PONG from Redis")
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if self.cache.healthy:
-                    log.warning("registry invalidation channel lost (%s): cache off, reconnecting", exc)
-            finally:
-                self.cache.healthy = False
-                try:
-                    await pubsub.aclose()
-                except Exception:
-                    pass
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+                await pubsub.aclose()
+            except Exception:
+                pass
 
     async def stop(self) -> None:
         await super().stop()
