@@ -740,10 +740,16 @@ async def test_redis_invalidation(tmp_path, pg_url):
         await a.add_subscriber(acc, lst.id, "hank@example.org")
         token = a.relay.links("hank@example.org")[-1].rsplit("/", 1)[1]
         assert await b.recipient_status(lst.id, "hank@example.org") == "pending"
+        await _snapshot_ready(b, lst.id)            # B holds the list in memory: the events must reach that
         await a.confirm(token)
         t0 = time.monotonic()
         while await b.recipient_status(lst.id, "hank@example.org") != "confirmed":
             assert time.monotonic() - t0 < 1.5
+            await asyncio.sleep(0.02)
+        await a.remove_subscriber(acc, lst.id, "hank@example.org")
+        t0 = time.monotonic()
+        while await b.recipient_status(lst.id, "hank@example.org") != "unsubscribed":
+            assert time.monotonic() - t0 < 1.5, "opt-out not seen by the other gateway within 1 s"
             await asyncio.sleep(0.02)
     finally:
         for s, e in ((a, ea), (b, eb)):
