@@ -791,7 +791,7 @@ async def test_fast_path_only_on_postgres_and_configurable(env: Env):
 async def test_fast_path_answers_like_the_engine_and_batches(pg_url):
     """Every state answered through the asyncpg pool equals the SQLAlchemy
     answer; concurrent misses for one list share one query; the sender map
-    read through the pool equals the engine's."""
+    and the snapshot pages read through the pool equal the engine's."""
     svc, engine = await _make(pg_url, FakeRelay(), snapshot_max_entries=0)   # misses, not snapshots
     try:
         accounts = AccountStore(engine, scrypt_n=16)
@@ -824,10 +824,19 @@ async def test_fast_path_answers_like_the_engine_and_batches(pg_url):
             svc.cache.flush()
             assert [await svc.recipient_status(lid, a) for a in addrs] == list(addrs.values())
             slow_lists = await svc.store.lists(account_name=acc)
+            slow_pages = [await svc.store.subscription_page(lid, t, after, 2)
+                          for t in ("subscribers", "suppressions") for after in ("", "7")]
         finally:
             svc.store.fast = fast
         fast_lists = await svc.store.lists(account_name=acc)
         assert fast_lists == slow_lists and fast_lists[0].senders == ("news@example.com", "b-*@example.com")
+        # the snapshot pages too
+        fast_pages = [await svc.store.subscription_page(lid, t, after, 2)
+                      for t in ("subscribers", "suppressions") for after in ("", "7")]
+        assert fast_pages == slow_pages and fast.stats["page_queries"] == 4
+        everything = sorted(await svc.store.subscription_page(lid, "subscribers", "", 100)
+                            + await svc.store.subscription_page(lid, "suppressions", "", 100), key=lambda r: r[1])
+        assert [st for _, st in everything] == ["confirmed", "pending", "pending", "unsubscribed", "unsubscribed"]
         assert (await svc.list_for_sender(acc, "b-x@example.com")).id == lid
         # unbatched mode answers the same
         fast.batch = False
