@@ -244,6 +244,16 @@ class Child:
         except (OSError, IndexError, ValueError):
             return float("nan")
 
+    def rss_mib(self) -> float:
+        """Resident memory now (from /proc), MiB."""
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        except (OSError, ValueError):
+            pass
+        return float("nan")
+
     async def readline(self, timeout: float) -> str:
         line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
         if not line:

@@ -328,13 +328,6 @@ async def run_load(target: str, child: bg.Child, sink: bg.Child, dist: str, rep:
                seen[0] / len(rcpt), cpu / n * 1e6)
 
 
-def rss_mib(child: bg.Child) -> float:
-    for line in Path(f"/proc/{child.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 async def wait_for_snapshot(child: bg.Child, timeout: float) -> str:
     """Wait (bounded) for the gateway's log line saying whether the list is
     held in memory; returns it (it names the entries and the load time)."""
@@ -484,7 +477,7 @@ async def main(args) -> int:
         if registry_options(args.registry).get("snapshot_max_entries", 5_000_000) >= subscribers:
             # the warm-up's first RCPT started loading the list into the "on" gateway's memory
             print(f"list snapshot of the 'on' gateway: {await wait_for_snapshot(gws['on'], args.run_timeout)}; "
-                  f"resident memory: on {rss_mib(gws['on']):.0f} MiB, off {rss_mib(gws['off']):.0f} MiB",
+                  f"resident memory: on {gws['on'].rss_mib():.0f} MiB, off {gws['off'].rss_mib():.0f} MiB",
                   flush=True)
         else:
             print("list snapshots off or too small for the list: every new recipient is a database lookup",

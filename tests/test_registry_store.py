@@ -379,31 +379,23 @@ async def test_cache_answers_without_database_and_invalidates(env: Env):
     await asyncio.sleep(0.5)
     assert await svc.recipient_status(lid, "erin@example.org") == "confirmed"
     assert await svc.recipient_status(lid, "nobody@example.org") == "unknown"     # negative entry
-    calls = 0
-    real = svc.store.lookup_status
-
-    async def counting(*a):
-        nonlocal calls
-        calls += 1
-        return await real(*a)
-
-    svc.store.lookup_status = counting
+    calls = _counting_lookups(svc)
     for _ in range(5):
         assert await svc.recipient_status(lid, "erin@example.org") == "confirmed"
         assert await svc.recipient_status(lid, "nobody@example.org") == "unknown"
-    assert calls == 0
+    assert calls[0] == 0
     # concurrent misses share one round trip
     svc.cache.flush()
     got = await asyncio.gather(*(svc.recipient_status(lid, "erin@example.org") for _ in range(20)))
-    assert set(got) == {"confirmed"} and calls == 1
+    assert set(got) == {"confirmed"} and calls[0] == 1
     # an opt-out invalidates at once in this process
     await svc.remove_subscriber(env.account, lid, "erin@example.org")
     assert await svc.recipient_status(lid, "erin@example.org") == "unsubscribed"
     # a lost channel means: ask the database, never the cache
     svc.cache.healthy = False
-    calls = 0
+    calls[0] = 0
     assert await svc.recipient_status(lid, "nobody@example.org") == "unknown"
-    assert calls == 1
+    assert calls[0] == 1
 
 
 async def test_cache_is_bounded_lru(env: Env):

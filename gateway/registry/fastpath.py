@@ -202,11 +202,11 @@ class FastLookups:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
 
     async def subscription_page(self, list_id: str, table: str, after: str, limit: int) -> list[tuple[str, str]]:
-        """One page of a list snapshot's load (as RegistryStore.subscription_page)."""
+        """One page of a list snapshot's load (as RegistryStore.subscription_page;
+        bounded by the caller, RegistryService._snapshot_page, on both paths)."""
         pool = await self._get_pool()
         self.stats["page_queries"] += 1
-        async with asyncio.timeout(self.timeout * 4):
-            rows = await pool.fetch(PAGE_SQL[table], list_id, after, limit)
+        rows = await pool.fetch(PAGE_SQL[table], list_id, after, limit)
         return [(r[0], r[1]) for r in rows]
 
     async def lists(self, account_name: str) -> list[MailingList]:

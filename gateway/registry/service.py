@@ -187,6 +187,19 @@ class RegistryService:
         self._outbox_kick = asyncio.Event()
         self.stats = {"confirmations_sent": 0, "confirmations_failed": 0, "unsubscribes": 0,
                       "confirmations_deferred": 0, "confirmation_budget_exhausted": 0}
+        # The per-account budget of confirmation mails: at most confirmations_per_account
+        # per fixed confirmation_window (0: none), so a bought list imported at once does
+        # not make the gateway mail thousands of strangers; the rest waits in the queue for
+        # later windows. Counted in the database (table confirmation_budget, one row per
+        # account and window), not in the gateway's Counters: every gateway sharing the
+        # registry database shares the database, but not necessarily the counters (the
+        # memory backend is per process), and a reservation is a conditional UPDATE in the
+        # *same transaction* as the claim of the mail (add_pending, claim_resend,
+        # claim_outbox), so a claim lost to another gateway or rolled back never consumes
+        # budget, and gateways together never overdraw it. Not derived from
+        # confirm_sent_at either: a resend overwrites it and a removed subscriber takes it
+        # away, which would let an add/remove loop reset the budget.
+        self.budget = Budget(settings.confirmations_per_account, settings.confirmation_window)
         self._budget_warned: dict[int, float] = {}   # account id -> window whose exhaustion was logged
 
     # ============================================================ life cycle
@@ -333,9 +346,12 @@ class RegistryService:
             task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
         return await asyncio.shield(current[1])
 
-    async def _db(self, coro):
+    async def _db(self, coro, *, bounded: bool = True):
+        """Await a store call; any database failure becomes RegistryUnavailable.
+        ``bounded``: within lookup_timeout (not for bulk work: imports, exports)."""
         try:
-            async with asyncio.timeout(self.settings.lookup_timeout):   # no extra task, unlike wait_for
+            # no extra task, unlike wait_for
+            async with asyncio.timeout(self.settings.lookup_timeout if bounded else None):
                 return await coro
         except asyncio.CancelledError:
             raise
@@ -357,22 +373,27 @@ class RegistryService:
 
     def unsubscribe_url(self, lst: MailingList | str, address: str) -> str:
         """The RFC 8058 https URL (GET: page with a button; POST: one-click)."""
-        return f"{self.settings.base_url}/unsubscribe/{self.unsubscribe_token(lst, address)}"
+        return self._unsubscribe_url(self.unsubscribe_token(lst, address))
 
     def unsubscribe_mailto(self, lst: MailingList | str, address: str) -> str | None:
         """``mailto:u+TOKEN@host?subject=unsubscribe%20TOKEN`` if registry.mailto_address is set."""
         if not self.settings.mailto_address:
             return None
-        token = self.unsubscribe_token(lst, address)
+        return self._unsubscribe_mailto(self.unsubscribe_token(lst, address))
+
+    def _unsubscribe_url(self, token: str) -> str:
+        return f"{self.settings.base_url}/unsubscribe/{token}"
+
+    def _unsubscribe_mailto(self, token: str) -> str:
         local, _, domain = self.settings.mailto_address.rpartition("@")
         return f"mailto:{local}+{token}@{domain}?subject={quote('unsubscribe ' + token)}"
 
     def list_headers(self, lst: MailingList, address: str) -> list[tuple[str, str]]:
         """The header fields to add to list mail for one recipient (P-STD, RFC 2369/2919/8058)."""
-        targets = [f"<{self.unsubscribe_url(lst, address)}>"]
-        mailto = self.unsubscribe_mailto(lst, address)
-        if mailto:
-            targets.append(f"<{mailto}>")
+        token = self.unsubscribe_token(lst, address)
+        targets = [f"<{self._unsubscribe_url(token)}>"]
+        if self.settings.mailto_address:
+            targets.append(f"<{self._unsubscribe_mailto(token)}>")
         return [("List-Id", lst.list_id_header),
                 ("List-Unsubscribe", ", ".join(targets)),
                 ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")]
@@ -513,24 +534,6 @@ class RegistryService:
             return False, f"{type(exc).__name__}: {exc}"
         return True, reply.render()
 
-    def _budget(self) -> Budget:
-        """The per-account budget of confirmation mails: at most
-        ``confirmations_per_account`` per fixed ``confirmation_window`` (0: none),
-        so a bought list imported at once does not make the gateway mail
-        thousands of strangers; the rest waits in the queue for later windows.
-
-        Counted in the database (table ``confirmation_budget``, one row per
-        account and window), not in the gateway's Counters: every gateway
-        sharing the registry database shares the database, but not necessarily
-        the counters (the memory backend is per process), and a reservation is
-        a conditional UPDATE in the *same transaction* as the claim of the mail
-        (``add_pending``, ``claim_resend``, ``claim_outbox``), so a claim lost to
-        another gateway or rolled back never consumes budget, and gateways
-        together never overdraw it. Not derived from ``confirm_sent_at`` either:
-        a resend overwrites it and a removed subscriber takes it away, which
-        would let an add/remove loop reset the budget."""
-        return Budget(self.settings.confirmations_per_account, self.settings.confirmation_window)
-
     def _budget_exhausted(self, account_id: int, account_name: str, window_start: float) -> None:
         """A confirmation mail was held back by the budget: count it, and warn
         once per account and window (per gateway process): operators want to
@@ -542,7 +545,7 @@ class RegistryService:
             self._budget_warned = {a: w for a, w in self._budget_warned.items() if w >= window_start}
         self._budget_warned[account_id] = window_start
         self.stats["confirmation_budget_exhausted"] += 1
-        b = self._budget()
+        b = self.budget
         log.warning("account %s used up its budget of %d confirmation mails per %g s; further confirmation "
                     "mails stay queued until %s (a bought or old list being imported?)", account_name, b.limit,
                     b.window, format_datetime(datetime.fromtimestamp(window_start + b.window, timezone.utc)))
@@ -576,16 +579,14 @@ class RegistryService:
             try:
                 while True:
                     batch = await self.store.claim_outbox(self.settings.outbox_batch, stale_after,
-                                                          budget=self._budget(),
+                                                          budget=self.budget,
                                                           on_exhausted=self._budget_exhausted)
                     if not batch:
                         break
-                    lists: dict[str, MailingList | None] = {}
+                    lists = {lid: await self.store.get_list(lid) for lid in {item[0] for item in batch}}
 
                     async def one(item):
                         list_id, address, address_hash, nonce = item
-                        if list_id not in lists:
-                            lists[list_id] = await self.store.get_list(list_id)
                         lst = lists[list_id]
                         if lst is not None:
                             async with sem:
@@ -695,7 +696,7 @@ class RegistryService:
         ev = self._evidence({"address": address, "source": source, "ip": ip, "user_agent": user_agent,
                              "requested_at": requested_at}, "")
         addr_hash = keys.address_hash(lst.id, ev["address"])
-        budget = self._budget()
+        budget = self.budget
         sub, nonce = await self._db(self.store.add_pending(
             lst.id, ev["address"], addr_hash, source=ev["source"], requested_at=ev["requested_at"], ip=ev["ip"],
             user_agent=ev["user_agent"], reoptin=reoptin, reoptin_interval=self.settings.reoptin_interval,
@@ -735,33 +736,23 @@ class RegistryService:
             clean.append(ev)
         for chunk_start in range(0, len(clean), 1000):
             chunk = clean[chunk_start:chunk_start + 1000]
-            results = await self._db_long(self.store.import_pending(
-                lst.id, chunk, reoptin=reoptin, reoptin_interval=self.settings.reoptin_interval))
+            results = await self._db(self.store.import_pending(
+                lst.id, chunk, reoptin=reoptin, reoptin_interval=self.settings.reoptin_interval), bounded=False)
             for j, (result, reason) in enumerate(results):
                 out[positions[chunk_start + j]].update(result=result, reason=reason)
         self.kick_outbox()
         return out
 
-    async def _db_long(self, coro):
-        try:
-            return await coro
-        except RegistryError:
-            raise
-        except Exception as exc:
-            raise RegistryUnavailable(f"registry database unavailable: {type(exc).__name__}") from None
-
     async def subscriber(self, account_name: str, list_id: str, address: str) -> Subscriber:
         lst = await self.get_list(account_name, list_id)
-        addr = normalize_address(address)
-        sub = await self._db(self.store.subscriber(lst.id, self._need_keys().address_hash(lst.id, addr)))
+        sub = await self._db(self.store.subscriber(*self._list_and_hash(lst, address)))
         if sub is None:
             raise NotFound("not a subscriber of this list")
         return sub
 
     async def is_suppressed(self, account_name: str, list_id: str, address: str) -> bool:
         lst = await self.get_list(account_name, list_id)
-        addr = normalize_address(address)
-        return await self._db(self.store.suppressed(lst.id, self._need_keys().address_hash(lst.id, addr)))
+        return await self._db(self.store.suppressed(*self._list_and_hash(lst, address)))
 
     async def subscribers(self, account_name: str, list_id: str, *, status: str | None = None,
                           cursor: int = 0, limit: int = 100) -> tuple[list[Subscriber], int | None]:
@@ -770,7 +761,7 @@ class RegistryService:
         if status not in (None, "pending", "confirmed"):
             raise Invalid("status", "must be pending or confirmed")
         limit = max(1, min(limit, 1000))
-        rows = await self._db_long(self.store.subscribers(lst.id, status, cursor, limit))
+        rows = await self._db(self.store.subscribers(lst.id, status, cursor, limit), bounded=False)
         nxt = rows[-1][0] if len(rows) == limit else None
         return [s for _, s in rows], nxt
 
@@ -786,8 +777,7 @@ class RegistryService:
         """Remove a subscriber on the person's behalf: the same permanent removal
         as an opt-out (the keyed hash stays in the suppression set)."""
         lst = await self.get_list(account_name, list_id)
-        addr = normalize_address(address)
-        return await self._db(self.store.unsubscribe(lst.id, self._need_keys().address_hash(lst.id, addr)))
+        return await self._db(self.store.unsubscribe(*self._list_and_hash(lst, address)))
 
     async def resend_confirmation(self, account_name: str, list_id: str, address: str) -> str:
         """Send the confirmation mail again: RateLimited within resend_interval
@@ -795,9 +785,8 @@ class RegistryService:
         RateLimited, retry_after = until the next window) when the account's
         budget of confirmation mails is used up; "sent" | "failed"."""
         lst = await self.get_list(account_name, list_id)
-        addr = normalize_address(address)
-        addr_hash = self._need_keys().address_hash(lst.id, addr)
-        budget = self._budget()
+        _, addr_hash = self._list_and_hash(lst, address)
+        budget = self.budget
         try:
             address, nonce = await self._db(self.store.claim_resend(
                 lst.id, addr_hash, self.settings.resend_interval, self.settings.max_confirmation_mails,
@@ -809,7 +798,7 @@ class RegistryService:
 
     async def list_stats(self, account_name: str, list_id: str) -> dict:
         lst = await self.get_list(account_name, list_id)
-        return await self._db_long(self.store.stats(lst.id))
+        return await self._db(self.store.stats(lst.id), bounded=False)
 
 
 def build_registry(config, engine, *, relay=None, accounts=None, clock: Callable[[], float] = time.time
