@@ -82,15 +82,12 @@ def test_header_end():
     assert header_end(b"A: b\n\nbody") == 5
 
 
-def test_linear_time_on_big_messages():
+def test_big_messages_scan_clean():
+    # (their cost per MiB at 1, 5 and 25 MiB is measured by bench/bench_headers.py)
     line = b"y" * 997 + b"\r\n"
-    times = []
     for mib in (1, 8):
         data = GOOD + line * (mib * 1024 * 1024 // len(line))
-        t = time.perf_counter()
         assert ids(data, body_8bit=True) == []
-        times.append((time.perf_counter() - t) / mib)
-    assert times[1] < times[0] * 3 + 0.005  # per-MiB cost does not grow with size
 
 
 async def test_check_refuses_with_rule_id_and_records_finding():
