@@ -469,10 +469,14 @@ async def main(args) -> int:
             return [subscriber_address(next(hot_iter)).encode() for _ in range(RCPTS)]
 
         clients = [ListClient(gws["on"].port, True) for _ in range(CONCURRENCY)]
-        await asyncio.gather(*(c.open() for c in clients))
         shares = [hot_msgs // CONCURRENCY + (1 if i < hot_msgs % CONCURRENCY else 0) for i in range(CONCURRENCY)]
-        await asyncio.gather(*(c.send_list(k, wire, hot_pick, [], []) for c, k in zip(clients, shares)))
-        await asyncio.gather(*(c.close() for c in clients))
+        try:
+            async with asyncio.timeout(args.run_timeout):
+                await asyncio.gather(*(c.open() for c in clients))
+                await asyncio.gather(*(c.send_list(k, wire, hot_pick, [], []) for c, k in zip(clients, shares)))
+        finally:
+            async with asyncio.timeout(30):
+                await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
         pickers.asked["on"].update(pickers.hot)
         if registry_options(args.registry).get("snapshot_max_entries", 5_000_000) >= subscribers:
             # the warm-up's first RCPT started loading the list into the "on" gateway's memory
