@@ -262,11 +262,12 @@ class Child:
         return line.decode().strip()
 
     async def wait_ready(self, timeout: float) -> None:
-        while True:
-            line = await self.readline(timeout)
-            if line.startswith("READY "):
-                self.port = int(line.split()[1])
-                return
+        async with asyncio.timeout(timeout):      # the whole wait, not each line
+            while True:
+                line = await self.readline(timeout)
+                if line.startswith("READY "):
+                    self.port = int(line.split()[1])
+                    return
 
     async def stop(self) -> None:
         if self.proc.returncode is not None:
