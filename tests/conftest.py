@@ -142,7 +142,6 @@ def pytest_asyncio_loop_factories(config, item):
 # ------------------------------------------------------------------ TLS
 @dataclass
 class Certs:
-    dir: Path
     cert_file: str
     key_file: str
     ca_file: str
@@ -165,7 +164,7 @@ def certs(tmp_path_factory) -> Certs:
         for blob in server.cert_chain_pems:
             fh.write(blob.bytes())
     ca.cert_pem.write_to_path(str(ca_file))
-    return Certs(d, str(cert_file), str(key_file), str(ca_file))
+    return Certs(str(cert_file), str(key_file), str(ca_file))
 
 
 # ------------------------------------------------------------------ upstream sink
@@ -183,10 +182,8 @@ class Sink:
     port: int = 0
     messages: list[Received] = field(default_factory=list)
     refuse_rcpt: dict[str, str] = field(default_factory=dict)    # address -> reply
-    refuse_mail: str | None = None
     data_reply: str | None = None
     connections: int = 0
-    data_delay: float = 0.0
     server: Any = None
     _arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -199,8 +196,6 @@ class Sink:
 
     # aiosmtpd handler hooks
     async def handle_MAIL(self, server, session, envelope, address, options):
-        if self.refuse_mail:
-            return self.refuse_mail
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 OK"
@@ -212,8 +207,6 @@ class Sink:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server, session, envelope):
-        if self.data_delay:
-            await asyncio.sleep(self.data_delay)
         if self.data_reply:
             return self.data_reply
         self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content,

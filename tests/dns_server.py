@@ -144,10 +144,6 @@ class TestDnsServer:
         with self._lock:
             return sum(self.queries.values())
 
-    def reset_counts(self) -> None:
-        with self._lock:
-            self.queries.clear()
-
     # -- serving ---------------------------------------------------------------------------
     def _serve(self) -> None:
         assert self._sock is not None

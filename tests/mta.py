@@ -84,8 +84,7 @@ class Postfix:
                  tls_match: str | None = None,
                  mechanisms: str = "",
                  transports: dict[str, str] | None = None,
-                 main: dict[str, Any] | None = None,
-                 master: str = ""):
+                 main: dict[str, Any] | None = None):
         self.relay_port = relay_port
         self.relayhost = f"[127.0.0.1]:{relay_port}"
         self.ca_file = ca_file
@@ -95,7 +94,6 @@ class Postfix:
         self.mechanisms = mechanisms
         self.transports = transports or {}
         self.extra_main = main or {}
-        self.extra_master = master
         self.root = Path(tempfile.mkdtemp(prefix="gw-postfix-", dir="/tmp"))
         os.chmod(self.root, 0o755)
         self.etc = self.root / "etc"
@@ -190,8 +188,7 @@ class Postfix:
             # plain SMTP without AUTH, for routes to test sinks (e.g. bounces)
             "plainsmtp unix  -       -       n       -       -       smtp\n"
             "  -o smtp_tls_security_level=none\n"
-            "  -o smtp_sasl_auth_enable=no\n"
-            + self.extra_master)
+            "  -o smtp_sasl_auth_enable=no\n")
 
     def write_config(self) -> None:
         self.etc.mkdir(parents=True, exist_ok=True)
