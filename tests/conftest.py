@@ -316,10 +316,11 @@ class GatewayHandle:
 async def gateway_factory(tmp_path):
     started: list[Gateway] = []
 
-    async def make(sink: Sink | None, certs: Certs | None = None, **sections: Any) -> GatewayHandle:
+    async def make(sink: Sink | None, certs: Certs | None = None, *, clock: Any = None,
+                   **sections: Any) -> GatewayHandle:
         data = base_config(tmp_path, sink, certs, **sections)
         config = from_mapping(data, "<test>")
-        gw = Gateway(config, txlog=TransactionLog(config.log.transactions))
+        gw = Gateway(config, txlog=TransactionLog(config.log.transactions), **({"clock": clock} if clock else {}))
         await gw.start()
         started.append(gw)
         return GatewayHandle(gw, tmp_path)

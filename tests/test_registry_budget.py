@@ -17,11 +17,9 @@ import time
 import httpx
 import pytest
 
-from conftest import base_config
 from gateway.app import Gateway
 from gateway.config import ConfigError, from_mapping
 from gateway.registry.settings import RegistrySettings
-from gateway.txlog import TransactionLog
 from test_registry_http import ADMIN, _auth, _link, _new_list
 
 SECRET = "budget-test-registry-secret-0123456789"
@@ -47,28 +45,20 @@ class Clock:
 
 
 @pytest.fixture
-async def start(tmp_path, storage_url):
+def start(gateway_factory, tmp_path, storage_url):
     """start(sink, clock, **registry) -> a running Gateway on ``storage_url``."""
-    started: list[Gateway] = []
+    made = []
 
     async def make(sink, clock, **registry) -> Gateway:
-        n = len(started)
-        data = base_config(tmp_path, sink, http={"enabled": True, "port": 0, "admin_key": ADMIN},
-                           storage={"url": storage_url},
-                           log={"transactions": str(tmp_path / f"transactions-{n}.jsonl")},
-                           registry={"secret": SECRET, "public_base_url": "http://gw.test.invalid:8025",
-                                     "outbox_interval": TICK, "confirmations_per_account": BUDGET,
-                                     "confirmation_window": WINDOW, **registry})
-        config = from_mapping(data, "<test>")
-        gw = Gateway(config, clock=clock, txlog=TransactionLog(config.log.transactions))
-        await gw.start()
-        started.append(gw)
-        return gw
+        h = await gateway_factory(
+            sink, clock=clock, http={"enabled": True, "port": 0, "admin_key": ADMIN}, storage={"url": storage_url},
+            log={"transactions": str(tmp_path / f"transactions-{len(made)}.jsonl")},
+            registry={"secret": SECRET, "public_base_url": "http://gw.test.invalid:8025", "outbox_interval": TICK,
+                      "confirmations_per_account": BUDGET, "confirmation_window": WINDOW, **registry})
+        made.append(h.gw)
+        return h.gw
 
-    yield make
-    for gw in started:
-        if not gw.stopped.is_set():
-            await gw.stop(grace=0.5)
+    return make
 
 
 async def _accounts(gw: Gateway) -> dict[str, str]:
