@@ -84,7 +84,6 @@ class Gateway:
         self.resolver: Resolver | None = None
         self.dnsbl: Dnsbl | None = None
         self.proof_checker: DomainProofChecker | None = None
-        self._redis = None
         self.auth_limiter: AuthLimiter | None = None
         self.service_mail = MaildirWriter(config.smtp.service_maildir) if config.smtp.service_mailboxes else None
         self.stopped = asyncio.Event()
@@ -119,10 +118,12 @@ class Gateway:
             self.counters = MemoryCounters(self.clock)
         self.auth_limiter = AuthLimiter(self.counters, cfg.auth.max_failures_per_ip,
                                         cfg.auth.max_failures_per_account, cfg.auth.failure_window)
-        if cfg.counters.backend == "redis" and cfg.dnsbl.shared_cache:
-            import redis.asyncio as redis
-            self._redis = redis.from_url(cfg.counters.redis_url)
-        self.resolver = Resolver(cfg.dns, redis=self._redis)
+        # The resolver's shared DNS cache lives in the counters' Redis (same
+        # URL): it borrows their client, which the "counters" shutdown step
+        # closes after the resolver's.
+        shared_dns = (self.counters.client
+                      if cfg.counters.backend == "redis" and cfg.dnsbl.shared_cache else None)
+        self.resolver = Resolver(cfg.dns, redis=shared_dns)
         self.dnsbl = Dnsbl(cfg.dnsbl, self.resolver, on_alert=self._dnsbl_alert)
         self.dnsbl.start()
         self.proof_checker = DomainProofChecker(self.accounts, self.resolver, cfg.accounts)
@@ -237,8 +238,7 @@ class Gateway:
             ("domain proof re-check", self.proof_checker.stop() if self.proof_checker is not None else None),
             ("DNSBL probes", self.dnsbl.stop() if self.dnsbl is not None else None),
             ("resolver", self.resolver.close() if self.resolver is not None else None),
-            ("Redis", self._redis.aclose() if self._redis is not None else None),
-            ("counters", self.counters.close() if self.counters is not None else None),
+            ("counters", self.counters.close() if self.counters is not None else None),  # also the resolver's Redis
             ("database", self.engine.dispose() if self.engine is not None else None),
         ]
         for what, awaitable in steps:

@@ -647,3 +647,39 @@ async def test_pipelined_rcpts_of_list_mail_share_one_lookup(gateway_factory, si
     assert 1 <= queries <= 2, f"{queries} queries for 8 pipelined RCPTs"
     await cmd(reader, writer, b"QUIT")
     writer.close()
+
+
+async def test_pipelined_rcpts_are_prefetched_at_most_once_each(gateway_factory, sink, pg_url):
+    """Each RCPT still waiting in the input buffer is prefetched once, not
+    again on every RCPT answered before it (that was O(N^2) lookups)."""
+    from smtp_client import cmd, reply
+    h, _base = await _start(gateway_factory, sink, pg_url)
+    reg = h.gw.registry
+    await reg.create_list("alice", name="News", list_id="news.example.com", senders=["news@example.com"],
+                          confirm_from="confirm@example.com")
+    reg.cache.snapshots = None     # misses, not the list's in-memory snapshot
+    original = reg.recipient_status
+    calls = {"prefetch": 0, "all": 0}
+
+    def counting(list_id, address):
+        calls["all"] += 1
+        if sys._getframe(1).f_code.co_name == "_prefetch_pipelined_rcpts":
+            calls["prefetch"] += 1
+        return original(list_id, address)
+
+    reg.recipient_status = counting
+    reader, writer = await asyncio.open_connection("127.0.0.1", h.port())
+    await reader.readline()
+    await cmd(reader, writer, b"EHLO client.test")
+    assert (await cmd(reader, writer, b"AUTH PLAIN AGFsaWNlAHMzY3JldA==")).startswith(b"235")
+    assert (await cmd(reader, writer, b"MAIL FROM:<news@example.com>")).startswith(b"250")
+    rcpts = [f"never{i}@example.org".encode() for i in range(40)]
+    writer.write(b"".join(b"RCPT TO:<" + r + b">\r\n" for r in rcpts))
+    await writer.drain()
+    answers = [await reply(reader) for _ in rcpts]
+    assert all(a.startswith(b"550 5.7.1 P-OPTIN") for a in answers), answers
+    assert calls["prefetch"] >= 1, "the pipelined RCPTs were prefetched"
+    assert calls["prefetch"] <= len(rcpts), f"{calls['prefetch']} prefetch lookups for {len(rcpts)} pipelined RCPTs"
+    assert calls["all"] - calls["prefetch"] == len(rcpts), calls     # each RCPT's own check
+    await cmd(reader, writer, b"QUIT")
+    writer.close()

@@ -1,6 +1,7 @@
 """The scale-out paths on a real Redis (127.0.0.1:6379): the DNSBL answers
-shared between gateways' resolvers, and AUTH failure counts shared between
-gateways. Skipped visibly without Redis, except under CI=true."""
+shared between gateways' resolvers, AUTH failure counts shared between
+gateways, and one Redis client per gateway for both (the resolver's shared
+DNS cache borrows the counters' client, closed once, after the resolver). Skipped visibly without Redis, except under CI=true."""
 from __future__ import annotations
 
 import secrets
@@ -63,3 +64,37 @@ async def test_auth_failures_counted_across_gateways(sink, gateway_factory, redi
     await c.quit()
     async for k in redis_client.scan_iter(match=f"{prefix}*"):
         await redis_client.delete(k)
+
+
+async def test_resolver_borrows_the_counters_redis_client_closed_once_after_it(sink, gateway_factory):
+    need(tcp_reachable("127.0.0.1", 6379), "Redis is not reachable at 127.0.0.1:6379")
+    prefix = f"gwtest:{secrets.token_hex(4)}:"
+    h = await gateway_factory(sink, counters={"backend": "redis", "redis_url": REDIS_URL, "key_prefix": prefix})
+    gw = h.gw
+    client = gw.counters.client
+    assert gw.resolver._redis is client, "one Redis client for the counters and the shared DNS cache"
+    assert await gw.counters.ping()
+    events: list[str] = []
+    resolver_close, client_close = gw.resolver.close, client.aclose
+
+    async def closing_resolver():
+        events.append("resolver")
+        await resolver_close()
+
+    async def closing_client(*a, **kw):
+        events.append("redis")
+        await client_close(*a, **kw)
+
+    gw.resolver.close = closing_resolver
+    client.aclose = closing_client
+    await gw.stop(grace=0.5)
+    assert events == ["resolver", "redis"], events
+
+
+async def test_resolver_without_shared_cache_or_redis_counters_gets_no_redis(sink, gateway_factory):
+    h = await gateway_factory(sink)                          # memory counters
+    assert h.gw.resolver._redis is None
+    need(tcp_reachable("127.0.0.1", 6379), "Redis is not reachable at 127.0.0.1:6379")
+    h = await gateway_factory(sink, counters={"backend": "redis", "redis_url": REDIS_URL},
+                              dnsbl={"shared_cache": False})
+    assert h.gw.resolver._redis is None

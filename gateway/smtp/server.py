@@ -628,11 +628,22 @@ class GatewaySMTP(AioSMTP):
         so they are answered together (one batched query on PostgreSQL) instead
         of one database round trip per command. The real check of each RCPT
         joins its lookup (the registry coalesces identical lookups); an error
-        here is seen again there."""
+        here is seen again there.
+
+        Runs on every RCPT while more input waits: the RCPT lines already
+        prefetched by an earlier run (still waiting in the buffer) are
+        remembered in the transaction and skipped, so each pipelined RCPT is
+        parsed and looked up here at most once, not once per RCPT before it.
+        Only the lines now in the buffer are remembered (bounded memory)."""
         registry = self.gw.registry
         list_id = tx.extra["list"].id
+        done: set[bytes] = tx.extra.get("prefetched_rcpt_lines") or set()
+        waiting: set[bytes] = set()
         for line in bytes(self._reader._buffer).split(b"\r\n"):  # type: ignore[attr-defined]
             if line[:8].upper() != b"RCPT TO:":
+                continue
+            waiting.add(line)
+            if line in done:
                 continue
             try:
                 address, _ = parse_path(line[8:].decode("utf-8", "surrogateescape"), utf8=True, allow_null=False)
@@ -640,6 +651,7 @@ class GatewaySMTP(AioSMTP):
                 continue
             task = self.loop.create_task(registry.recipient_status(list_id, address.addr))
             task.add_done_callback(_ignore_result)
+        tx.extra["prefetched_rcpt_lines"] = waiting
 
     async def _refuse_rcpt(self, tx: Transaction, check: str, reply: Reply, detail: str, label: str) -> None:
         tx.refused_recipients += 1

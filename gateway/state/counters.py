@@ -83,6 +83,14 @@ class RedisCounters:
     async def reset(self, key: str, window: float) -> None:
         await self._redis.delete(self._key(key, window))
 
+    @property
+    def client(self):
+        """The Redis client (redis.asyncio) these counters use: other users of
+        the same Redis (the resolver's shared DNS cache) borrow it instead of
+        opening their own. It is closed by ``close()``, so borrowers must be
+        done with it first."""
+        return self._redis
+
     async def ping(self) -> bool:
         return bool(await self._redis.ping())
 
