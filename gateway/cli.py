@@ -76,19 +76,29 @@ def cmd_check_config(args) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- accounts
-async def _with_accounts(config: Config, fn):
-    from .accounts.store import AccountStore
+# ---------------------------------------------------------------- storage
+async def _with_engine(config: Config, fn):
+    """``await fn(engine)`` on a migrated database; the engine is disposed after."""
     from .storage.db import create_engine, migrate
 
     engine = create_engine(config.storage.url)
     try:
         await migrate(engine)
+        return await fn(engine)
+    finally:
+        await engine.dispose()
+
+
+# ---------------------------------------------------------------- accounts
+async def _with_accounts(config: Config, fn):
+    from .accounts.store import AccountStore
+
+    async def run(engine):
         store = AccountStore(engine, scrypt_n=config.auth.scrypt_n)
         await store.refresh()
         return await fn(store)
-    finally:
-        await engine.dispose()
+
+    return await _with_engine(config, run)
 
 
 def _password(args) -> str:
@@ -121,6 +131,7 @@ def _show(acc) -> str:
 
 def cmd_account(args) -> int:
     from .accounts.model import AccountStatus
+    from .accounts.proof import proof_record
 
     config = _load_config(args)
     action = args.action
@@ -162,7 +173,7 @@ def cmd_account(args) -> int:
                 else:
                     print(f"domain {dom.domain} added to {args.name} (pending proof)\n"
                           f"publish this DNS TXT record, then run 'gateway account domain verify':\n"
-                          f"  _gateway-proof.{dom.domain}. TXT \"gateway-proof={dom.token}\"")
+                          f"  {proof_record(dom.domain, dom.token)}")
             elif args.op == "verify":
                 return await _verify_domain(config, store, args.name, args.domain)
             else:
@@ -176,21 +187,18 @@ def cmd_account(args) -> int:
 # ---------------------------------------------------------------- mailing lists (registry)
 async def _with_registry(config: Config, fn):
     from .registry.service import RegistryService, registry_secret
-    from .storage.db import create_engine, migrate
 
-    engine = create_engine(config.storage.url)
-    svc = None
-    try:
-        await migrate(engine)
+    async def run(engine):
         # No relay here: confirmation mails of an import are queued and sent by the running gateway.
         svc = RegistryService(engine, config.registry, secret=registry_secret(config),
                               hostname=config.smtp.hostname)
-        await svc.start(listen=False, outbox=False)
-        return await fn(svc)
-    finally:
-        if svc is not None:
+        try:
+            await svc.start(listen=False, outbox=False)
+            return await fn(svc)
+        finally:
             await svc.stop()
-        await engine.dispose()
+
+    return await _with_engine(config, run)
 
 
 def _read_subscriber_csv(path: str) -> list[dict]:
@@ -221,8 +229,6 @@ def _show_list(lst, stats: dict | None = None) -> str:
 
 
 def cmd_list(args) -> int:
-    from .registry.model import RegistryError
-
     config = _load_config(args)
     action = args.action
 
@@ -252,17 +258,10 @@ def cmd_list(args) -> int:
                   f"confirmation mails. " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()) if k != "queued"))
         return 0
 
-    try:
-        return _run(_with_registry(config, run))
-    except RegistryError as exc:
-        field = getattr(exc, "field", None)
-        print(f"error: {exc if not field else f'{field}: {exc.reason}'}", file=sys.stderr)
-        return 1
+    return _run(_with_registry(config, run))
 
 
 def cmd_apikey(args) -> int:
-    from .registry.model import RegistryError
-
     config = _load_config(args)
 
     async def run(svc) -> int:
@@ -271,11 +270,7 @@ def cmd_apikey(args) -> int:
         print(f"API key for account {args.name} (shown once; only its hash is stored)", file=sys.stderr)
         return 0
 
-    try:
-        return _run(_with_registry(config, run))
-    except RegistryError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return _run(_with_registry(config, run))
 
 
 # ---------------------------------------------------------------- block lists (P-BLOCK)
@@ -288,35 +283,24 @@ def _operator() -> str:
 
 def cmd_block(args) -> int:
     """``gateway block add|remove|list``: the running gateways pick a change up within 1 s."""
-    from .blocklist.model import BlockError
     from .blocklist.store import BlockStore
-    from .storage.db import create_engine, migrate
 
     config = _load_config(args)
 
-    async def run() -> int:
-        engine = create_engine(config.storage.url)
-        try:
-            await migrate(engine)
-            store = BlockStore(engine)
-            if args.action == "add":
-                entry = await store.add(args.kind, args.value, reason=args.reason or "", created_by=_operator())
-                print(f"blocked {entry.kind} {entry.value}")
-            elif args.action == "remove":
-                entry = await store.remove(args.kind, args.value)
-                print(f"unblocked {entry.kind} {entry.value}")
-            else:
-                for e in await store.list(args.kind):
-                    print(f"{e.kind}\t{e.value}\t{e.created_by or '-'}\t{e.reason or '-'}")
-            return 0
-        finally:
-            await engine.dispose()
+    async def run(engine) -> int:
+        store = BlockStore(engine)
+        if args.action == "add":
+            entry = await store.add(args.kind, args.value, reason=args.reason or "", created_by=_operator())
+            print(f"blocked {entry.kind} {entry.value}")
+        elif args.action == "remove":
+            entry = await store.remove(args.kind, args.value)
+            print(f"unblocked {entry.kind} {entry.value}")
+        else:
+            for e in await store.list(args.kind):
+                print(f"{e.kind}\t{e.value}\t{e.created_by or '-'}\t{e.reason or '-'}")
+        return 0
 
-    try:
-        return _run(run())
-    except BlockError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return _run(_with_engine(config, run))
 
 
 async def _verify_domain(config: Config, store, name: str, domain: str) -> int:
@@ -349,6 +333,8 @@ async def _verify_domain(config: Config, store, name: str, domain: str) -> int:
 
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from .blocklist.model import KINDS
+
     p = argparse.ArgumentParser(prog="gateway", description="Outbound SMTP relay gateway that enforces "
                                 "the provider's anti-spam policy (see POLICY.md).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -398,7 +384,6 @@ def build_parser() -> argparse.ArgumentParser:
     dom.add_argument("domain")
     dom.add_argument("--approve", action="store_true", help="operator pre-approval (no DNS proof)")
 
-    kinds = ["ip", "domain", "hostname"]
     b = sub.add_parser("block", help="operator block lists (P-BLOCK): client IPs/CIDRs, sender domains, "
                        "HELO/reverse-DNS host names; running gateways apply changes within 1 s")
     b.set_defaults(func=cmd_block)
@@ -406,16 +391,16 @@ def build_parser() -> argparse.ArgumentParser:
     badd = bsub.add_parser("add", help="block: ip ADDR|CIDR, domain DOMAIN (and subdomains), "
                            "hostname NAME (exact) or .SUFFIX")
     config_args(badd)
-    badd.add_argument("kind", choices=kinds)
+    badd.add_argument("kind", choices=KINDS)
     badd.add_argument("value")
     badd.add_argument("--reason", help="operator's note (logged, never sent to clients)")
     brm = bsub.add_parser("remove", help="remove an entry")
     config_args(brm)
-    brm.add_argument("kind", choices=kinds)
+    brm.add_argument("kind", choices=KINDS)
     brm.add_argument("value")
     bls = bsub.add_parser("list", help="list entries (kind, value, created by, reason)")
     config_args(bls)
-    bls.add_argument("--kind", choices=kinds)
+    bls.add_argument("--kind", choices=KINDS)
     key = acc("apikey", "issue an API key for the registry HTTP API (printed once)")
     key.add_argument("--label", help="a note to tell keys apart")
     key.set_defaults(func=cmd_apikey)
@@ -458,8 +443,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
+        # The commands' refusals: each names the field (if any) in its str().
         from .accounts.store import AccountError
-        if isinstance(exc, AccountError):
+        from .blocklist.model import BlockError
+        from .registry.model import RegistryError
+        if isinstance(exc, (AccountError, BlockError, RegistryError)):
             print(f"error: {exc}", file=sys.stderr)
             return 1
         raise

@@ -151,7 +151,7 @@ async def test_store_add_remove_list_and_version(engine):
         e = await bl.add("ip", "192.0.2.9/24", reason="spam run 2026-11", created_by="test")
         assert (e.kind, e.value, e.reason, e.created_by, e.created_at) == \
             ("ip", "192.0.2.0/24", "spam run 2026-11", "test", 1000.0)
-        assert bl.match_ip("192.0.2.1") is not None            # applied at once on this gateway
+        assert bl.snapshot.match_ip("192.0.2.1") is not None            # applied at once on this gateway
         with pytest.raises(Conflict):
             await bl.add("ip", "192.0.2.0/24")
         await bl.add("domain", "bad.example")
@@ -161,7 +161,7 @@ async def test_store_add_remove_list_and_version(engine):
         assert await bl.store.version() == 3
         removed = await bl.remove("ip", "192.0.2.0/24")
         assert removed.reason == "spam run 2026-11"
-        assert bl.match_ip("192.0.2.1") is None
+        assert bl.snapshot.match_ip("192.0.2.1") is None
         with pytest.raises(NotFound):
             await bl.remove("ip", "192.0.2.0/24")
         with pytest.raises(Invalid) as err:
@@ -180,9 +180,9 @@ async def test_refresher_picks_up_another_writer_and_survives_db_errors(engine, 
     try:
         await writer.store.add("domain", "bad.example")
         deadline = time.monotonic() + 2
-        while reader.match_domain("x.bad.example") is None and time.monotonic() < deadline:
+        while reader.snapshot.match_domain("x.bad.example") is None and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        assert reader.match_domain("x.bad.example") is not None
+        assert reader.snapshot.match_domain("x.bad.example") is not None
 
         # The database goes away: the last snapshot is still enforced, one warning is logged.
         real_version = reader.store.version
@@ -194,14 +194,14 @@ async def test_refresher_picks_up_another_writer_and_survives_db_errors(engine, 
         with caplog.at_level(logging.WARNING, logger="gateway.blocklist"):
             await asyncio.sleep(0.3)
             assert reader.failing
-            assert reader.match_domain("x.bad.example") is not None
+            assert reader.snapshot.match_domain("x.bad.example") is not None
             assert sum("refresh failed" in r.message for r in caplog.records) == 1
             reader.store.version = real_version
             await writer.store.remove("domain", "bad.example")
             deadline = time.monotonic() + 2
-            while reader.match_domain("x.bad.example") is not None and time.monotonic() < deadline:
+            while reader.snapshot.match_domain("x.bad.example") is not None and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
-        assert reader.match_domain("x.bad.example") is None
+        assert reader.snapshot.match_domain("x.bad.example") is None
         assert not reader.failing
         assert any("works again" in r.message for r in caplog.records)
     finally:
@@ -363,7 +363,7 @@ async def test_admin_api(sink, gateway_factory):
         r = await http.post("/admin/blocklist", json={"kind": "ip", "value": "192.0.2.1"},
                             headers={"Authorization": f"Basic {ADMIN_KEY}"})
         assert r.status_code == 401
-        assert h.gw.blocklist.match_ip("192.0.2.1") is None
+        assert h.gw.blocklist.snapshot.match_ip("192.0.2.1") is None
 
         for body, field in [({"kind": "cidr", "value": "192.0.2.1"}, "kind"),
                             ({"kind": "ip", "value": "192.0.2.300"}, "value"),
@@ -415,7 +415,7 @@ async def test_admin_api(sink, gateway_factory):
         assert r.status_code == 422
         r = await http.delete("/admin/blocklist/hostname/.bad.example")
         assert r.status_code == 401
-        assert h.gw.blocklist.match_hostname("x.bad.example") is not None
+        assert h.gw.blocklist.snapshot.match_hostname("x.bad.example") is not None
 
 
 async def test_admin_api_disabled_without_key(sink, gateway_factory):

@@ -12,8 +12,9 @@ import time
 import pytest
 
 from gateway.accounts.proof import (DomainProofChecker, ProofStatus, lookup_proof, proof_record, token_in,
-                                    verify_account_domain, verify_domain)
+                                    verify_account_domain)
 from gateway.accounts.settings import AccountSettings
+from gateway.accounts.store import AccountError
 from gateway.checks.data_sender_auth import report_type
 from gateway.checks.mail_sender_auth import authorize
 from gateway.accounts.model import Account, AccountStatus, SenderDomain
@@ -186,13 +187,16 @@ def test_token_match_and_report_type():
 async def test_verify_domain_through_the_test_dns_server(dns_server, make_resolver):
     serve_domain(dns_server, "proof.example")
     resolver = make_resolver()
-    ok, detail = await verify_domain(resolver, "proof.example", "tok-1")
+    res = await lookup_proof(resolver, "proof.example", "tok-1")
+    ok, detail = res.published, res.detail
     assert not ok and "NXDOMAIN" in detail
     dns_server.set("_gateway-proof.proof.example", "TXT", ["gateway-proof=someone-else"], ttl=0)
-    ok, detail = await verify_domain(resolver, "proof.example", "tok-1")
+    res = await lookup_proof(resolver, "proof.example", "tok-1")
+    ok, detail = res.published, res.detail
     assert not ok and "do not carry this domain's token" in detail
     publish(dns_server, "proof.example", "tok-1")
-    ok, detail = await verify_domain(resolver, "proof.example", "tok-1")
+    res = await lookup_proof(resolver, "proof.example", "tok-1")
+    ok, detail = res.published, res.detail
     assert ok, detail
     # fresh=True: the answer cached a moment ago does not hide the removal
     dns_server.remove("_gateway-proof.proof.example")
@@ -282,6 +286,37 @@ async def test_recheck_never_revokes_on_dns_failure_and_skips_approved(sink, gat
     assert res.status == "pending" and not res.authorized
     res = await verify_account_domain(store, h.gw.resolver, "alice", "approved.example")
     assert res.status == "approved" and res.authorized
+
+
+async def test_revoke_is_guarded_by_status_and_token_in_the_update(sink, gateway_factory, dns_server):
+    # An operator's change made while the lookup ran wins over the re-check's revocation.
+    h = await gateway_factory(sink, dns=live_dns(dns_server), accounts={"proof_recheck_interval": 0})
+    await h.add_account(domains=())
+    store = h.gw.accounts
+    checker = DomainProofChecker(store, h.gw.resolver, AccountSettings())
+    looked_up = await store.add_domain("alice", "race.example")
+    assert await store.set_domain_status("alice", "race.example", "verified", note="test")
+    # removed and re-added meanwhile: a new token, not what was looked up
+    await store.remove_domain("alice", "race.example")
+    readded = await store.add_domain("alice", "race.example")
+    assert await store.set_domain_status("alice", "race.example", "verified", note="test")
+    assert not await checker._revoke("alice", looked_up, "gone")
+    assert domain_of(h, "alice", "race.example").status == "verified"
+    # approved by an operator meanwhile
+    assert await store.set_domain_status("alice", "race.example", "approved", note="approved by test")
+    assert not await checker._revoke("alice", readded, "gone")
+    assert domain_of(h, "alice", "race.example").status == "approved"
+    # unknown account or domain: nothing to revoke
+    assert not await checker._revoke("nobody", readded, "gone")
+    assert not await checker._revoke("alice", SenderDomain("other.example", "verified", readded.token), "gone")
+    # still as looked up: revoked
+    assert await store.set_domain_status("alice", "race.example", "verified", note="test")
+    assert await checker._revoke("alice", readded, "gone")
+    d = domain_of(h, "alice", "race.example")
+    assert d.status == "pending" and d.note.startswith("proof gone") and d.note.endswith(": gone")
+    # without expectations an unknown domain is still an error
+    with pytest.raises(AccountError):
+        await store.set_domain_status("alice", "other.example", "verified")
 
 
 async def test_operator_approved_domain_relays_without_dns_proof(sink, gateway_factory, dns_server):

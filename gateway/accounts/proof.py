@@ -80,12 +80,6 @@ async def lookup_proof(resolver: Any, domain: str, token: str, timeout: float | 
     return ProofResult(ProofStatus.ABSENT, f"TXT record(s) at {name} do not carry this domain's token")
 
 
-async def verify_domain(resolver: Any, domain: str, token: str, timeout: float | None = None) -> tuple[bool, str]:
-    """(True, detail) when ``_gateway-proof.<domain>`` publishes ``token``."""
-    result = await lookup_proof(resolver, domain, token, timeout)
-    return result.published, result.detail
-
-
 # ------------------------------------------------------------------ verify one domain (CLI, admin)
 @dataclass(frozen=True, slots=True)
 class VerifyOutcome:
@@ -183,7 +177,9 @@ class DomainProofChecker:
                 log.warning("sender domain proof re-check failed", exc_info=True)
 
     async def run_once(self) -> RecheckReport:
-        await self.store.refresh()
+        # The store's own refresher keeps the snapshot current (the checker runs
+        # only in the gateway, after AccountStore.start()); a domain changed
+        # since is guarded by _revoke's conditional UPDATE.
         todo = [(acc.name, d) for acc in self.store.all_cached() for d in acc.domains if d.status == "verified"]
         report = RecheckReport()
         sem = asyncio.Semaphore(self.settings.proof_concurrency)
@@ -211,18 +207,14 @@ class DomainProofChecker:
         from .store import AccountError
 
         # Only what was looked up is revoked: an operator may have approved
-        # the domain, or removed and re-added it, while the lookup ran.
+        # the domain, or removed and re-added it, while the lookup ran. The
+        # UPDATE itself checks status and token, so such a change wins.
         try:
-            account = await self.store.get(name)
+            changed = await self.store.set_domain_status(
+                name, dom.domain, "pending", note=f"proof gone {_stamp(self.store.clock())}: {detail}",
+                expected_status="verified", expected_token=dom.token)
         except AccountError:
             return False
-        now = _find(account, dom.domain)
-        if now is None or now.status != "verified" or now.token != dom.token:
-            return False
-        try:
-            await self.store.set_domain_status(name, dom.domain, "pending",
-                                               note=f"proof gone {_stamp(self.store.clock())}: {detail}")
-        except AccountError:
-            return False
-        log.warning("sender domain %s of account %s revoked to pending: %s", dom.domain, name, detail)
-        return True
+        if changed:
+            log.warning("sender domain %s of account %s revoked to pending: %s", dom.domain, name, detail)
+        return changed

@@ -221,16 +221,32 @@ class AccountStore:
         await self.refresh()
         return SenderDomain(dom, status, token, None, note)
 
-    async def set_domain_status(self, name: str, domain: str, status: str, note: str = "") -> None:
+    async def set_domain_status(self, name: str, domain: str, status: str, note: str = "", *,
+                                expected_status: str | None = None, expected_token: str | None = None) -> bool:
+        """Set the status of a sender domain; True when a row changed.
+
+        ``expected_status`` / ``expected_token``: change the domain only if it
+        still has this status / token (checked in the UPDATE itself, so a
+        concurrent change by an operator wins); False when it no longer does
+        or is gone. Without them a domain not on the account raises AccountError.
+        """
         dom = normalize_domain(domain)
+        where = (account_domains.c.domain == dom)
+        if expected_status is not None:
+            where &= account_domains.c.status == expected_status
+        if expected_token is not None:
+            where &= account_domains.c.token == expected_token
         async with self.engine.begin() as conn:
             acc_id = await self._id(conn, name)
             res = await conn.execute(account_domains.update().where(
-                (account_domains.c.account_id == acc_id) & (account_domains.c.domain == dom)).values(
+                (account_domains.c.account_id == acc_id) & where).values(
                 status=status, note=note, verified_at=self.clock() if status != "pending" else None))
             if res.rowcount == 0:
+                if expected_status is not None or expected_token is not None:
+                    return False
                 raise AccountError(f"domain {dom} is not on account {name!r}")
         await self.refresh()
+        return True
 
     async def remove_domain(self, name: str, domain: str) -> None:
         dom = normalize_domain(domain)

@@ -80,6 +80,10 @@ class Snapshot:
             addr = plain_address(ip)
         except ValueError:
             return None
+        return self.match_address(addr)
+
+    def match_address(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> BlockEntry | None:
+        """``addr`` as :func:`.model.plain_address` returns it (IPv4-mapped IPv6 already IPv4)."""
         value = int(addr)
         for shift, table in self._nets[addr.version]:
             hit = table.get((value >> shift) << shift)

@@ -104,13 +104,3 @@ class BlockList:
             await self.refresh()
         except Exception as exc:
             log.warning("block list reload after a change failed (the refresher retries): %s", exc)
-
-    # ------------------------------------------------------------ hot path
-    def match_ip(self, ip: str) -> BlockEntry | None:
-        return self.snapshot.match_ip(ip)
-
-    def match_domain(self, domain: str) -> BlockEntry | None:
-        return self.snapshot.match_domain(domain)
-
-    def match_hostname(self, name: str) -> BlockEntry | None:
-        return self.snapshot.match_hostname(name)

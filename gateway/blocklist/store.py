@@ -37,7 +37,8 @@ class BlockStore:
             await conn.execute(block_version.insert().values(id=1, version=1))
 
     async def add(self, kind: str, value: str, reason: str = "", created_by: str = "") -> BlockEntry:
-        entry = BlockEntry(check_kind(kind), normalize(kind, value), clean_text(reason, "reason", MAX_REASON),
+        # normalize() checks the kind first
+        entry = BlockEntry(kind, normalize(kind, value), clean_text(reason, "reason", MAX_REASON),
                            clean_text(created_by, "created_by", MAX_CREATED_BY), self.clock())
         try:
             async with self.engine.begin() as conn:
@@ -50,8 +51,7 @@ class BlockStore:
         return entry
 
     async def remove(self, kind: str, value: str) -> BlockEntry:
-        kind = check_kind(kind)
-        canonical = normalize(kind, value)
+        canonical = normalize(kind, value)   # checks the kind first
         where = (block_entries.c.kind == kind) & (block_entries.c.value == canonical)
         async with self.engine.begin() as conn:
             row = (await conn.execute(sa.select(*_COLUMNS).where(where))).first()
@@ -68,17 +68,20 @@ class BlockStore:
         async with self.engine.connect() as conn:
             return [_entry(r) for r in (await conn.execute(query)).all()]
 
+    @staticmethod
+    async def _version(conn) -> int:
+        return int((await conn.execute(sa.select(block_version.c.version)
+                                       .where(block_version.c.id == 1))).scalar() or 0)
+
     async def version(self) -> int:
         async with self.engine.connect() as conn:
-            return int((await conn.execute(sa.select(block_version.c.version)
-                                           .where(block_version.c.id == 1))).scalar() or 0)
+            return await self._version(conn)
 
     async def load(self) -> tuple[int, list[BlockEntry]]:
         """The counter and all entries. The counter is read first: entries at
         least as new as the counter can only cause one extra reload later,
         never a missed change."""
         async with self.engine.connect() as conn:
-            version = int((await conn.execute(sa.select(block_version.c.version)
-                                              .where(block_version.c.id == 1))).scalar() or 0)
+            version = await self._version(conn)
             rows = (await conn.execute(sa.select(*_COLUMNS))).all()
         return version, [_entry(r) for r in rows]

@@ -9,7 +9,6 @@ controls it, so a name there can only get that owner blocked.
 """
 from __future__ import annotations
 
-import ipaddress
 from typing import Any
 
 from ..blocklist.model import plain_address
@@ -33,7 +32,7 @@ class ConnectBlocklist:
             addr = plain_address(tx.peer_ip)
         except ValueError:
             return Outcome.skip(self.name, "peer address is not an IP address")
-        hit = snap.match_ip(str(addr))
+        hit = snap.match_address(addr)
         if hit is not None:
             return Outcome.refuse(self.name, replies.BLOCKED_CLIENT.with_detail(f"{addr} ({hit.value})"),
                                   hit.log_detail(f"client {addr}"))
@@ -41,7 +40,7 @@ class ConnectBlocklist:
             return Outcome.ok(self.name, "address not listed")
         if self.resolver is None:
             return Outcome.ok(self.name, "address not listed; no resolver for reverse DNS")
-        answer = await self.resolver.query(ipaddress.ip_address(addr).reverse_pointer, "PTR")
+        answer = await self.resolver.query(addr.reverse_pointer, "PTR")
         if not answer.ok:
             return Outcome.ok(self.name, f"address not listed; reverse DNS {answer.status.value}, "
                                          "host-name entries not checked")

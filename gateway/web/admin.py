@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
@@ -46,6 +47,24 @@ def _from_block_error(exc: BlockError) -> Response:
     return OrjsonResponse({"error": exc.code, "reason": exc.reason, "field": exc.field}, status_code=exc.status)
 
 
+def is_admin_key(admin_key: str | None, presented: str) -> bool:
+    """Is ``presented`` the operators' admin key? Compared in constant time; never with no key configured."""
+    return bool(admin_key) and hmac.compare_digest(presented.encode("utf-8", "surrogatepass"),
+                                                   admin_key.encode("utf-8", "surrogatepass"))
+
+
+async def _storage_call(fn: Callable[[], Awaitable[Any]], failure: str) -> tuple[Any, Response | None]:
+    """``(await fn(), None)``, or ``(None, response)`` for a refused change or a storage failure
+    (logged as ``failure``)."""
+    try:
+        return await fn(), None
+    except BlockError as exc:
+        return None, _from_block_error(exc)
+    except Exception:
+        log.exception(failure)
+        return None, _error(503, "unavailable", "storage unavailable, try again")
+
+
 def admin_router(gateway: "Gateway") -> APIRouter:
     router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -54,8 +73,7 @@ def admin_router(gateway: "Gateway") -> APIRouter:
         if not key:
             return _error(503, "disabled", "admin API disabled (set http.admin_key)")
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode("utf-8", "surrogatepass"), key.encode("utf-8", "surrogatepass")):
+        if scheme.lower() != "bearer" or not is_admin_key(key, token.strip()):
             return _error(401, "unauthorized", "the admin key is needed (Authorization: Bearer KEY)",
                           {"WWW-Authenticate": "Bearer"})
         return None
@@ -76,13 +94,9 @@ def admin_router(gateway: "Gateway") -> APIRouter:
         if kind is not None and kind not in KINDS:
             return _invalid("kind", f"must be one of {', '.join(KINDS)}")
         bl = blocklist()
-        try:
-            entries = await bl.list(kind)
-        except BlockError as exc:
-            return _from_block_error(exc)
-        except Exception:
-            log.exception("block list read failed")
-            return _error(503, "unavailable", "storage unavailable, try again")
+        entries, failed = await _storage_call(lambda: bl.list(kind), "block list read failed")
+        if failed is not None:
+            return failed
         return OrjsonResponse({"version": bl.snapshot.version, "entries": [e.as_dict() for e in entries]})
 
     @router.post("/blocklist", status_code=201, summary="add a block-list entry")
@@ -101,13 +115,11 @@ def admin_router(gateway: "Gateway") -> APIRouter:
         for name in ("kind", "value"):
             if name not in body:
                 return _invalid(name, "required")
-        try:
-            entry = await blocklist().add(body["kind"], body["value"], body.get("reason") or "", who(request))
-        except BlockError as exc:
-            return _from_block_error(exc)
-        except Exception:
-            log.exception("block list change failed")
-            return _error(503, "unavailable", "storage unavailable, try again")
+        entry, failed = await _storage_call(
+            lambda: blocklist().add(body["kind"], body["value"], body.get("reason") or "", who(request)),
+            "block list change failed")
+        if failed is not None:
+            return failed
         log.info("block list: %s added %s %s", who(request), entry.kind, entry.value)
         return OrjsonResponse(entry.as_dict(), status_code=201)
 
@@ -115,13 +127,9 @@ def admin_router(gateway: "Gateway") -> APIRouter:
     async def remove_entry(request: Request, kind: str, value: str) -> Response:
         if (resp := denied(request)) is not None:
             return resp
-        try:
-            entry = await blocklist().remove(kind, value)
-        except BlockError as exc:
-            return _from_block_error(exc)
-        except Exception:
-            log.exception("block list change failed")
-            return _error(503, "unavailable", "storage unavailable, try again")
+        entry, failed = await _storage_call(lambda: blocklist().remove(kind, value), "block list change failed")
+        if failed is not None:
+            return failed
         log.info("block list: %s removed %s %s", who(request), entry.kind, entry.value)
         return OrjsonResponse({"removed": entry.as_dict()})
 

@@ -12,7 +12,6 @@ Errors are JSON: ``{"error": code, "errors": [{"field", "reason"}]}`` for 422,
 # No "from __future__ import annotations": FastAPI must see the local Annotated
 # dependency aliases (Account, ListPath) as objects, not strings.
 import csv
-import hmac
 import io
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -26,6 +25,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..registry.model import Conflict, Invalid, NotFound, RateLimited, RegistryUnavailable
+from .admin import is_admin_key
 from .jsonresponse import OrjsonResponse
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -236,9 +236,7 @@ def registry_router(gateway: "Gateway") -> APIRouter:
                        {"WWW-Authenticate": "Bearer"})
 
     def _is_admin(key: str) -> bool:
-        admin = gateway.config.http.admin_key
-        return bool(admin) and hmac.compare_digest(key.encode("utf-8", "surrogatepass"),
-                                                   admin.encode("utf-8", "surrogatepass"))
+        return is_admin_key(gateway.config.http.admin_key, key)
 
     async def account(authorization: Annotated[str | None, Header()] = None,
                       x_api_key: Annotated[str | None, Header()] = None,
@@ -340,18 +338,24 @@ def registry_router(gateway: "Gateway") -> APIRouter:
         columns = ["address", "status", "source", "requested_at", "requested_ip", "requested_user_agent",
                    "confirmed_at", "confirmed_ip", "confirmed_user_agent"]
 
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+
+        def line(values: list) -> bytes:   # one CSV row; the buffer is emptied for the next
+            writer.writerow(values)
+            out = buf.getvalue().encode()
+            buf.seek(0)
+            buf.truncate(0)
+            return out
+
         async def rows():
             if format == "csv":
-                buf = io.StringIO()
-                csv.writer(buf).writerow(columns)
-                yield buf.getvalue().encode()
+                yield line(columns)
             async for sub in reg.iter_subscribers(acc, list_id, status):
                 p = sub.public()
                 flat = {"address": p["address"], "status": p["status"], **p["consent"]}
                 if format == "csv":
-                    buf = io.StringIO()
-                    csv.writer(buf).writerow(["" if flat[c] is None else flat[c] for c in columns])
-                    yield buf.getvalue().encode()
+                    yield line(["" if flat[c] is None else flat[c] for c in columns])
                 else:
                     yield orjson.dumps(flat) + b"\n"
 
