@@ -31,13 +31,9 @@ class _StatsCollector:
             for key in ("failures", "timeouts", "shared_errors"):
                 fam.add_metric([key], getattr(st, key))
             yield fam
-            from .dns.resolver import LATENCY_BOUNDS
-            buckets, total = [], 0
-            for bound, count in zip(list(LATENCY_BOUNDS) + [float("inf")], st.latency_counts):
-                total += count
-                buckets.append(("+Inf" if bound == float("inf") else str(bound), total))
             yield HistogramMetricFamily("gateway_dns_query_seconds", "DNS query latency (cache misses)",
-                                        buckets=buckets, sum_value=st.latency_sum)
+                                        buckets=list(st.as_dict()["latency_buckets"].items()),
+                                        sum_value=st.latency_sum)
         dnsbl = getattr(gw, "dnsbl", None)
         if dnsbl is not None:
             fam = CounterMetricFamily("gateway_dnsbl_checks", "DNSBL checks by result", labels=["result"])

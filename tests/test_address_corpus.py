@@ -165,9 +165,8 @@ def test_ev_invalid(case):
 
 @pytest.mark.parametrize("case", _cases("test_email_invalid_reserved_domain"))
 def test_ev_reserved_domain(case):
-    verdict, a = envelope(case["email_input"])
-    assert verdict == "ok"
-    assert a.special_use is not None  # syntax fine; the domain check refuses special-use names
+    verdict, _ = envelope(case["email_input"])
+    assert verdict == "ok"  # syntax fine; whether such a domain takes mail is P-DOM's question (DNS)
 
 
 @pytest.mark.parametrize("case", _cases("test_email_unsafe_character"))

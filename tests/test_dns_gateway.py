@@ -75,6 +75,8 @@ async def test_decide_at_mail_exempts_authenticated_account(sink, gateway_factor
     assert (await cmd(reader, writer, b"AUTH PLAIN AGFsaWNlAHMzY3JldA==")).startswith(b"235")
     assert (await cmd(reader, writer, b"MAIL FROM:<alice@example.com>")).startswith(b"250")
     writer.close()
+    # one check for the session: the lookups started at connect only warm the cache
+    assert h.gw.dnsbl.stats.checks == 1 and h.gw.dnsbl.stats.listed == 1
 
 
 async def test_dnsbl_resolver_failure_fail_open_and_closed(sink, gateway_factory, dns_server):

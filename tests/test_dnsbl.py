@@ -14,9 +14,9 @@ import pytest
 
 from dns_fixtures import dns_server, make_resolver  # noqa: F401
 from dns_server import reverse_name
-from gateway.checks import connect_dnsbl
+from gateway.checks import connect_dnsbl, factories
 from gateway.dns.dnsbl import (CLEAN, ERROR, LISTED, Dnsbl, classify_answer, clean_reason, decide,
-                               judge_probe, normalize_ip, query_label, ZoneResult)
+                               judge_probe, peer_address, query_label, ZoneResult)
 from gateway.dns.resolver import DnsAnswer, Resolver, Status
 from gateway.dns.settings import DnsblSettings, DnsblZone, ResolverSettings
 from gateway.smtp.transaction import Phase, Result, SessionInfo, Transaction
@@ -44,7 +44,7 @@ def test_query_labels_rfc5782():
     assert query_label(V6_LISTED) == "2.0.0.0.0.0.f.7.f.f.f.f" + ".0" * 20
     assert query_label("2001:db8:dead::1") == "1" + ".0" * 19 + ".d.a.e.d.8.b.d.0.1.0.0.2"
     # IPv4-mapped peers of a dual-stack socket are looked up as IPv4 (by the check)
-    assert normalize_ip("::ffff:192.0.2.7") == "192.0.2.7"
+    assert str(peer_address("::ffff:192.0.2.7")) == "192.0.2.7"
     assert query_label(V6_LISTED) == reverse_name(V6_LISTED)
 
 
@@ -340,6 +340,30 @@ async def test_exemptions_and_decide_at_mail(corpus_server, make_resolver):
     session.account, session.auth_method = object(), "smtp-auth"  # now authenticated: exempt
     assert (await mail.run(Transaction(session))).result is Result.SKIP
     await bl2.stop()
+
+
+async def test_decide_at_mail_counts_one_check_per_session(corpus_server, make_resolver):
+    """The connect half only issues the check's queries (cache warm): the session is
+    decided, counted and logged once, at MAIL, with the same verdict."""
+    s = DnsblSettings(zones=[TEST_BL], decide_at="mail")
+    bl = Dnsbl(s, make_resolver())
+    made = factories(SimpleNamespace(config=SimpleNamespace(dnsbl=s), resolver=bl.resolver, dnsbl=bl))
+    connect, mail = made["connect_dnsbl"](), made["mail_dnsbl"]()
+    assert isinstance(mail, connect_dnsbl.MailDnsbl) and mail.phase is Phase.MAIL
+    session = SessionInfo("s", "l", "127.0.0.2", 1)
+    assert (await connect.run(session)).detail == "decided at MAIL"
+    await asyncio.gather(*bl._background)  # the prefetch has finished
+    name = f"{reverse_name('127.0.0.2')}.test-bl.example"
+    assert corpus_server.count(name, "A") == 1 and corpus_server.count(name, "TXT") == 1  # the check's queries
+    assert (bl.stats.checks, bl.stats.listed, bl.stats.zone_errors) == (0, 0, 0)
+    hits = bl.resolver.stats.cache_hits
+    out = await mail.run(Transaction(session))
+    assert out.result is Result.FAIL and out.reply.code == 554
+    assert "127.0.0.2 listed by Test BL (Listed in test-bl" in out.reply.render()
+    assert bl.resolver.stats.cache_hits == hits + 2  # A and TXT answered from the warmed cache
+    assert corpus_server.count(name, "A") == 1 and corpus_server.count(name, "TXT") == 1
+    assert (bl.stats.checks, bl.stats.listed) == (1, 1)
+    await bl.stop()
 
 
 # -- real rbldnsd ---------------------------------------------------------------------------------

@@ -118,7 +118,8 @@ def test_real_replies_pass():
     assert subj_ids(*BASE, "Subject: Fwd: hi", "References: <0@example.com>") == []
 
 
-@pytest.mark.parametrize("how", [{"list_id": "news.example.com"}, {"bulk": True}])
+@pytest.mark.parametrize("how", [{"list": SimpleNamespace(id="0123456789abcdef", list_id="news.example.com")},
+                                 {"bulk": True}])
 def test_fake_reply_refused_for_list_and_bulk(how):
     assert subj_ids(*BASE, "Subject: Re: offer", **how) == ["subj.fake_reply_bulk"]
 
@@ -136,7 +137,8 @@ async def test_subject_check_outcomes():
     out = await check.run(tx)
     assert out.result is Result.FLAG and "[subj.fake_reply]" in out.detail
     assert tx.extra["findings"][0]["action"] == "flag"
-    tx = make_tx(msg(*BASE, "Subject: Re: offer"), list_id="news.example.com")
+    tx = make_tx(msg(*BASE, "Subject: Re: offer"),
+                 list=SimpleNamespace(id="0123456789abcdef", list_id="news.example.com"))
     out = await check.run(tx)
     assert out.result is Result.FAIL
     assert out.reply.render(out.detail).startswith("550 5.7.1 P-SUBJ ")

@@ -37,12 +37,6 @@ CHECKS: dict[str, Phase] = {
 }
 
 
-# Checks whose builder lives in another check's module: name -> (module, function).
-_BUILDERS: dict[str, tuple[str, str]] = {
-    "mail_dnsbl": ("connect_dnsbl", "build_mail"),  # one DNSBL logic, decided at connect or at MAIL
-}
-
-
 def known_checks() -> dict[str, Phase]:
     return dict(CHECKS)
 
@@ -51,8 +45,6 @@ def factories(services: Any) -> dict[str, Callable[[], Any]]:
     """name -> zero-argument constructor bound to the services."""
     def make(name: str) -> Callable[[], Any]:
         def build() -> Any:
-            module_name, function = _BUILDERS.get(name, (name, "build"))
-            module = importlib.import_module(f"{__name__}.{module_name}")
-            return getattr(module, function)(services)
+            return importlib.import_module(f"{__name__}.{name}").build(services)
         return build
     return {name: make(name) for name in CHECKS}

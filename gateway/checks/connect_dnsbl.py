@@ -11,27 +11,18 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from ..dns.dnsbl import Dnsbl, DnsblVerdict, normalize_ip
+from ..dns.dnsbl import Dnsbl, DnsblVerdict, IPAddress, peer_address
 from ..dns.settings import DnsblSettings
 from ..smtp import replies
 from ..smtp.transaction import Outcome, Phase, SessionInfo
 
 
-
-def exemption(settings: DnsblSettings, session: SessionInfo) -> str | None:
-    """Why this session is not checked, or None."""
-    if settings.exempt_authenticated and session.account is not None:
-        return f"exempt: {session.auth_method or 'authenticated'}"
-    if settings.exempt_networks:
-        try:
-            ip = ipaddress.ip_address(normalize_ip(session.peer_ip))
-        except ValueError:
-            return None
-        for net in settings.exempt_networks:
-            n = ipaddress.ip_network(net, strict=False)
-            if n.version == ip.version and ip in n:
-                return "exempt: client network"
-    return None
+def _peer(session: SessionInfo) -> IPAddress | None:
+    """The session's peer as the DNSBL sees it (parsed once per check run), or None."""
+    try:
+        return peer_address(session.peer_ip)
+    except ValueError:
+        return None
 
 
 def outcome_for(check: str, verdict: DnsblVerdict) -> Outcome:
@@ -52,15 +43,27 @@ class _DnsblCheck:
     def __init__(self, dnsbl: Dnsbl, settings: DnsblSettings):
         self.dnsbl = dnsbl
         self.settings = settings
+        # parsed once (DnsblSettings has validated them), not on every connection
+        self.exempt_networks = tuple(ipaddress.ip_network(n, strict=False) for n in settings.exempt_networks)
+
+    def exemption(self, session: SessionInfo, ip: IPAddress | None) -> str | None:
+        """Why this session is not checked, or None. ``ip``: the parsed peer (None: not an IP)."""
+        if self.settings.exempt_authenticated and session.account is not None:
+            return f"exempt: {session.auth_method or 'authenticated'}"
+        if ip is not None:
+            for net in self.exempt_networks:
+                if net.version == ip.version and ip in net:
+                    return "exempt: client network"
+        return None
 
     async def _decide(self, session: SessionInfo) -> Outcome:
-        why = exemption(self.settings, session)
+        ip = _peer(session)
+        why = self.exemption(session, ip)
         if why is not None:
             return Outcome.skip(self.name, why)
-        try:
-            verdict = await self.dnsbl.check(normalize_ip(session.peer_ip))
-        except ValueError:
+        if ip is None:
             return Outcome.skip(self.name, "peer address is not an IP address")
+        verdict = await self.dnsbl.check(ip)
         return outcome_for(self.name, verdict)
 
 
@@ -72,11 +75,9 @@ class ConnectDnsbl(_DnsblCheck):
         if not self.settings.zones:
             return Outcome.skip(self.name, "no zones configured")
         if self.settings.decide_at == "mail":
-            if exemption(self.settings, tx) is None:
-                try:
-                    self.dnsbl.prefetch(normalize_ip(tx.peer_ip))
-                except ValueError:
-                    pass
+            ip = _peer(tx)
+            if ip is not None and self.exemption(tx, ip) is None:
+                self.dnsbl.prefetch(ip)
             return Outcome.skip(self.name, "decided at MAIL")
         return await self._decide(tx)
 

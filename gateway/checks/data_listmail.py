@@ -27,7 +27,6 @@ class DataListmail:
         if precedence in ("bulk", "list"):
             marks.append(f"Precedence: {precedence}")
         if marks:
-            tx.extra["bulk"] = True
             return Outcome.refuse(self.name, replies.OPTIN_UNREGISTERED_LIST, ", ".join(marks))
         return Outcome.ok(self.name)
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..message.headers import (HeaderSyntaxError, ParsedHeaders, decode_lenient, display_domains,
-                               parse_address_list, parse_content_type, parsed_for, related_domains)
+from ..message.headers import (ParsedHeaders, display_domains, display_text, parse_content_type,
+                               parsed_address_list, parsed_for, related_domains)
 from ..smtp import replies
 from ..smtp.transaction import Outcome, Phase
 from .mail_sender_auth import ascii_domain, authorize
@@ -81,9 +81,9 @@ class DataSenderAuth:
         for header, reply in (("from", replies.HEADER_FROM_NOT_AUTHORIZED),
                               ("sender", replies.HEADER_SENDER_NOT_AUTHORIZED)):
             for value in parsed.get_all(header):
-                try:
-                    boxes = parse_address_list(value, allow_group=False)
-                except HeaderSyntaxError:
+                # From: the mailboxes data_headers (check_structure) parsed already
+                boxes, err = parsed_address_list(parsed, value, allow_group=False)
+                if err is not None:
                     continue  # data_headers refuses it (hdr.address)
                 for box in boxes:
                     domain = ascii_domain(box.domain)
@@ -95,9 +95,7 @@ class DataSenderAuth:
                     if header == "from":
                         from_boxes.append((box, domain))
         for box, domain in from_boxes:
-            display = decode_lenient(box.display)
-            if box.comment:
-                display = f"{display} {decode_lenient(box.comment)}".strip()
+            display = display_text(box)
             if "@" not in display:
                 continue
             low = display.lower()

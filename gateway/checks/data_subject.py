@@ -6,9 +6,9 @@ names that show another domain or address, configured brand names in the
 display name, Reply-To in another domain for list/bulk mail, and subjects
 whose encoded-words decode to control characters or bidi overrides.
 
-List mail is known from ``tx.extra["list_id"]`` (set by the registry check),
-bulk from ``tx.extra["bulk"]``, or from the message's own List-Id /
-List-Unsubscribe / Precedence: bulk|list headers.
+List mail is known from ``tx.extra["list"]`` (the registered list, set by
+``mail_list``), bulk from ``tx.extra["bulk"]``, or from the message's own
+List-Id / List-Unsubscribe / Precedence: bulk|list headers.
 """
 from __future__ import annotations
 

@@ -31,7 +31,6 @@ class MailList:
         if lst is None:
             return Outcome.ok(self.name, "not list mail")
         tx.extra["list"] = lst
-        tx.extra["list_id"] = lst.id
         return Outcome.ok(self.name, f"list {lst.id} ({lst.list_id})")
 
 

@@ -11,7 +11,7 @@ unless the operator allows them.
 from __future__ import annotations
 
 from ..smtp import replies
-from ..smtp.address import AddressError, parse_mailbox
+from ..smtp.address import parse_mailbox
 from ..smtp.transaction import Outcome, Phase
 
 
@@ -46,13 +46,9 @@ class RcptRelay:
 
 
 def normalize_service_mailboxes(mailboxes: list[str]) -> frozenset[str]:
-    out = set()
-    for m in mailboxes:
-        try:
-            out.add(parse_mailbox(m, utf8=True).normalized.lower())
-        except AddressError as exc:
-            raise ValueError(f"service mailbox {m!r}: {exc.detail}") from None
-    return frozenset(out)
+    """The comparison forms of ``smtp.service_mailboxes``. The config validates them
+    (``SmtpSettings``: an error names the file, the key and the address), so each parses."""
+    return frozenset(parse_mailbox(m, utf8=True).normalized.lower() for m in mailboxes)
 
 
 def build(services) -> RcptRelay:

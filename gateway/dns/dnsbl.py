@@ -21,7 +21,7 @@ import ipaddress
 import logging
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from .resolver import DnsAnswer, Resolver, Status
@@ -36,24 +36,34 @@ MAX_REASON = 160
 
 LISTED, CLEAN, ERROR, DISABLED = "listed", "clean", "error", "disabled"
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-def query_label(ip: str) -> str:
+
+def _address(ip: str | IPAddress) -> IPAddress:
+    """``ip`` as an address object; a string is parsed, an address is taken as it is."""
+    if isinstance(ip, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        return ip
+    return ipaddress.ip_address(ip)
+
+
+def query_label(ip: str | IPAddress) -> str:
     """Reversed octets (IPv4) or nibbles (IPv6), RFC 5782 s.2.1 / 2.4.
 
     The address is taken as given: ``::ffff:7f00:2`` is the IPv6 test point
     of RFC 5782 s.5, in nibble form. Session peers go through
-    :func:`normalize_ip` first.
+    :func:`peer_address` first.
     """
-    return ipaddress.ip_address(ip).reverse_pointer.rsplit(".", 2)[0]
+    return _address(ip).reverse_pointer.rsplit(".", 2)[0]
 
 
-def normalize_ip(ip: str) -> str:
-    """A peer address as the DNSBL should see it: an IPv4-mapped IPv6 peer
-    (``::ffff:192.0.2.1`` from a dual-stack socket) is the IPv4 client it is."""
+def peer_address(ip: str) -> IPAddress:
+    """A peer address as the DNSBL should see it, parsed: an IPv4-mapped IPv6
+    peer (``::ffff:192.0.2.1`` from a dual-stack socket) is the IPv4 client it is.
+    Raises ValueError when ``ip`` is not an IP address."""
     addr = ipaddress.ip_address(ip)
     if addr.version == 6 and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
-    return str(addr)
+    return addr
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +222,6 @@ def judge_probe(zone: DnsblZone, must: DnsAnswer, must_not: DnsAnswer) -> tuple[
 class ZoneHealth:
     state: str = "unknown"        # unknown | healthy | disabled
     reason: str = ""
-    checked: float = 0.0          # wall clock of the last decided probe
     probe_failures: int = 0
 
 
@@ -225,7 +234,6 @@ class DnsblStats:
     zone_disabled_events: int = 0  # alerts raised
     probes: int = 0
     probe_failures: int = 0
-    per_zone_listed: dict[str, int] = field(default_factory=dict)  # by display name
 
 
 class Dnsbl:
@@ -250,11 +258,31 @@ class Dnsbl:
             shared=self.settings.shared_cache, positive_ttl_cap=self.settings.listed_cache_ttl,
             fresh=fresh, timeout=timeout)
 
-    async def check(self, ip: str) -> DnsblVerdict:
+    async def check(self, ip: str | IPAddress) -> DnsblVerdict:
+        """Ask every zone about ``ip`` (a string or an address object) and decide."""
         s = self.settings
         self.stats.checks += 1
-        ip = str(ipaddress.ip_address(ip))
-        label = query_label(ip)
+        addr = _address(ip)
+        ordered = await self._lookup(addr)
+        ip = str(addr)
+        verdict = decide(s, ip, ordered)
+        for r in ordered:
+            if r.status == ERROR:
+                self.stats.zone_errors += 1
+        if verdict.listed:
+            self.stats.listed += 1
+        elif verdict.tempfail:
+            self.stats.tempfail += 1
+        if verdict.errors:
+            log.info("dnsbl %s: %s (on_error=%s)", ip, verdict.log_detail(), s.on_error)
+        return verdict
+
+    async def _lookup(self, addr: IPAddress) -> list[ZoneResult]:
+        """The queries of one check (A of every trusted zone, then TXT of the listing
+        ones), under the time budget; each zone's result in configured order.
+        Decides nothing and counts nothing."""
+        s = self.settings
+        label = query_label(addr)
         deadline = time.monotonic() + s.budget
         results: dict[str, ZoneResult] = {}
         tasks: dict[asyncio.Task, DnsblZone] = {}
@@ -274,21 +302,7 @@ class Dnsbl:
             for name, r in reasons.items():
                 if r.status == LISTED:
                     results[name] = r
-
-        ordered = [results[z.name] for z in s.zones]
-        verdict = decide(s, ip, ordered)
-        for r in ordered:
-            if r.status == ERROR:
-                self.stats.zone_errors += 1
-            elif r.status == LISTED:
-                self.stats.per_zone_listed[r.display] = self.stats.per_zone_listed.get(r.display, 0) + 1
-        if verdict.listed:
-            self.stats.listed += 1
-        elif verdict.tempfail:
-            self.stats.tempfail += 1
-        if verdict.errors:
-            log.info("dnsbl %s: %s (on_error=%s)", ip, verdict.log_detail(), s.on_error)
-        return verdict
+        return [results[z.name] for z in s.zones]
 
     def _with_reason(self, results: dict[str, ZoneResult]):
         def attach(zone: DnsblZone, answer: DnsAnswer) -> ZoneResult:
@@ -313,9 +327,10 @@ class Dnsbl:
             zone = tasks[task]
             out[zone.name] = judge(zone, task.result())
 
-    def prefetch(self, ip: str) -> None:
-        """Start a check whose answers warm the cache (connect phase, when deciding at MAIL)."""
-        task = asyncio.ensure_future(self.check(ip))
+    def prefetch(self, ip: str | IPAddress) -> None:
+        """Start the queries of a check in the background, to warm the cache (connect
+        phase, when deciding at MAIL). Only :meth:`check` decides, counts and logs."""
+        task = asyncio.ensure_future(self._lookup(_address(ip)))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -348,7 +363,7 @@ class Dnsbl:
                 self.on_alert(zone, reason)
         elif state == "healthy" and h.state == "disabled":
             log.warning("dnsbl zone %s healthy again, re-enabled", zone.display)
-        h.state, h.reason, h.checked = state, reason, time.time()
+        h.state, h.reason = state, reason
 
     @property
     def disabled_zones(self) -> list[str]:

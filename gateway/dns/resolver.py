@@ -243,12 +243,6 @@ class Resolver:
         except asyncio.TimeoutError:
             return DnsAnswer(name, rtype, Status.TIMEOUT, detail=f"no answer within {timeout:g}s")
 
-    def forget(self, name: str, rtype: str) -> None:
-        self._cache.pop((normalize_name(name), rtype), None)
-
-    def clear_cache(self) -> None:
-        self._cache.clear()
-
     async def close(self) -> None:
         self._closed = True
         for task in list(self._inflight.values()):

@@ -491,9 +491,11 @@ def _address_count(value: str, allow_group: bool) -> tuple[int, HeaderSyntaxErro
         return 0, exc
 
 
-def _addresses(parsed: ParsedHeaders, value: str, allow_group: bool) -> tuple[list[Mailbox], HeaderSyntaxError | None]:
+def parsed_address_list(parsed: ParsedHeaders, value: str, allow_group: bool
+                        ) -> tuple[list[Mailbox], HeaderSyntaxError | None]:
     """``parse_address_list(value, allow_group=...)`` once per message: (mailboxes, None)
-    or ([], the error). The rule functions share the result through ``parsed.memo``;
+    or ([], the error). The rule functions and the checks share the result through
+    ``parsed.memo`` (:func:`check_structure` parses From with ``allow_group=False``);
     callers must not change the returned list."""
     key = ("addr", value, allow_group)
     hit = parsed.memo.get(key)
@@ -949,7 +951,7 @@ def check_structure(data: bytes, parsed: ParsedHeaders, settings: HeaderSettings
                 out.append(Finding("hdr.address", f"{fname} header is empty"))
                 continue
             if name == "from":  # the mailboxes themselves are wanted by check_subject too
-                boxes, err = _addresses(parsed, value, allow_group)
+                boxes, err = parsed_address_list(parsed, value, allow_group)
                 count = len(boxes)
             else:
                 count, err = _address_count(value, allow_group)
@@ -1076,12 +1078,21 @@ def related_domains(a: str, b: str) -> bool:
 
 def is_bulk(parsed: ParsedHeaders, extra: dict) -> bool:
     """List or bulk mail: registry said so, or the message says so itself."""
-    if extra.get("list_id") or extra.get("bulk"):
+    if extra.get("list") is not None or extra.get("bulk"):
         return True
     if not parsed.index.keys().isdisjoint(_LIST_HEADERS):
         return True
     prec = parsed.get("precedence")
     return prec is not None and prec.strip().lower() in ("bulk", "list")
+
+
+def display_text(box: Mailbox) -> str:
+    """What a mail reader shows as the mailbox's name: the display name, and the text
+    of comments around it (old ``addr (Name)`` form), encoded-words decoded."""
+    display = decode_lenient(box.display)
+    if box.comment:
+        display = f"{display} {decode_lenient(box.comment)}".strip()
+    return display
 
 
 def display_domains(display: str) -> list[str]:
@@ -1128,12 +1139,10 @@ def check_subject(parsed: ParsedHeaders, settings: HeaderSettings, extra: dict) 
             out.append(Finding("subj.obfuscated",
                                f"Subject decodes to control or bidi character U+{ord(m.group()):04X}"))
     positions = idx.get("from")
-    boxes: list[Mailbox] = _addresses(parsed, fields[positions[0]][1], False)[0] if positions else []
+    boxes: list[Mailbox] = parsed_address_list(parsed, fields[positions[0]][1], False)[0] if positions else []
     brands = settings.brand_domains
     for box in boxes:
-        display = decode_lenient(box.display)
-        if box.comment:
-            display = f"{display} {decode_lenient(box.comment)}".strip()
+        display = display_text(box)
         if not display:
             continue
         dom = box.domain_lower.strip("[]")
@@ -1148,7 +1157,7 @@ def check_subject(parsed: ParsedHeaders, settings: HeaderSettings, extra: dict) 
                                f"From display name names {hit[0]} (would impersonate {hit[1]}) but the address is in {dom}"))
     if bulk and boxes:
         for i in idx.get("reply-to", ()):
-            rts, err = _addresses(parsed, fields[i][1], True)
+            rts, err = parsed_address_list(parsed, fields[i][1], True)
             if err is not None:
                 continue
             for rt in rts:

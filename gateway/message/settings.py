@@ -62,6 +62,3 @@ class HeaderSettings:
                 raise ValueError(f"headers.brand_domains[{brand!r}]: {dom!r} is not a domain")
         if not 1 <= self.mime_max_depth <= 200:
             raise ValueError("headers.mime_max_depth must be within 1..200")
-
-    def action(self, finding_id: str) -> str:
-        return self.actions[finding_id]

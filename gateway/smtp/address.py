@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import idna
 
 MAX_LOCAL = 64        # RFC 5321 4.5.3.1.1
-MAX_DOMAIN = 255      # RFC 5321 4.5.3.1.2
 MAX_PATH = 256        # RFC 5321 4.5.3.1.3 (including the angle brackets)
 MAX_ADDRESS = MAX_PATH - 2
 MAX_DNS_NAME = 253    # a textual DNS name (RFC 1035 255 octets on the wire)
@@ -33,11 +32,6 @@ _DCONTENT = re.compile(r"[\x21-\x5a\x5e-\x7e]+\Z")
 _HEX4 = re.compile(r"[0-9A-Fa-f]{1,4}\Z")
 _IPV4 = re.compile(r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?:\.(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}\Z")
 _TLD = re.compile(r"(?:[A-Za-z0-9-]*[A-Za-z]|xn--[A-Za-z0-9-]+)\Z")  # no real TLD ends in a digit
-
-# RFC 6761 / RFC 6762 / RFC 7686 / RFC 9476 special-use names: syntactically
-# fine, never deliverable on the Internet. Policy (the relay/DNS checks) refuses them.
-SPECIAL_USE_SUFFIXES = ("arpa", "invalid", "local", "localhost", "onion", "test", "example", "alt",
-                        "home.arpa")
 
 
 class AddressError(ValueError):
@@ -83,24 +77,11 @@ class EnvelopeAddress:
     def needs_smtputf8(self) -> bool:
         return not self.addr.isascii()
 
-    @property
-    def special_use(self) -> str | None:
-        """The special-use suffix (RFC 6761 etc.) the domain ends in, or None."""
-        return special_use_domain(self.domain_ascii) if not self.is_literal else None
-
     def __str__(self) -> str:
         return self.addr
 
 
 NULL_PATH = EnvelopeAddress("", "", "")
-
-
-def special_use_domain(domain_ascii: str) -> str | None:
-    d = domain_ascii.lower().rstrip(".")
-    for suffix in SPECIAL_USE_SUFFIXES:
-        if d == suffix or d.endswith("." + suffix):
-            return suffix
-    return None
 
 
 def _unsafe_unicode(text: str) -> str | None:
@@ -193,9 +174,7 @@ def _parse_local(local: str, utf8: bool) -> tuple[str, bool]:
 
 def _parse_literal(domain: str) -> str:
     inner = domain[1:-1]
-    if inner.lower().startswith("ipv6:"):
-        if inner[:5] != "IPv6:" and inner[:5].lower() == "ipv6:":
-            pass  # the tag is case-insensitive in practice; RFC 5321 spells it "IPv6"
+    if inner.lower().startswith("ipv6:"):  # RFC 5321 spells the tag "IPv6"; taken in any case
         if not _ipv6_rfc5321(inner[5:]):
             raise AddressError("syntax", "invalid IPv6 address literal (RFC 5321 4.1.3)")
         try:
