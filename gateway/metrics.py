@@ -97,6 +97,9 @@ def _registry_metrics(registry):
                            ("discarded", "discarded"), ("evictions", "evicted")):
             fam.add_metric([label], snaps.stats[key])
         yield fam
+        yield CounterMetricFamily("gateway_registry_snapshot_load_seconds",
+                                  "Time spent loading list snapshots (completed loads)",
+                                  value=snaps.stats["load_seconds"])
 
 
 class Metrics:
