@@ -5,6 +5,9 @@
   chosen recipients or be stopped
 - ``gateway_factory``: starts a real :class:`gateway.app.Gateway` on ephemeral
   ports with SQLite in tmp_path, relaying to the sink
+- ``gateway_b``: starts ``gateway serve`` as a separate process (:class:`GatewayProcess`)
+- ``pg_url``: a fresh PostgreSQL database for one test (``pg_database_url``, ``pg_admin``)
+- ``run_cli`` / ``run_cli_async``: the command line as a real process
 
 All tests run under uvloop, as production does.
 """
@@ -16,6 +19,8 @@ import shutil
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +36,7 @@ from gateway.txlog import TransactionLog
 from dns_fixtures import dns_server, make_resolver  # noqa: F401  (fixtures for the DNS tests)
 
 CI = os.environ.get("CI", "").lower() == "true"
+REPO = Path(__file__).resolve().parents[1]
 # shared/ lies beside the repository (in a checkout and in CI's fresh clone alike).
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 
@@ -80,31 +86,48 @@ def _pg_admin_user() -> str | None:
     return None
 
 
-def pg_database_url(prefix: str = "gw_test") -> tuple[str, Any]:
-    """Create a fresh database; returns (SQLAlchemy URL, drop function).
-    Skips (fails under CI=true) when PostgreSQL cannot be reached."""
-    import secrets
-
+def pg_admin(sql: str, user: str | None = None) -> None:
+    """Run ``sql`` as the admin user (``user``, else the one ``_pg_admin_user``
+    finds) in database ``test``, on its own loop in another thread: nothing of
+    the caller's loop is disturbed, but the caller blocks (from a coroutine:
+    ``await asyncio.to_thread(pg_admin, sql)``)."""
     import asyncpg
 
-    need(tcp_reachable(PG_HOST, PG_PORT), f"PostgreSQL at {PG_HOST}:{PG_PORT} is not reachable")
-    user = _pg_admin_user()
-    need(user is not None, "PostgreSQL does not let user postgres or root into database 'test'")
-    name = f"{prefix}_{secrets.token_hex(6)}"
+    user = user or _pg_admin_user()
 
-    async def run(sql):
+    async def run():
         conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=user, database="test", timeout=5)
         try:
             await conn.execute(sql)
         finally:
             await conn.close()
 
-    in_thread(run(f'CREATE DATABASE "{name}"'))
+    in_thread(run())
+
+
+def pg_database_url(prefix: str = "gw_test") -> tuple[str, Any]:
+    """Create a fresh database; returns (SQLAlchemy URL, drop function).
+    Skips (fails under CI=true) when PostgreSQL cannot be reached."""
+    import secrets
+
+    need(tcp_reachable(PG_HOST, PG_PORT), f"PostgreSQL at {PG_HOST}:{PG_PORT} is not reachable")
+    user = _pg_admin_user()
+    need(user is not None, "PostgreSQL does not let user postgres or root into database 'test'")
+    name = f"{prefix}_{secrets.token_hex(6)}"
+    pg_admin(f'CREATE DATABASE "{name}"', user)
 
     def drop():
-        in_thread(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', user)
 
     return f"postgresql+asyncpg://{user}@{PG_HOST}:{PG_PORT}/{name}", drop
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    url, drop = pg_database_url()
+    yield url
+    drop()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -129,6 +152,105 @@ async def stop_process(proc: asyncio.subprocess.Process, timeout: float = 15) ->
     except asyncio.TimeoutError:
         proc.kill()
         await proc.wait()
+
+
+class GatewayProcess:
+    """``python3 -m gateway.cli serve --config FILE`` as a child process
+    ("gateway B" of the tests with two gateways). ``start`` returns once it
+    has printed its "gateway ready" lines: everything is listening then, HTTP
+    included (its /readyz answers 200). ``port`` and ``http_port`` are the
+    ports it reports there; ``stderr`` collects its output."""
+
+    def __init__(self, config: Path, env: dict[str, str] | None = None):
+        self.config = config
+        self.env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        self.proc: asyncio.subprocess.Process | None = None
+        self.port: int | None = None
+        self.http_port: int | None = None
+        self.stderr: list[str] = []
+        self._drain: asyncio.Task | None = None
+
+    async def start(self, timeout: float = 30) -> "GatewayProcess":
+        from gateway.config import load
+
+        http = load(self.config, env=self.env).http.enabled
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway.cli", "serve", "--config", str(self.config), cwd=REPO, env=self.env,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+
+        async def ready():
+            while True:
+                line = await self.proc.stderr.readline()
+                if not line:
+                    raise AssertionError("gateway B exited:\n" + "".join(self.stderr))
+                text = line.decode(errors="replace")
+                self.stderr.append(text)
+                if text.startswith("gateway ready: SMTP"):
+                    # "gateway ready: SMTP plain 127.0.0.1:PORT (none)"
+                    self.port = int(text.split("127.0.0.1:")[1].split()[0])
+                    if not http:
+                        return
+                elif text.startswith("gateway ready: HTTP"):
+                    # "gateway ready: HTTP http://127.0.0.1:PORT/ (healthz, readyz, metrics)"
+                    self.http_port = int(text.split("127.0.0.1:")[1].split("/")[0])
+                    return
+
+        try:
+            await asyncio.wait_for(ready(), timeout)
+        except asyncio.TimeoutError:
+            await self.stop()
+            raise AssertionError(f"gateway B not ready within {timeout:g} s:\n" + "".join(self.stderr)) from None
+        except BaseException:
+            await self.stop()
+            raise
+        self._drain = asyncio.get_running_loop().create_task(self._drain_stderr())
+        return self
+
+    async def _drain_stderr(self):
+        while self.proc is not None:
+            line = await self.proc.stderr.readline()
+            if not line:
+                return
+            self.stderr.append(line.decode(errors="replace"))
+
+    async def stop(self) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        try:
+            await stop_process(self.proc)
+        except ProcessLookupError:      # it has ended by itself meanwhile
+            await asyncio.wait_for(self.proc.wait(), 15)
+        if self._drain is not None:
+            self._drain.cancel()
+
+
+@pytest.fixture
+async def gateway_b():
+    """``gateway_b(config, env=None)`` -> a started :class:`GatewayProcess`; all stopped at teardown."""
+    started: list[GatewayProcess] = []
+
+    async def make(config: Path, env: dict[str, str] | None = None) -> GatewayProcess:
+        gp = GatewayProcess(config, env)
+        started.append(gp)          # stopped at teardown even if start fails half-way
+        return await gp.start()
+
+    yield make
+    for gp in started:
+        await gp.stop()
+
+
+def run_cli(*args: str, env: dict | None = None, input: str | None = None, cwd: Path | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess:
+    """``python3 -m gateway.cli ARGS`` as a real process (text output captured);
+    ``env`` is added to this process's environment."""
+    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, input=input, cwd=cwd,
+                          timeout=timeout)
+
+
+async def run_cli_async(*args: str, **kw: Any) -> subprocess.CompletedProcess:
+    """run_cli in a thread: the test's event loop (and a gateway on it) keeps running."""
+    return await asyncio.to_thread(run_cli, *args, **kw)
 
 
 def have_binary(name: str) -> bool:

@@ -1,6 +1,8 @@
 """Pytest fixtures for the DNS layer; tests/conftest.py imports them:
 
     from dns_fixtures import dns_server, make_resolver  # noqa: F401
+
+and ``live_dns``, the gateway's [dns] section resolving through that server.
 """
 from __future__ import annotations
 
@@ -9,6 +11,14 @@ import pytest
 from dns_server import TestDnsServer
 from gateway.dns.resolver import Resolver
 from gateway.dns.settings import ResolverSettings
+
+
+def live_dns(server, static=()) -> dict:
+    """The gateway's ``dns`` section: resolve through the test DNS server
+    ``server`` instead of conftest's static-only table (``static`` entries are
+    still answered first)."""
+    return {"nameservers": [server.address], "timeout": 1.0, "min_ttl": 0, "static_only": False,
+            "static": list(static)}
 
 
 @pytest.fixture

@@ -14,24 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import MESSAGE, TEST_DNS, pg_database_url, stop_process
-from smtp_client import cmd, proxied_session, reply
+from conftest import MESSAGE, TEST_DNS, run_cli, run_cli_async
+from dns_fixtures import live_dns
+from smtp_client import cmd, proxied_session, raw_session, reply
 from gateway.blocklist.matcher import Snapshot
 from gateway.blocklist.model import BlockEntry, Conflict, Invalid, NotFound, normalize
 from gateway.blocklist.service import BlockList
 from gateway.storage.db import create_engine, migrate
 
-REPO = Path(__file__).resolve().parents[1]
 REGISTRY_SECRET = "test-blocklist-registry-secret-0123456789"
 PROPAGATION = 1.0          # the promise: every gateway within 1 s
 MARGIN = 0.5               # probing and scheduling slack on a loaded machine
@@ -223,11 +220,6 @@ def proxy_listener() -> list[dict]:
              "proxy_protocol": True}]
 
 
-def live_dns(server) -> dict:
-    return {"nameservers": [server.address], "timeout": 1.0, "min_ttl": 0, "static_only": False,
-            "static": list(TEST_DNS)}
-
-
 async def test_client_ip_and_cidr_v4_v6_refused_at_connect_and_removal(sink, gateway_factory):
     h = await gateway_factory(sink, listeners=proxy_listener())
     bl = h.gw.blocklist
@@ -257,8 +249,7 @@ async def test_helo_exact_and_suffix(sink, gateway_factory):
     h = await gateway_factory(sink)
     await h.gw.blocklist.add("hostname", "mx.bad.example", reason="botnet")
     await h.gw.blocklist.add("hostname", ".spam.example")
-    reader, writer = await asyncio.open_connection("127.0.0.1", h.port())
-    await reply(reader)
+    reader, writer, _ = await raw_session(h.port())
     r = await cmd(reader, writer, b"EHLO MX.bad.example")
     assert r.startswith(b"554 5.7.1 P-BLOCK HELO/EHLO host name is blocked"), r
     assert b"botnet" not in r
@@ -270,8 +261,7 @@ async def test_helo_exact_and_suffix(sink, gateway_factory):
     assert (await cmd(reader, writer, b"EHLO [192.0.2.1]")).startswith(b"250")
     writer.close()
     await h.gw.blocklist.remove("hostname", "*.spam.example")
-    reader, writer = await asyncio.open_connection("127.0.0.1", h.port())
-    await reply(reader)
+    reader, writer, _ = await raw_session(h.port())
     assert (await cmd(reader, writer, b"EHLO a.b.spam.example")).startswith(b"250")
     writer.close()
 
@@ -281,8 +271,7 @@ async def test_sender_domain_and_subdomains(sink, gateway_factory):
     await h.add_account(domains=("example.com", "attacker.example"))
     await h.gw.accounts.update("alice", allow_subdomains=True)   # P-FORGE would refuse mail.attacker.example
     await h.gw.blocklist.add("domain", "attacker.example", reason="phishing kit")
-    reader, writer = await asyncio.open_connection("127.0.0.1", h.port())
-    await reply(reader)
+    reader, writer, _ = await raw_session(h.port())
     await cmd(reader, writer, b"EHLO client.example.com")
     assert (await cmd(reader, writer, b"AUTH PLAIN AGFsaWNlAHMzY3JldA==")).startswith(b"235")
     for sender in (b"a@attacker.example", b"a@mail.Attacker.Example"):
@@ -306,7 +295,7 @@ async def test_reverse_dns_hostname(sink, gateway_factory, dns_server):
     dns_server.set("7.2.0.192.in-addr.arpa", "PTR", ["host7.dyn.bad.example"])
     dns_server.set("9.2.0.192.in-addr.arpa", "PTR", ["mail.good.example"])
     dns_server.mode("11.2.0.192.in-addr.arpa", "servfail")
-    h = await gateway_factory(sink, listeners=proxy_listener(), dns=live_dns(dns_server))
+    h = await gateway_factory(sink, listeners=proxy_listener(), dns=live_dns(dns_server, static=TEST_DNS))
     assert (await greeting(h.port(), "192.0.2.7")).startswith(b"220 ")
     assert dns_server.count("7.2.0.192.in-addr.arpa", "PTR") == 0    # no host-name entries: no PTR lookup
     await h.gw.blocklist.add("hostname", ".dyn.bad.example", reason="dial-up pool")
@@ -449,15 +438,6 @@ def write_config(path: Path, *, storage_url: str, smtp_port: int = 0, upstream_p
     return path
 
 
-def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
-
-
-async def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return await asyncio.to_thread(cli, *args)
-
-
 async def wait_until(probe, want: bool, started: float, limit: float = PROPAGATION + MARGIN) -> float:
     """Probe (a fresh SMTP session each time) until it answers ``want``; the seconds it took from
     ``started``. Fails when ``limit`` passes first."""
@@ -476,20 +456,20 @@ async def test_cli_changes_reach_a_running_gateway(sink, gateway_factory, tmp_pa
     async def blocked() -> bool:
         return (await greeting(h.port(), "203.0.113.9")).startswith(b"554 ")
 
-    r = await run_cli("block", "add", "ip", "203.0.113.0/24", "--reason", "from the CLI", "--config", str(cfg))
+    r = await run_cli_async("block", "add", "ip", "203.0.113.0/24", "--reason", "from the CLI", "--config", str(cfg))
     assert r.returncode == 0, r.stderr
     assert "blocked ip 203.0.113.0/24" in r.stdout
     started = time.monotonic()
     await wait_until(blocked, True, started)
-    r = await run_cli("block", "add", "hostname", "*.bad.example", "--config", str(cfg))
+    r = await run_cli_async("block", "add", "hostname", "*.bad.example", "--config", str(cfg))
     assert r.returncode == 0 and "hostname .bad.example" in r.stdout, r.stderr
     # independent of each other: run them side by side
     listed, listed_all, dup, bad, missing = await asyncio.gather(
-        run_cli("block", "list", "--kind", "ip", "--config", str(cfg)),
-        run_cli("block", "list", "--config", str(cfg)),
-        run_cli("block", "add", "ip", "203.0.113.0/24", "--config", str(cfg)),
-        run_cli("block", "add", "ip", "203.0.113.999", "--config", str(cfg)),
-        run_cli("block", "remove", "domain", "never.example", "--config", str(cfg)))
+        run_cli_async("block", "list", "--kind", "ip", "--config", str(cfg)),
+        run_cli_async("block", "list", "--config", str(cfg)),
+        run_cli_async("block", "add", "ip", "203.0.113.0/24", "--config", str(cfg)),
+        run_cli_async("block", "add", "ip", "203.0.113.999", "--config", str(cfg)),
+        run_cli_async("block", "remove", "domain", "never.example", "--config", str(cfg)))
     assert listed.returncode == 0, listed.stderr
     kind, value, who, reason = listed.stdout.rstrip("\n").split("\t")
     assert (kind, value, reason) == ("ip", "203.0.113.0/24", "from the CLI") and who.startswith("cli")
@@ -497,95 +477,27 @@ async def test_cli_changes_reach_a_running_gateway(sink, gateway_factory, tmp_pa
     assert dup.returncode == 1 and "blocked already" in dup.stderr
     assert bad.returncode == 1 and "error: value:" in bad.stderr and "not an IP address" in bad.stderr
     assert missing.returncode == 1 and "is not blocked" in missing.stderr
-    r = await run_cli("block", "remove", "ip", "203.0.113.0/24", "--config", str(cfg))
+    r = await run_cli_async("block", "remove", "ip", "203.0.113.0/24", "--config", str(cfg))
     assert r.returncode == 0 and "unblocked ip 203.0.113.0/24" in r.stdout
     started = time.monotonic()
     await wait_until(blocked, False, started)
 
 
 def test_cli_usage_errors():
-    r = cli("block", "add", "cidr", "192.0.2.1", "--dev")
+    r = run_cli("block", "add", "cidr", "192.0.2.1", "--dev")
     assert r.returncode == 2 and "invalid choice" in r.stderr
-    r = cli("block", "list")
+    r = run_cli("block", "list")
     assert r.returncode == 2 and "no config file" in r.stderr
 
 
 # ====================================================================== two processes, PostgreSQL
-@pytest.fixture(scope="module")
-def pg_url():
-    url, drop = pg_database_url("gw_block")
-    yield url
-    drop()
-
-
-class GatewayProcess:
-    """``python3 -m gateway.cli serve --config FILE`` as a child process."""
-
-    def __init__(self, config: Path):
-        self.config = config
-        self.proc: asyncio.subprocess.Process | None = None
-        self.port: int | None = None
-        self.stderr: list[str] = []
-        self._drain: asyncio.Task | None = None
-
-    async def start(self, timeout: float = 30) -> "GatewayProcess":
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway.cli", "serve", "--config", str(self.config), cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-
-        async def ready():
-            while True:
-                line = await self.proc.stderr.readline()
-                if not line:
-                    raise AssertionError("gateway B exited:\n" + "".join(self.stderr))
-                text = line.decode(errors="replace")
-                self.stderr.append(text)
-                if text.startswith("gateway ready: SMTP"):
-                    # "gateway ready: SMTP plain 127.0.0.1:PORT (none)"
-                    return int(text.split("127.0.0.1:")[1].split()[0])
-
-        self.port = await asyncio.wait_for(ready(), timeout)
-        self._drain = asyncio.get_running_loop().create_task(self._drain_stderr())
-        return self
-
-    async def _drain_stderr(self):
-        while self.proc is not None:
-            line = await self.proc.stderr.readline()
-            if not line:
-                return
-            self.stderr.append(line.decode(errors="replace"))
-
-    async def stop(self) -> None:
-        if self.proc is None or self.proc.returncode is not None:
-            return
-        await stop_process(self.proc)
-        if self._drain is not None:
-            self._drain.cancel()
-
-
-@pytest.fixture
-async def gateway_b():
-    started: list[GatewayProcess] = []
-
-    async def make(config: Path) -> GatewayProcess:
-        gp = await GatewayProcess(config).start()
-        started.append(gp)
-        return gp
-
-    yield make
-    for gp in started:
-        await gp.stop()
-
-
 async def test_changes_reach_a_second_gateway_process_on_postgres(pg_url, sink, gateway_factory, gateway_b,
                                                                   dns_server, tmp_path):
     dns_server.add_zone("113.0.203.in-addr.arpa")
     dns_server.set("77.113.0.203.in-addr.arpa", "PTR", ["h77.pool.bad.example"])
     static = list(TEST_DNS) + ["sub.blocked.example MX 10 mx.example.com",
                                "blocked.example MX 10 mx.example.com"]
-    dns = {"nameservers": [dns_server.address], "timeout": 1.0, "min_ttl": 0, "static_only": False,
-           "static": static}
+    dns = live_dns(dns_server, static=static)
     # Gateway A: in this process, admin API on; gateway B: a separate `gateway serve` process.
     a = await gateway_factory(sink, storage={"url": pg_url}, dns=dns, **http_sections())
     cfg_b = write_config(tmp_path / "b.toml", storage_url=pg_url, upstream_port=sink.port, dns=dns)
@@ -642,11 +554,11 @@ async def test_changes_reach_a_second_gateway_process_on_postgres(pg_url, sink, 
 
     # The CLI against the same database reaches B as well.
     cfg_cli = write_config(tmp_path / "cli.toml", storage_url=pg_url, upstream_port=sink.port)
-    r = await run_cli("block", "add", "ip", "192.0.2.0/25", "--config", str(cfg_cli))
+    r = await run_cli_async("block", "add", "ip", "192.0.2.0/25", "--config", str(cfg_cli))
     assert r.returncode == 0, r.stderr
     started = time.monotonic()
     await wait_until(lambda: client_refused("192.0.2.5"), True, started)
-    r = await run_cli("block", "remove", "ip", "192.0.2.0/25", "--config", str(cfg_cli))
+    r = await run_cli_async("block", "remove", "ip", "192.0.2.0/25", "--config", str(cfg_cli))
     assert r.returncode == 0, r.stderr
     started = time.monotonic()
     await wait_until(lambda: client_refused("192.0.2.5"), False, started)

@@ -3,18 +3,15 @@ run as real processes."""
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
 import smtplib
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import need, tcp_reachable
+from conftest import need, run_cli, tcp_reachable
 from gateway.config import ConfigError, from_mapping, load
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,13 +45,6 @@ url = "sqlite+aiosqlite:///{db}"
 [auth]
 scrypt_n = 16
 """
-
-
-def run_cli(*args: str, env: dict | None = None, input: str | None = None, cwd: Path | None = None,
-            timeout: float = 60) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True,
-                          env=full_env, input=input, cwd=cwd, timeout=timeout)
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -8,14 +8,10 @@ import aiosmtplib
 import pytest
 
 from conftest import CORPORA
+from dns_fixtures import live_dns
 from smtp_client import cmd, proxied_session, reply
 
 ZONES = CORPORA / "dnsbl-rfc5782-rbldnsd" / "zones"
-
-
-def live_dns(server) -> dict:
-    """Resolve through the test DNS server instead of the static table of the other tests."""
-    return {"nameservers": [server.address], "timeout": 1.0, "min_ttl": 0, "static_only": False, "static": []}
 
 
 def serve_test_zone(dns_server) -> None:

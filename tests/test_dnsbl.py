@@ -21,7 +21,7 @@ from gateway.dns.resolver import DnsAnswer, Resolver, Status
 from gateway.dns.settings import DnsblSettings, DnsblZone, ResolverSettings
 from gateway.smtp.transaction import Phase, Result, SessionInfo, Transaction
 
-from conftest import CORPORA
+from conftest import CORPORA, have_binary, need
 
 CORPUS = CORPORA / "dnsbl-rfc5782-rbldnsd"
 ZONES = CORPUS / "zones"
@@ -378,12 +378,8 @@ def _free_udp_port() -> int:
 
 @pytest.fixture
 def rbldnsd():
-    binary = shutil.which("rbldnsd") or next(
-        (p for p in ("/usr/sbin/rbldnsd", "/usr/bin/rbldnsd") if os.path.exists(p)), None)
-    if binary is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("rbldnsd binary not found and CI=true (apt-get install rbldnsd)")
-        pytest.skip("rbldnsd binary not found (apt-get install rbldnsd); set CI=true to make this a failure")
+    need(have_binary("rbldnsd"), "rbldnsd binary not found (apt-get install rbldnsd)")
+    binary = shutil.which("rbldnsd") or "/usr/sbin/rbldnsd"
     work = tempfile.mkdtemp(prefix="rbldnsd-")
     os.chmod(work, 0o755)
     for f in ZONES.iterdir():

@@ -12,7 +12,6 @@ reply) must pass unchanged with the default settings.
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import email.utils
 import itertools
@@ -24,9 +23,8 @@ import pytest
 
 from gateway.config import DEFAULT_CHECKS
 from gateway.message.findings import RULES
-from smtp_client import cmd, reply
+from smtp_client import send
 
-AUTH = b"AUTH PLAIN " + base64.b64encode(b"\0alice\0s3cret")
 _ids = itertools.count(1)
 
 
@@ -60,31 +58,7 @@ def build(*, replace: dict[bytes, bytes | None] | None = None, extra: bytes = b"
     return out + extra + b"\r\n" + body
 
 
-# ------------------------------------------------------------------ SMTP
-async def send(port: int, data: bytes, mail_from: str = "alice@example.com", params: str = "",
-               rcpt: str = "bob@example.org") -> bytes:
-    """One authenticated transaction; the reply to the end of DATA (or the first refusal)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        assert (await reply(reader)).startswith(b"220")
-        assert (await cmd(reader, writer, b"EHLO client.test")).startswith(b"250")
-        assert (await cmd(reader, writer, AUTH)).startswith(b"235")
-        for line in (f"MAIL FROM:<{mail_from}>{params}", f"RCPT TO:<{rcpt}>", "DATA"):
-            r = await cmd(reader, writer, line.encode())
-            if r[:1] not in (b"2", b"3"):
-                return r.strip()
-        stuffed = data.replace(b"\r\n.", b"\r\n..")
-        if stuffed.startswith(b"."):
-            stuffed = b"." + stuffed
-        writer.write(stuffed + b".\r\n")
-        await writer.drain()
-        r = (await reply(reader)).strip()
-        await cmd(reader, writer, b"QUIT")
-        return r
-    finally:
-        writer.close()
-
-
+# ------------------------------------------------------------------ SMTP (smtp_client.send)
 _TRACE = re.compile(
     rb"Received: from client\.test \(\[127\.0\.0\.1\]\)\r\n"
     rb"\t\(authenticated account alice\)\r\n"

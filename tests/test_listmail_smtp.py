@@ -17,55 +17,28 @@ visibly without a server, fails under CI=true).
 from __future__ import annotations
 
 import asyncio
-import email
-import email.policy
-import os
 import re
 import sys
 import time
 from email.utils import formatdate
-from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import aiosmtplib
 import httpx
-import pytest
 
-from conftest import TEST_DNS, free_port, in_thread, pg_database_url, stop_process
+from conftest import TEST_DNS, free_port, pg_admin
+from smtp_client import cmd, reply, session
+from test_registry_http import _auth, _link, _new_list
 from test_registry_store import _assert_nowhere
 
 SECRET = "listmail-test-registry-secret-0123456789"
 MAILTO = "unsub@gw.test"
-REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------ storage: SQLite and PostgreSQL
-@pytest.fixture
-def pg_url():
-    url, drop = pg_database_url()
-    yield url
-    drop()
-
-
+# (storage_url and pg_url: conftest)
 def _db_name(url: str) -> str:
     return url.rsplit("/", 1)[1].split("?", 1)[0]
-
-
-async def _pg_admin(url: str, sql: str) -> None:
-    """Run ``sql`` as the admin user in database ``test`` (in another thread:
-    its own loop, so nothing of this test's loop is disturbed)."""
-    import asyncpg
-
-    user = urlsplit(url.replace("postgresql+asyncpg", "postgresql")).username
-
-    async def run():
-        conn = await asyncpg.connect(host="127.0.0.1", port=5432, user=user, database="test", timeout=5)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    await asyncio.to_thread(in_thread, run())
 
 
 # ------------------------------------------------------------------ gateway, HTTP, SMTP helpers
@@ -83,29 +56,6 @@ async def _start(gateway_factory, sink, storage: str | None = None, *, mailto: s
     return h, f"http://127.0.0.1:{h.gw.http_port}"
 
 
-def _auth(key: str) -> dict:
-    return {"Authorization": f"Bearer {key}"}
-
-
-async def _new_list(c: httpx.AsyncClient, key: str, **kw) -> str:
-    body = {"name": "Example News", "list_id": "news.example.com", "senders": ["news@example.com"],
-            "confirm_from": "confirm@example.com", **kw}
-    r = await c.post("/api/v1/lists", json=body, headers=_auth(key))
-    assert r.status_code == 201, r.text
-    return r.json()["id"]
-
-
-def _confirm_url(sink, to: str) -> str:
-    """The confirmation link of the newest mail the upstream got for ``to``."""
-    for received in reversed(sink.messages):
-        if received.rcpt_tos == [to]:
-            msg = email.message_from_bytes(received.data, policy=email.policy.default)
-            m = re.search(r"https?://\S+/confirm/[a-z2-7]+", msg.get_content())
-            assert m, msg.get_content()
-            return m.group(0)
-    raise AssertionError(f"no mail to {to}")
-
-
 async def _subscribe(c: httpx.AsyncClient, sink, key: str, lid: str, address: str, *, confirm: bool = True) -> str:
     """Add through the API, wait for the confirmation mail, GET the page (that
     must confirm nothing), then POST it unless ``confirm`` is false."""
@@ -115,7 +65,7 @@ async def _subscribe(c: httpx.AsyncClient, sink, key: str, lid: str, address: st
     assert r.status_code == 202, r.text
     assert r.json()["confirmation"] == "sent"
     await sink.wait_for(count + 1)
-    url = _confirm_url(sink, address)
+    url = _link(sink, address, full=True)
     r = await c.get(url)
     assert r.status_code == 200 and "<button" in r.text
     r = await c.get(f"/api/v1/lists/{lid}/recipient-status", params={"address": address}, headers=_auth(key))
@@ -253,7 +203,7 @@ async def test_subscriber_life_through_http_and_smtp(gateway_factory, sink, stor
     port = h.port()
     key = await h.gw.registry.issue_api_key("alice")
     async with httpx.AsyncClient(base_url=base, timeout=10) as c:
-        lid = await _new_list(c, key)
+        lid = (await _new_list(c, key))["id"]
         list_header = '"Example News" <news.example.com>'
 
         # bob: added, confirmation mail arrives, the GET page confirms nothing
@@ -310,6 +260,7 @@ async def test_subscriber_life_through_http_and_smtp(gateway_factory, sink, stor
         metrics = (await c.get("/metrics")).text
         assert re.search(r'gateway_registry_lookups_total\{answered_by="list_snapshot"\} [1-9]', metrics), metrics
         assert "gateway_registry_snapshot_lists 1.0" in metrics and "gateway_registry_channel_healthy 1.0" in metrics
+        assert re.search(r"gateway_registry_snapshot_load_seconds_total [0-9.e-]+", metrics), metrics
         r = await c.post(bob["https"], content=b"List-Unsubscribe=One-Click",
                          headers={"Content-Type": "application/x-www-form-urlencoded"})
         assert r.status_code == 200 and "unsubscribed" in r.text.lower()
@@ -338,7 +289,7 @@ async def test_mailto_unsubscribe(gateway_factory, sink, storage_url):
     h, base = await _start(gateway_factory, sink, storage_url)
     key = await h.gw.registry.issue_api_key("alice")
     async with httpx.AsyncClient(base_url=base, timeout=10) as c:
-        lid = await _new_list(c, key)
+        lid = (await _new_list(c, key))["id"]
         await _subscribe(c, sink, key, lid, "carol@example.org")
     smtp = await _smtp(h.port())
     start = len(sink.messages)
@@ -433,7 +384,7 @@ async def test_other_accounts_mail_from_a_list_sender(gateway_factory, sink):
     alice = await h.gw.registry.issue_api_key("alice")
     mallory = await h.gw.registry.issue_api_key("mallory")
     async with httpx.AsyncClient(base_url=base, timeout=10) as c:
-        lid = await _new_list(c, alice)
+        lid = (await _new_list(c, alice))["id"]
         await _subscribe(c, sink, alice, lid, "carol@example.org")                 # confirmed on alice's list
         await _subscribe(c, sink, alice, lid, "dave@example.org", confirm=False)   # pending on alice's list
         start = len(sink.messages)
@@ -481,16 +432,16 @@ async def test_registry_down_defers_rcpt(gateway_factory, sink, pg_url):
     h, base = await _start(gateway_factory, sink, pg_url)
     key = await h.gw.registry.issue_api_key("alice")
     async with httpx.AsyncClient(base_url=base, timeout=10) as c:
-        lid = await _new_list(c, key)
+        lid = (await _new_list(c, key))["id"]
         await _subscribe(c, sink, key, lid, "carol@example.org")
     smtp = await _smtp(h.port())
     _, got, _ = await _transaction(smtp, "news@example.com", ["carol@example.org"], None)
     assert got["carol@example.org"][0] == 250                        # carol's "confirmed" is cached now
     name = _db_name(pg_url)
-    await _pg_admin(pg_url, f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+    await asyncio.to_thread(pg_admin, f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
     try:
-        await _pg_admin(pg_url, f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                                f"WHERE datname = '{name}' AND pid <> pg_backend_pid()")
+        await asyncio.to_thread(pg_admin, f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                          f"WHERE datname = '{name}' AND pid <> pg_backend_pid()")
         # a new, cold address: the database is needed and cannot answer
         mail, got, _ = await _transaction(smtp, "news@example.com", ["newcomer@example.org"], None)
         # MAIL is answered from the (stale) sender cache; RCPT needs the database
@@ -511,40 +462,26 @@ async def test_registry_down_defers_rcpt(gateway_factory, sink, pg_url):
         assert not h.gw.registry.channel_healthy
         await smtp.quit()
     finally:
-        await _pg_admin(pg_url, f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+        await asyncio.to_thread(pg_admin, f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
 
 
 # ------------------------------------------------------------------ two gateway processes
-async def _wait_http(client: httpx.AsyncClient, url: str, proc, stderr: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if (await client.get(url)).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert proc.returncode is None, stderr.read_text()
-        assert time.monotonic() < deadline, f"gateway B not ready: {stderr.read_text()[-2000:]}"
-        await asyncio.sleep(0.1)
-
-
-async def test_optout_through_a_refused_on_b_within_1s(gateway_factory, sink, tmp_path, pg_url):
+async def test_optout_through_a_refused_on_b_within_1s(pg_url, sink, gateway_factory, gateway_b, tmp_path):
     """Gateway A (this process) and gateway B (``gateway serve`` subprocess)
     share PostgreSQL. B has the subscriber cached as confirmed; after the
     one-click opt-out through A, B's RCPT refuses within 1 s."""
     h, base_a = await _start(gateway_factory, sink, pg_url)
     key = await h.gw.registry.issue_api_key("alice")
     async with httpx.AsyncClient(base_url=base_a, timeout=10) as c:
-        lid = await _new_list(c, key)
+        lid = (await _new_list(c, key))["id"]
         await _subscribe(c, sink, key, lid, "eve@example.org")
-    smtp_b, http_b = free_port(), free_port()
     dns = ", ".join(f'"{r}"' for r in TEST_DNS)
     cfg = tmp_path / "b.toml"
     cfg.write_text(f"""
 [[listeners]]
 name = "plain"
 address = "127.0.0.1"
-port = {smtp_b}
+port = 0
 tls = "none"
 auth_without_tls = true
 
@@ -560,7 +497,7 @@ url = "{pg_url}"
 [http]
 enabled = true
 address = "127.0.0.1"
-port = {http_b}
+port = 0
 
 [registry]
 secret = "env:GW_TEST_REGISTRY_SECRET"
@@ -577,54 +514,45 @@ transactions = "{tmp_path / 'b.jsonl'}"
 host = "127.0.0.1"
 port = {sink.port}
 """)
-    stderr = tmp_path / "b.stderr"
-    env = {**os.environ, "GW_TEST_REGISTRY_SECRET": SECRET, "PYTHONPATH": str(REPO)}
-    with open(stderr, "wb") as err:
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway.cli", "serve", "--config",
-                                                    str(cfg), env=env, stdout=asyncio.subprocess.DEVNULL,
-                                                    stderr=err)
-    try:
-        async with httpx.AsyncClient(timeout=5) as c:
-            await _wait_http(c, f"http://127.0.0.1:{http_b}/readyz", proc, stderr)
-            b = await _smtp(smtp_b)
-            _, got, _ = await _transaction(b, "news@example.com", ["eve@example.org"], None)
-            assert got["eve@example.org"][0] == 250, got          # B has eve cached as confirmed
-            # ... and loads the whole list into its memory: the opt-out must reach that too
-            deadline = time.monotonic() + 10
-            while "gateway_registry_snapshot_lists 1.0" not in (await c.get(f"http://127.0.0.1:{http_b}/metrics")).text:
-                assert time.monotonic() < deadline, "gateway B did not load the list into memory"
-                await asyncio.sleep(0.05)
-            _, got, _ = await _transaction(b, "news@example.com", ["eve@example.org"], None)
-            assert got["eve@example.org"][0] == 250, got
-            metrics = (await c.get(f"http://127.0.0.1:{http_b}/metrics")).text
-            assert re.search(r'gateway_registry_lookups_total\{answered_by="list_snapshot"\} [1-9]', metrics), metrics
+    gw_b = await gateway_b(cfg, env={"GW_TEST_REGISTRY_SECRET": SECRET})
+    http_b = gw_b.http_port
+    async with httpx.AsyncClient(timeout=5) as c:
+        b = await _smtp(gw_b.port)
+        _, got, _ = await _transaction(b, "news@example.com", ["eve@example.org"], None)
+        assert got["eve@example.org"][0] == 250, got          # B has eve cached as confirmed
+        # ... and loads the whole list into its memory: the opt-out must reach that too
+        deadline = time.monotonic() + 10
+        while "gateway_registry_snapshot_lists 1.0" not in (await c.get(f"http://127.0.0.1:{http_b}/metrics")).text:
+            assert time.monotonic() < deadline, "gateway B did not load the list into memory"
+            await asyncio.sleep(0.05)
+        _, got, _ = await _transaction(b, "news@example.com", ["eve@example.org"], None)
+        assert got["eve@example.org"][0] == 250, got
+        metrics = (await c.get(f"http://127.0.0.1:{http_b}/metrics")).text
+        assert re.search(r'gateway_registry_lookups_total\{answered_by="list_snapshot"\} [1-9]', metrics), metrics
 
-            # the one-click URL as gateway A writes it into eve's mail
-            lst = await h.gw.registry.get_list("alice", lid)
-            url = h.gw.registry.unsubscribe_url(lst, "eve@example.org")
-            r = await c.post(url, content=b"List-Unsubscribe=One-Click",
-                             headers={"Content-Type": "application/x-www-form-urlencoded"})
-            assert r.status_code == 200
-            t0 = time.monotonic()
-            while True:
-                _, got, _ = await _transaction(b, "news@example.com", ["eve@example.org"], None)
-                code, text = got["eve@example.org"]
-                if code != 250:
-                    break
-                assert time.monotonic() - t0 < 1.5, "gateway B still accepts eve more than 1 s after the opt-out"
-                await asyncio.sleep(0.02)
-            elapsed = time.monotonic() - t0
-            assert code == 550 and text.startswith("5.7.1") and "P-OPTOUT" in text, text
-            assert elapsed < 1.0 + 0.5, elapsed
-            await b.quit()
-    finally:
-        await stop_process(proc)
+        # the one-click URL as gateway A writes it into eve's mail
+        lst = await h.gw.registry.get_list("alice", lid)
+        url = h.gw.registry.unsubscribe_url(lst, "eve@example.org")
+        r = await c.post(url, content=b"List-Unsubscribe=One-Click",
+                         headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert r.status_code == 200
+        t0 = time.monotonic()
+        while True:
+            _, got, _ = await _transaction(b, "news@example.com", ["eve@example.org"], None)
+            code, text = got["eve@example.org"]
+            if code != 250:
+                break
+            assert time.monotonic() - t0 < 1.5, "gateway B still accepts eve more than 1 s after the opt-out"
+            await asyncio.sleep(0.02)
+        elapsed = time.monotonic() - t0
+        assert code == 550 and text.startswith("5.7.1") and "P-OPTOUT" in text, text
+        assert elapsed < 1.0 + 0.5, elapsed
+        await b.quit()
 
 
 async def test_pipelined_rcpts_of_list_mail_share_one_lookup(gateway_factory, sink, pg_url):
     """A PIPELINING client's RCPTs are looked up together: on PostgreSQL the
     registry answers them with one batched query, not one round trip each."""
-    from smtp_client import cmd, reply
     h, _base = await _start(gateway_factory, sink, pg_url)
     reg = h.gw.registry
     await reg.create_list("alice", name="News", list_id="news.example.com", senders=["news@example.com"],
@@ -632,10 +560,7 @@ async def test_pipelined_rcpts_of_list_mail_share_one_lookup(gateway_factory, si
     reg.cache.snapshots = None     # misses, not the list's in-memory snapshot
     fast = reg.store.fast
     assert fast is not None, "PostgreSQL storage uses the RCPT fast path"
-    reader, writer = await asyncio.open_connection("127.0.0.1", h.port())
-    await reader.readline()
-    await cmd(reader, writer, b"EHLO client.test")
-    assert (await cmd(reader, writer, b"AUTH PLAIN AGFsaWNlAHMzY3JldA==")).startswith(b"235")
+    reader, writer = await session(h.port())
     assert (await cmd(reader, writer, b"MAIL FROM:<news@example.com>")).startswith(b"250")
     before = fast.stats["queries"]
     rcpts = [f"never{i}@example.org".encode() for i in range(8)]
@@ -652,7 +577,6 @@ async def test_pipelined_rcpts_of_list_mail_share_one_lookup(gateway_factory, si
 async def test_pipelined_rcpts_are_prefetched_at_most_once_each(gateway_factory, sink, pg_url):
     """Each RCPT still waiting in the input buffer is prefetched once, not
     again on every RCPT answered before it (that was O(N^2) lookups)."""
-    from smtp_client import cmd, reply
     h, _base = await _start(gateway_factory, sink, pg_url)
     reg = h.gw.registry
     await reg.create_list("alice", name="News", list_id="news.example.com", senders=["news@example.com"],
@@ -668,10 +592,7 @@ async def test_pipelined_rcpts_are_prefetched_at_most_once_each(gateway_factory,
         return original(list_id, address)
 
     reg.recipient_status = counting
-    reader, writer = await asyncio.open_connection("127.0.0.1", h.port())
-    await reader.readline()
-    await cmd(reader, writer, b"EHLO client.test")
-    assert (await cmd(reader, writer, b"AUTH PLAIN AGFsaWNlAHMzY3JldA==")).startswith(b"235")
+    reader, writer = await session(h.port())
     assert (await cmd(reader, writer, b"MAIL FROM:<news@example.com>")).startswith(b"250")
     rcpts = [f"never{i}@example.org".encode() for i in range(40)]
     writer.write(b"".join(b"RCPT TO:<" + r + b">\r\n" for r in rcpts))

@@ -18,7 +18,8 @@ import aiosmtplib
 import pytest
 
 from conftest import need
-from test_listmail_smtp import _check_relayed_copy, _confirm_url, _list_message, _start
+from test_listmail_smtp import _check_relayed_copy, _list_message, _start
+from test_registry_http import _link
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -111,7 +112,7 @@ async def test_confirm_and_unsubscribe_pages_in_chromium(browser, gateway_factor
     res = await registry.add_subscriber("alice", lst.id, "bob@example.org", source="browser test")
     assert res.confirmation == "sent"
     await sink.wait_for(1)
-    confirm_url = _confirm_url(sink, "bob@example.org")
+    confirm_url = _link(sink, "bob@example.org", full=True)
     page = Page(browser, tmp_path)
 
     # the confirmation link: a page with a button; opening it confirms nothing

@@ -20,7 +20,7 @@ import pytest
 from gateway.app import Gateway
 from gateway.config import ConfigError, from_mapping
 from gateway.registry.settings import RegistrySettings
-from test_registry_http import ADMIN, _auth, _link, _new_list
+from test_registry_http import ADMIN, _auth, _link, _new_list, _stats
 
 SECRET = "budget-test-registry-secret-0123456789"
 WINDOW = 3600.0
@@ -88,15 +88,6 @@ async def _held_back(sink, count: int, cycles: int = 5) -> None:
     """Nothing beyond ``count`` arrives during a few outbox cycles (bounded)."""
     await asyncio.sleep(cycles * TICK + 0.1)
     assert len(sink.messages) == count, [m.rcpt_tos for m in sink.messages]
-
-
-async def _stats(c, key, lid, want: dict, timeout: float = 5.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = (await c.get(f"/api/v1/lists/{lid}/stats", headers=_auth(key))).json()
-        if stats["confirmation_mails"] == want or time.monotonic() > deadline:
-            return stats
-        await asyncio.sleep(0.05)
 
 
 # ------------------------------------------------------------------ settings

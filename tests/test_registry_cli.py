@@ -13,7 +13,8 @@ from gateway.config import load
 from gateway.registry.service import RegistryService
 from gateway.storage.db import create_engine
 
-from test_config_cli import GOOD, run_cli
+from conftest import run_cli_async
+from test_config_cli import GOOD
 
 SECRET = "cli-test-registry-secret-0123456789abcdef"
 
@@ -31,8 +32,7 @@ def _config(tmp_path: Path) -> Path:
 
 
 async def cli(*args: str) -> subprocess.CompletedProcess:
-    """run_cli in a thread: the test's event loop (and a gateway on it) keeps running."""
-    return await asyncio.to_thread(run_cli, *args, env=ENV)
+    return await run_cli_async(*args, env=ENV)
 
 
 async def _service(path: Path) -> tuple[RegistryService, object]:

@@ -6,16 +6,12 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
-import os
 import re
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import free_port, pg_database_url, stop_process
 from test_registry_store import _assert_nowhere
 
 SECRET = "http-test-registry-secret-0123456789"
@@ -39,14 +35,15 @@ def _auth(key: str) -> dict:
     return {"Authorization": f"Bearer {key}"}
 
 
-def _link(sink, to: str, kind: str = "confirm") -> str:
-    """The path of the newest confirmation link mailed to ``to``."""
+def _link(sink, to: str, kind: str = "confirm", *, full: bool = False) -> str:
+    """The path (with ``full``: the whole URL) of the ``kind`` link in the
+    newest mail the upstream got for ``to``."""
     for received in reversed(sink.messages):
         if to in received.rcpt_tos:
             msg = email.message_from_bytes(received.data, policy=email.policy.default)
             m = re.search(rf"https?://[^/\s]+(/{kind}/[a-z2-7]+)", msg.get_content())
             assert m, msg.get_content()
-            return m.group(1)
+            return m.group(0) if full else m.group(1)
     raise AssertionError(f"no mail to {to}")
 
 
@@ -56,6 +53,17 @@ async def _new_list(client, key, **kw) -> dict:
     r = await client.post("/api/v1/lists", json=body, headers=_auth(key))
     assert r.status_code == 201, r.text
     return r.json()
+
+
+async def _stats(c, key, lid, want: dict, timeout: float = 5.0) -> dict:
+    """The list's stats once its ``confirmation_mails`` are ``want`` (or when
+    ``timeout`` has passed: the caller's assertion then shows what they were)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = (await c.get(f"/api/v1/lists/{lid}/stats", headers=_auth(key))).json()
+        if stats["confirmation_mails"] == want or time.monotonic() > deadline:
+            return stats
+        await asyncio.sleep(0.05)
 
 
 async def test_subscriber_life_through_http(gateway_factory, sink):
@@ -283,12 +291,7 @@ async def test_bulk_import_sends_queued_confirmations(gateway_factory, sink):
         assert r.status_code == 202 and r.json()["queued"] == 12, r.text
         await sink.wait_for(12, timeout=10)
         assert {m.rcpt_tos[0] for m in sink.messages} == {f"u{i}@example.org" for i in range(12)}
-        deadline = time.monotonic() + 5
-        while True:
-            stats = (await c.get(f"/api/v1/lists/{lst['id']}/stats", headers=_auth(key))).json()
-            if stats["confirmation_mails"].get("sent") == 12 or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.05)
+        stats = await _stats(c, key, lst["id"], {"sent": 12})
         assert stats == {"confirmed": 0, "pending": 12, "unsubscribed": 0, "confirmation_mails": {"sent": 12}}
         r = await c.get(f"/api/v1/lists/{lst['id']}/subscribers/export", params={"format": "ndjson"},
                         headers=_auth(key))
@@ -305,26 +308,19 @@ async def test_missing_secret_is_a_clear_startup_error(gateway_factory, sink):
 
 
 # ------------------------------------------------------------------ two gateway processes on PostgreSQL
-@pytest.fixture
-def pg_url():
-    url, drop = pg_database_url()
-    yield url
-    drop()
-
-
-async def test_optout_reaches_another_gateway_process_within_1s(gateway_factory, sink, tmp_path, pg_url):
+async def test_optout_reaches_another_gateway_process_within_1s(pg_url, sink, gateway_factory, gateway_b,
+                                                                 tmp_path):
     """Gateway A (in this process) and gateway B (a real subprocess) share
     PostgreSQL. B caches "confirmed"; an opt-out through A's HTTP must change
     what B answers within 1 s (LISTEN/NOTIFY)."""
     h, base_a = await _start(gateway_factory, sink, storage={"url": pg_url})
     key = await h.gw.registry.issue_api_key("alice")
-    port_b, smtp_b = free_port(), free_port()
     cfg = tmp_path / "b.toml"
     cfg.write_text(f"""
 [[listeners]]
 name = "plain"
 address = "127.0.0.1"
-port = {smtp_b}
+port = 0
 tls = "none"
 
 [smtp]
@@ -336,7 +332,7 @@ url = "{pg_url}"
 [http]
 enabled = true
 address = "127.0.0.1"
-port = {port_b}
+port = 0
 
 [registry]
 secret = "env:GW_TEST_REGISTRY_SECRET"
@@ -348,49 +344,33 @@ transactions = "{tmp_path / 'b.jsonl'}"
 host = "127.0.0.1"
 port = {sink.port}
 """)
-    env = {**os.environ, "GW_TEST_REGISTRY_SECRET": SECRET,
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg),
-                                                env=env, stdout=asyncio.subprocess.DEVNULL,
-                                                stderr=open(tmp_path / "b.stderr", "wb"))
-    base_b = f"http://127.0.0.1:{port_b}"
-    try:
-        async with httpx.AsyncClient(timeout=5) as c:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if (await c.get(base_b + "/readyz")).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert proc.returncode is None, (tmp_path / "b.stderr").read_text()
-                assert time.monotonic() < deadline, "gateway B did not become ready"
-                await asyncio.sleep(0.1)
-            lst = await _new_list(httpx.AsyncClient(base_url=base_a, timeout=5), key)
-            lid = lst["id"]
-            r = await c.post(f"{base_a}/api/v1/lists/{lid}/subscribers", headers=_auth(key),
-                             json={"address": "eve@example.org"})
-            assert r.status_code == 202
-            await sink.wait_for(1)
-            assert (await c.post(base_a + _link(sink, "eve@example.org"))).status_code == 200
+    b = await gateway_b(cfg, env={"GW_TEST_REGISTRY_SECRET": SECRET})
+    base_b = f"http://127.0.0.1:{b.http_port}"
+    async with httpx.AsyncClient(timeout=5) as c:
+        async with httpx.AsyncClient(base_url=base_a, timeout=5) as a:
+            lst = await _new_list(a, key)
+        lid = lst["id"]
+        r = await c.post(f"{base_a}/api/v1/lists/{lid}/subscribers", headers=_auth(key),
+                         json={"address": "eve@example.org"})
+        assert r.status_code == 202
+        await sink.wait_for(1)
+        assert (await c.post(base_a + _link(sink, "eve@example.org"))).status_code == 200
 
-            async def status_b() -> str:
-                r = await c.get(f"{base_b}/api/v1/lists/{lid}/recipient-status",
-                                params={"address": "eve@example.org"}, headers=_auth(key))
-                assert r.status_code == 200, r.text
-                return r.json()["status"]
+        async def status_b() -> str:
+            r = await c.get(f"{base_b}/api/v1/lists/{lid}/recipient-status",
+                            params={"address": "eve@example.org"}, headers=_auth(key))
+            assert r.status_code == 200, r.text
+            return r.json()["status"]
 
-            assert await status_b() == "confirmed"      # B has it cached now
-            lst_obj = await h.gw.registry.get_list("alice", lid)
-            upath = re.search(r"(/unsubscribe/[a-z2-7]+)", h.gw.registry.unsubscribe_url(lst_obj, "eve@example.org"))
-            r = await c.post(base_a + upath.group(1), content=b"List-Unsubscribe=One-Click",
-                             headers={"Content-Type": "application/x-www-form-urlencoded"})
-            assert r.status_code == 200
-            t0 = time.monotonic()
-            while (status := await status_b()) == "confirmed":
-                assert time.monotonic() - t0 < 1.5, "gateway B still says confirmed after 1 s"
-                await asyncio.sleep(0.01)
-            assert status == "unsubscribed"
-            assert time.monotonic() - t0 < 1.0 + 0.5
-    finally:
-        await stop_process(proc)
+        assert await status_b() == "confirmed"      # B has it cached now
+        lst_obj = await h.gw.registry.get_list("alice", lid)
+        upath = re.search(r"(/unsubscribe/[a-z2-7]+)", h.gw.registry.unsubscribe_url(lst_obj, "eve@example.org"))
+        r = await c.post(base_a + upath.group(1), content=b"List-Unsubscribe=One-Click",
+                         headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert r.status_code == 200
+        t0 = time.monotonic()
+        while (status := await status_b()) == "confirmed":
+            assert time.monotonic() - t0 < 1.5, "gateway B still says confirmed after 1 s"
+            await asyncio.sleep(0.01)
+        assert status == "unsubscribed"
+        assert time.monotonic() - t0 < 1.0 + 0.5

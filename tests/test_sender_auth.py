@@ -4,9 +4,7 @@ subprocess against the gateway's own database."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import email.utils
-import sys
 import time
 
 import pytest
@@ -20,17 +18,12 @@ from gateway.checks.mail_sender_auth import authorize
 from gateway.accounts.model import Account, AccountStatus, SenderDomain
 from gateway.message.headers import parse_headers
 
-from conftest import TEST_DNS
-from smtp_client import cmd, reply
-
-AUTH = b"AUTH PLAIN " + base64.b64encode(b"\0alice\0s3cret")
+from conftest import TEST_DNS, run_cli_async
+from dns_fixtures import live_dns
+from smtp_client import cmd, send, session
 
 
 # ------------------------------------------------------------------ helpers
-def live_dns(server) -> dict:
-    return {"nameservers": [server.address], "timeout": 1.0, "min_ttl": 0, "static_only": False, "static": []}
-
-
 def serve_domain(dns_server, domain: str) -> None:
     """A zone that exists and takes mail; SOA minimum 0 so no resolver caches its negative answers."""
     dns_server.add_zone(domain, minimum=0)
@@ -64,37 +57,6 @@ def dsn(frm: str = "Mail Delivery System <MAILER-DAEMON@example.com>",
                    + report + b"; boundary=\"b1\"\r\n", body=body)
 
 
-async def session(port: int, auth: bool = True):
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    assert (await reply(reader)).startswith(b"220")
-    assert (await cmd(reader, writer, b"EHLO client.test")).startswith(b"250")
-    if auth:
-        assert (await cmd(reader, writer, AUTH)).startswith(b"235")
-    return reader, writer
-
-
-async def send(port: int, mail_from: str, data: bytes, rcpt: str = "bob@example.org",
-               params: str = "") -> bytes:
-    """One transaction; the first refusal's reply, or the reply to the end of DATA."""
-    reader, writer = await session(port)
-    try:
-        r = await cmd(reader, writer, f"MAIL FROM:<{mail_from}>{params}".encode())
-        if not r.startswith(b"250"):
-            return r.strip()
-        r = await cmd(reader, writer, f"RCPT TO:<{rcpt}>".encode())
-        if not r.startswith(b"250"):
-            return r.strip()
-        assert (await cmd(reader, writer, b"DATA")).startswith(b"354")
-        stuffed = data.replace(b"\r\n.", b"\r\n..")
-        if stuffed.startswith(b"."):
-            stuffed = b"." + stuffed
-        writer.write(stuffed + b".\r\n")
-        await writer.drain()
-        return (await reply(reader)).strip()
-    finally:
-        writer.close()
-
-
 def write_cli_config(tmp_path, dns_server) -> str:
     path = tmp_path / "cli.toml"
     path.write_text(f"""
@@ -120,17 +82,6 @@ timeout = 1.0
 min_ttl = 0
 """)
     return str(path)
-
-
-async def run_cli(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway.cli", *args,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-    except asyncio.TimeoutError:
-        proc.kill()
-        raise
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def wait_until(predicate, timeout: float = 5.0) -> None:
@@ -217,23 +168,23 @@ async def test_proof_life_cycle_over_smtp_cli_and_recheck(sink, gateway_factory,
     msg = message("news@proof.example")
 
     # 1. not yet published: refused at MAIL, and the CLI says what to publish
-    r = await send(h.port(), "news@proof.example", msg)
+    r = await send(h.port(), mail_from="news@proof.example", data=msg)
     assert r == (b"550 5.7.1 P-FORGE Sender domain not authorized for this account: proof.example awaits its "
                  b"DNS proof (TXT record at _gateway-proof.proof.example, then 'gateway account domain verify')")
     cfg = write_cli_config(tmp_path, dns_server)
-    code, out, err = await run_cli("account", "domain", "verify", "alice", "proof.example", "--config", cfg)
-    assert code == 1, (out, err)
-    assert "not verified: proof not yet published" in out
-    assert f'_gateway-proof.proof.example. TXT "gateway-proof={dom.token}"' in out
+    r = await run_cli_async("account", "domain", "verify", "alice", "proof.example", "--config", cfg)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "not verified: proof not yet published" in r.stdout
+    assert f'_gateway-proof.proof.example. TXT "gateway-proof={dom.token}"' in r.stdout
 
     # 2. published: the CLI verifies, the gateway relays
     publish(dns_server, "proof.example", dom.token)
-    code, out, err = await run_cli("account", "domain", "verify", "alice", "proof.example", "--config", cfg)
-    assert code == 0, (out, err)
-    assert out.startswith("domain proof.example of alice verified")
+    r = await run_cli_async("account", "domain", "verify", "alice", "proof.example", "--config", cfg)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert r.stdout.startswith("domain proof.example of alice verified")
     await h.gw.accounts.refresh()
     assert domain_of(h, "alice", "proof.example").status == "verified"
-    r = await send(h.port(), "news@proof.example", msg)
+    r = await send(h.port(), mail_from="news@proof.example", data=msg)
     assert r.startswith(b"250 2.0.0 OK: relayed"), r
     await sink.wait_for(1)
     assert sink.messages[0].mail_from == "news@proof.example"
@@ -246,7 +197,7 @@ async def test_proof_life_cycle_over_smtp_cli_and_recheck(sink, gateway_factory,
     await wait_until(lambda: domain_of(h, "alice", "proof.example").status == "pending")
     d = domain_of(h, "alice", "proof.example")
     assert d.note.startswith("proof gone") and "_gateway-proof.proof.example does not exist" in d.note
-    r = await send(h.port(), "news@proof.example", message("news@proof.example"))
+    r = await send(h.port(), mail_from="news@proof.example", data=message("news@proof.example"))
     assert r.startswith(b"550 5.7.1 P-FORGE Sender domain not authorized for this account: proof.example awaits")
     assert len(sink.messages) == 1
 
@@ -325,7 +276,7 @@ async def test_operator_approved_domain_relays_without_dns_proof(sink, gateway_f
     h = await gateway_factory(sink, dns=live_dns(dns_server))
     await h.add_account(domains=("corp.example",))  # conftest: approved by an operator
     assert domain_of(h, "alice", "corp.example").note == "approved by test"
-    r = await send(h.port(), "ceo@corp.example", message("ceo@corp.example"))
+    r = await send(h.port(), mail_from="ceo@corp.example", data=message("ceo@corp.example"))
     assert r.startswith(b"250 2.0.0 OK: relayed"), r
     await sink.wait_for(1)
     await h.gw.proof_checker.run_once()
@@ -337,14 +288,14 @@ async def test_subdomains_only_where_the_account_allows_them(sink, gateway_facto
     h = await gateway_factory(sink, dns={"static": TEST_DNS + ["news.example.com MX 10 mx.example.com"]})
     await h.add_account()
     msg = message("letters@news.example.com")
-    r = await send(h.port(), "letters@news.example.com", msg)
+    r = await send(h.port(), mail_from="letters@news.example.com", data=msg)
     assert r == (b"550 5.7.1 P-FORGE Sender domain not authorized for this account: news.example.com: "
                  b"this account may not send from subdomains of example.com")
     await h.gw.accounts.update("alice", allow_subdomains=True)
-    r = await send(h.port(), "letters@news.example.com", msg)
+    r = await send(h.port(), mail_from="letters@news.example.com", data=msg)
     assert r.startswith(b"250 2.0.0 OK: relayed"), r
     # allowed subdomains do not reach sideways: example.net stays foreign
-    r = await send(h.port(), "letters@example.net", message("letters@example.net"))
+    r = await send(h.port(), mail_from="letters@example.net", data=message("letters@example.net"))
     assert r == (b"550 5.7.1 P-FORGE Sender domain not authorized for this account: "
                  b"example.net is not a sender domain of this account")
 
@@ -369,7 +320,7 @@ async def test_subdomains_only_where_the_account_allows_them(sink, gateway_facto
 async def test_foreign_header_addresses_refused(sink, gateway_factory, frm, extra, expected):
     h = await gateway_factory(sink)
     await h.add_account()
-    r = await send(h.port(), "alice@example.com", message(frm=frm, extra=extra))
+    r = await send(h.port(), mail_from="alice@example.com", data=message(frm=frm, extra=extra))
     assert r == expected
     assert sink.messages == []
 
@@ -379,13 +330,13 @@ async def test_display_name_address_in_a_related_domain_of_another_owner(sink, g
     # account owns only the subdomain, so showing the parent is forged.
     h = await gateway_factory(sink, dns={"static": TEST_DNS + ["shop.example.com MX 10 mx.example.com"]})
     await h.add_account(domains=("shop.example.com",))
-    r = await send(h.port(), "news@shop.example.com",
-                   message(frm='"billing@example.com" <news@shop.example.com>'))
+    r = await send(h.port(), mail_from="news@shop.example.com",
+                   data=message(frm='"billing@example.com" <news@shop.example.com>'))
     assert r == (b"550 5.7.1 P-FORGE From display name shows an address not authorized for this account: "
                  b"From display name shows an address in example.com, which is not a sender domain of this account")
     # its own address in the display name is fine
-    r = await send(h.port(), "news@shop.example.com",
-                   message(frm='"news@shop.example.com" <news@shop.example.com>'))
+    r = await send(h.port(), mail_from="news@shop.example.com",
+                   data=message(frm='"news@shop.example.com" <news@shop.example.com>'))
     assert r.startswith(b"250 2.0.0 OK: relayed"), r
 
 
@@ -393,7 +344,7 @@ async def test_utf8_header_domain_compared_as_a_label(sink, gateway_factory):
     h = await gateway_factory(sink)
     await h.add_account(domains=("xn--bcher-kva.example",))
     data = message(frm="Jörg <jörg@bücher.example>")
-    r = await send(h.port(), "info@xn--bcher-kva.example", data, params=" SMTPUTF8 BODY=8BITMIME")
+    r = await send(h.port(), mail_from="info@xn--bcher-kva.example", data=data, params=" SMTPUTF8 BODY=8BITMIME")
     assert r.startswith(b"250 2.0.0 OK: relayed"), r
 
 
@@ -401,22 +352,22 @@ async def test_utf8_header_domain_compared_as_a_label(sink, gateway_factory):
 async def test_null_sender_only_for_dsn_and_mdn(sink, gateway_factory):
     h = await gateway_factory(sink)
     await h.add_account()
-    r = await send(h.port(), "", message())
+    r = await send(h.port(), mail_from="", data=message())
     assert r == (b"550 5.7.1 P-FORGE Null sender only for delivery status or disposition notifications: "
                  b"message is text/plain (none given), not multipart/report with a delivery-status or "
                  b"disposition-notification part")
     fake = dsn().replace(b"Content-Type: message/delivery-status", b"Content-Type: text/plain")
-    r = await send(h.port(), "", fake)
+    r = await send(h.port(), mail_from="", data=fake)
     assert r.startswith(b"550 5.7.1 P-FORGE Null sender only for delivery status"), r
     assert sink.messages == []
-    r = await send(h.port(), "", dsn())
+    r = await send(h.port(), mail_from="", data=dsn())
     assert r.startswith(b"250 2.0.0 OK: relayed"), r
-    r = await send(h.port(), "", dsn(report=b"disposition-notification"))
+    r = await send(h.port(), mail_from="", data=dsn(report=b"disposition-notification"))
     assert r.startswith(b"250 2.0.0 OK: relayed"), r
     await sink.wait_for(2)
     assert [m.mail_from for m in sink.messages] == ["<>", "<>"]  # aiosmtpd writes the null path so
     # a DSN still needs an authorized From
-    r = await send(h.port(), "", dsn(frm="MAILER-DAEMON@example.net"))
+    r = await send(h.port(), mail_from="", data=dsn(frm="MAILER-DAEMON@example.net"))
     assert r.startswith(b"550 5.7.1 P-FORGE Header From domain not authorized"), r
 
 

@@ -10,7 +10,7 @@ import pytest
 from gateway.smtp.transaction import Outcome, Phase
 
 from conftest import MESSAGE
-from smtp_client import cmd, raw_session
+from smtp_client import cmd, proxied_session, raw_session
 from smtp_client import reply as read_reply
 
 
@@ -61,7 +61,8 @@ async def test_auth_login_mechanism(sink, gateway_factory):
     h = await gateway_factory(sink)
     await h.add_account()
     c = await client(h.port())
-    await c.auth_login("alice", "s3cret")
+    resp = await c.auth_login("alice", "s3cret")
+    assert resp.code == 235 and resp.message.startswith("2.7.0"), resp
     await c.quit()
 
 
@@ -395,10 +396,11 @@ async def test_upstream_down_defers_and_relays_nothing(gateway_factory):
     await c.quit()
 
 
-async def test_failover_to_second_upstream(sink, gateway_factory):
+async def test_failover_to_second_upstream(sink, gateway_factory, caplog):
     from conftest import free_port
+    dead = free_port()
     h = await gateway_factory(sink, relay={"upstreams": [
-        {"host": "127.0.0.1", "port": free_port(), "connect_timeout": 1.0},
+        {"host": "127.0.0.1", "port": dead, "connect_timeout": 1.0},
         {"host": "127.0.0.1", "port": sink.port}]})
     await h.add_account()
     c = await client(h.port())
@@ -406,6 +408,14 @@ async def test_failover_to_second_upstream(sink, gateway_factory):
     await c.sendmail("alice@example.com", ["bob@example.org"], MESSAGE)
     await c.quit()
     await sink.wait_for(1)
+    # the log records the failover: the first upstream unreachable, the message relayed by the second
+    assert any(r.name == "gateway.relay" and f"upstream 127.0.0.1:{dead} unreachable" in r.getMessage()
+               for r in caplog.records), caplog.text
+    rec = [r for r in h.log_records() if r.get("decision") == "relayed"][0]
+    assert rec["upstream"] == f"127.0.0.1:{sink.port}", rec
+    assert ("relay", "pass", f"upstream 127.0.0.1:{sink.port}") in [
+        (o["check"], o["result"], o.get("detail")) for o in rec["ledger"]], rec["ledger"]
+    assert h.gw.relay.stats["failovers"] == 1
 
 
 async def test_upstream_refusing_one_of_three_recipients(sink, gateway_factory):
@@ -582,9 +592,7 @@ async def test_shutdown_grace_expiry_closes_with_421(sink, gateway_factory):
 async def test_proxy_protocol_v1_and_v2_client_address(sink, gateway_factory):
     h = await gateway_factory(sink, listeners=[{"name": "plain", "address": "127.0.0.1", "port": 0,
                                                 "tls": "none", "proxy_protocol": True}])
-    reader, writer = await asyncio.open_connection("127.0.0.1", h.port())
-    writer.write(b"PROXY TCP4 203.0.113.5 192.0.2.10 40000 25\r\n")
-    await writer.drain()
+    reader, writer = await proxied_session(h.port(), "203.0.113.5")
     assert (await reader.readline()).startswith(b"220 ")
     await cmd(reader, writer, b"EHLO x")
     await cmd(reader, writer, b"MAIL FROM:<a@example.net>")
@@ -615,9 +623,7 @@ async def test_proxy_header_missing_or_untrusted_closes(sink, gateway_factory):
     h = await gateway_factory(sink, listeners=[{"name": "plain", "address": "127.0.0.1", "port": 0,
                                                 "tls": "none", "proxy_protocol": True,
                                                 "proxy_trusted": ["10.0.0.0/8"]}])
-    reader, writer = await asyncio.open_connection("127.0.0.1", h.port())
-    writer.write(b"PROXY TCP4 203.0.113.5 192.0.2.10 40000 25\r\n")
-    await writer.drain()
+    reader, writer = await proxied_session(h.port(), "203.0.113.5")
     try:
         data = await asyncio.wait_for(reader.read(), 5)
     except ConnectionResetError:

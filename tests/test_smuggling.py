@@ -13,16 +13,13 @@ CRLF and then dot-stuffs, so the upstream cannot see an end-of-data inside it.
 from __future__ import annotations
 
 import asyncio
-import base64
 import email.utils
 import time
 
 import pytest
 
 from gateway.config import DEFAULT_CHECKS
-from smtp_client import cmd, reply
-
-AUTH = b"AUTH PLAIN " + base64.b64encode(b"\0alice\0s3cret")
+from smtp_client import cmd, reply, session
 
 # name -> (bytes sent after the first message's text, the finding, its offset in
 # the message the gateway reads: after dot-unstuffing, which drops the dot of
@@ -77,10 +74,8 @@ SMUGGLED = (b"MAIL FROM:<alice@example.com>\r\n"
 
 
 async def open_transaction(port: int):
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    assert (await reply(reader)).startswith(b"220")
-    assert (await cmd(reader, writer, b"EHLO client.test")).startswith(b"250")
-    assert (await cmd(reader, writer, AUTH)).startswith(b"235")
+    """An authenticated session (smtp_client.session) inside DATA."""
+    reader, writer = await session(port)
     assert (await cmd(reader, writer, b"MAIL FROM:<alice@example.com>")).startswith(b"250")
     assert (await cmd(reader, writer, b"RCPT TO:<bob@example.org>")).startswith(b"250")
     assert (await cmd(reader, writer, b"DATA")).startswith(b"354")
