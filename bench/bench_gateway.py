@@ -39,6 +39,7 @@ import time
 import tomllib
 from collections import deque
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from pathlib import Path
 
 import uvloop
@@ -68,7 +69,7 @@ def make_message(size: int = 4096) -> bytes:
     head = (f"From: Alice <{MAIL_FROM}>\r\n"
             f"To: Bob <{RCPT_TO}>\r\n"
             "Subject: benchmark message\r\n"
-            "Date: Tue, 24 Nov 2026 21:00:00 +0000\r\n"
+            f"Date: {formatdate(usegmt=True)}\r\n"
             f"Message-ID: <bench-1@{DOMAIN}>\r\n"
             "MIME-Version: 1.0\r\n"
             "Content-Type: text/plain; charset=us-ascii\r\n"

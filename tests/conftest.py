@@ -22,6 +22,7 @@ import ssl
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
@@ -453,10 +454,12 @@ async def gateway_factory(tmp_path):
             await gw.stop(grace=0.5)
 
 
+# The Date is the clock's at collection (never a fixed day: the gateway's Date
+# window would refuse it once the calendar moves on).
 MESSAGE = (b"From: Alice <alice@example.com>\r\n"
            b"To: Bob <bob@example.org>\r\n"
            b"Subject: test message\r\n"
-           b"Date: Tue, 24 Nov 2026 21:00:00 +0000\r\n"
+           b"Date: " + formatdate(usegmt=True).encode() + b"\r\n"
            b"Message-ID: <test-1@example.com>\r\n"
            b"\r\n"
            b"Hello Bob,\r\n.leading dot line\r\nbye\r\n")
