@@ -259,6 +259,14 @@ class Gateway:
         self.metrics.sessions_refused.labels(outcome.check).inc()
         self.txlog.session_refused(sess, outcome)
 
+    def log_session_end(self, sess: SessionInfo) -> None:
+        """Every session leaves at least one line (failed AUTH, refused HELO,
+        a client that only connected); a fault here never reaches the protocol."""
+        try:
+            self.txlog.session_end(sess)
+        except Exception:
+            log.exception("session %s: cannot write its log line", sess.id)
+
     async def on_recipient_refused(self, tx: Transaction, outcome: Outcome) -> None:
         """Hook for harvest protection (P-HARVEST) and metrics."""
 

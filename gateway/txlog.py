@@ -53,6 +53,11 @@ def transaction_record(tx: Transaction) -> dict:
     return d
 
 
+def _carried(sess: SessionInfo) -> None:
+    sess.lines_logged += 1
+    sess.ledger_logged = len(sess.ledger)
+
+
 class TransactionLog:
     """Lines written in the same event-loop turn go out in one write() at the
     end of that turn (one syscall for many transactions under load, and no
@@ -85,6 +90,7 @@ class TransactionLog:
 
     def transaction(self, tx: Transaction) -> None:
         self.write(transaction_record(tx))
+        _carried(tx.session)
 
     def session_refused(self, sess: SessionInfo, outcome: Outcome) -> None:
         d = {"ts": round(time.time(), 3), "event": "session_refused"}
@@ -92,6 +98,24 @@ class TransactionLog:
         d["ledger"] = [o.as_log() for o in sess.ledger]
         d["reply"] = outcome.reply.render() if outcome.reply else None
         self.write(d)
+        _carried(sess)
+
+    def session_end(self, sess: SessionInfo) -> bool:
+        """The session's closing line, written when no other line of this
+        session was (a failed or suspended AUTH, a refused HELO, a client that
+        only connected) or when its ledger holds outcomes no line carried yet
+        (e.g. a failed AUTH after the last transaction). True if written."""
+        if sess.lines_logged and sess.ledger_logged >= len(sess.ledger):
+            return False
+        d = {"ts": round(time.time(), 3), "event": "session"}
+        d.update(session_fields(sess))
+        d["ended"] = sess.ended
+        d["transactions"] = sess.transactions
+        d["duration_ms"] = round((time.time() - sess.started) * 1000.0, 1)
+        d["ledger"] = [o.as_log() for o in sess.ledger[sess.ledger_logged:]]
+        self.write(d)
+        _carried(sess)
+        return True
 
     def close(self) -> None:
         self.flush()

@@ -105,6 +105,8 @@ class GatewaySMTP(AioSMTP):
         for utx in self._take_upstreams():
             self.loop.create_task(utx.close())
         self.tx = None
+        if self.gsession is not None:
+            self.gw.log_session_end(self.gsession)
         super().connection_lost(error)
 
     def eof_received(self) -> bool | None:
@@ -119,6 +121,8 @@ class GatewaySMTP(AioSMTP):
         super()._reset_timeout(duration)
 
     def _timeout_cb(self) -> None:
+        if self.gsession is not None:
+            self.gsession.ended = "timeout"
         if self.transport is not None and not self.transport.is_closing():
             try:
                 self._writer.write((replies.IDLE_TIMEOUT.render() + "\r\n").encode())
@@ -145,6 +149,8 @@ class GatewaySMTP(AioSMTP):
 
     async def close_with(self, reply: Reply) -> None:
         self._closing = True
+        if self.gsession is not None and self.gsession.ended == "disconnect":
+            self.gsession.ended = "quit" if reply is replies.BYE else f"closed with {reply.code} {reply.enhanced}"
         try:
             await self.push(reply)
         except Exception:
@@ -382,7 +388,7 @@ class GatewaySMTP(AioSMTP):
         login_text = login.decode("utf-8", "replace")
         if await limiter.account_blocked(login_text):
             sess.ledger.append(Outcome("auth", Result.FAIL, f"too many failures for {login_text}",
-                                       replies.AUTH_TOO_MANY_FAILURES, Phase.AUTH))
+                                       replies.AUTH_TOO_MANY_FAILURES, Phase.AUTH, login_text))
             await self.reply(replies.AUTH_TOO_MANY_FAILURES)
             return
         try:
@@ -394,13 +400,13 @@ class GatewaySMTP(AioSMTP):
         if account is None:
             await limiter.failed(sess.peer_ip, login_text)
             sess.ledger.append(Outcome("auth", Result.FAIL, f"bad credentials for {login_text}",
-                                       replies.AUTH_INVALID, Phase.AUTH))
+                                       replies.AUTH_INVALID, Phase.AUTH, login_text))
             self.gw.metrics.auth.labels("failure").inc()
             await self.reply(replies.AUTH_INVALID)
             return
         if account.suspended:
             sess.ledger.append(Outcome("auth", Result.FAIL, f"account {account.name} suspended",
-                                       replies.AUTH_SUSPENDED, Phase.AUTH))
+                                       replies.AUTH_SUSPENDED, Phase.AUTH, login_text))
             self.gw.metrics.auth.labels("suspended").inc()
             await self.reply(replies.AUTH_SUSPENDED)
             return
@@ -409,7 +415,7 @@ class GatewaySMTP(AioSMTP):
         sess.auth_login = login_text
         self.session.authenticated = True
         sess.ledger.append(Outcome("auth", Result.PASS, f"account {account.name} via {mechanism}",
-                                   phase=Phase.AUTH))
+                                   phase=Phase.AUTH, item=login_text))
         self.gw.metrics.auth.labels("success").inc()
         await self.reply(replies.AUTH_OK)
 
@@ -765,6 +771,7 @@ class GatewaySMTP(AioSMTP):
         """Close with 421 4.3.2 unless a transaction is in flight; True if closed."""
         if self.tx is None and not self._busy:
             if self.transport is not None and not self.transport.is_closing():
+                self.gsession.ended = "shutdown"
                 self._writer.write((replies.SHUTTING_DOWN.render() + "\r\n").encode())
                 self.transport.close()
             return True
@@ -772,6 +779,7 @@ class GatewaySMTP(AioSMTP):
 
     def force_close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            self.gsession.ended = "shutdown"
             try:
                 self._writer.write((replies.SHUTTING_DOWN.render() + "\r\n").encode())
             except Exception:

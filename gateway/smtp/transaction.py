@@ -115,6 +115,11 @@ class SessionInfo:
     started: float = field(default_factory=time.time)
     transactions: int = 0
     ledger: list[Outcome] = field(default_factory=list)  # connect/helo/auth outcomes
+    # Log bookkeeping: lines written for this session, and how much of its
+    # ledger they carried (the session's end line carries the rest).
+    lines_logged: int = 0
+    ledger_logged: int = 0
+    ended: str = "disconnect"       # how the session ended, for its log line
 
     @property
     def authenticated(self) -> bool:
