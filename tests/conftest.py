@@ -37,6 +37,40 @@ from gateway.txlog import TransactionLog
 from dns_fixtures import dns_server, make_resolver  # noqa: F401  (fixtures for the DNS tests)
 
 CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _faketime_safe_sleep() -> None:
+    """Under libfaketime (the suite is also run a year ahead and back with
+    ``faketime``), CPython >= 3.11's time.sleep fails with EINVAL: it sleeps
+    with clock_nanosleep(TIMER_ABSTIME), which libfaketime 0.9.10 mangles.
+    subprocess's wait(timeout=) and Selenium sleep that way, so in this test
+    process time.sleep waits in select() instead (a relative timeout, which
+    libfaketime leaves alone). Nothing changes without libfaketime."""
+    if "faketime" not in os.environ.get("LD_PRELOAD", ""):
+        return
+    import select
+    import time
+
+    def sleep(seconds: float) -> None:
+        select.select([], [], [], max(0.0, seconds))
+
+    time.sleep = sleep
+
+
+_faketime_safe_sleep()
+
+
+def without_faketime(env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: this process's) without libfaketime in LD_PRELOAD:
+    for programs whose clock does not matter to a test and that misbehave
+    under it (headless Chromium spins its timers and never paints)."""
+    env = dict(os.environ if env is None else env)
+    kept = [lib for lib in env.get("LD_PRELOAD", "").split(":") if lib and "faketime" not in lib]
+    if kept:
+        env["LD_PRELOAD"] = ":".join(kept)
+    else:
+        env.pop("LD_PRELOAD", None)
+    return env
 REPO = Path(__file__).resolve().parents[1]
 # shared/ lies beside the repository (in a checkout and in CI's fresh clone alike).
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"

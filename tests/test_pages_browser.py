@@ -17,7 +17,7 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
-from conftest import need
+from conftest import need, without_faketime
 from test_listmail_smtp import _check_relayed_copy, _list_message, _start
 from test_registry_http import _link
 
@@ -49,7 +49,10 @@ def browser(tmp_path, monkeypatch):
                  "--disable-dev-shm-usage", "--window-size=1000,800",
                  f"--user-data-dir={tmp_path / 'chromium-profile'}"):
         opts.add_argument(flag)
-    service = Service(executable_path=CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log"))
+    # The browser's own clock does not matter here (the gateway's does, and it
+    # runs in this process): under faketime it runs without it.
+    service = Service(executable_path=CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log"),
+                      env=without_faketime())
     driver = webdriver.Chrome(service=service, options=opts)
     driver.set_page_load_timeout(20)
     try:
