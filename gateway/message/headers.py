@@ -1089,8 +1089,10 @@ _SPACE_ENDS = (b" ", b"\t", b"\xa0", b"=a0", b"&nbsp;", b"\xaf", b"=af")
 _HEADER_FROM = re.compile(rb"[\n>][ \t]*\*?(?:from|von|de|van)[ \t]?:")  # at a line start or after a tag
 _SENT = re.compile(rb"(?:sent|gesendet|envoy[^\s:]{0,8}|verzonden|enviado|inviato)[ \t]?:")
 _MAX_HITS = 64  # occurrences of one key examined per text
+# a MIME part in the body prefix: boundary line, its header lines, then base64-alphabet lines
 _B64_TEXT_PART = re.compile(
     rb"^--[^\r\n]*\r?\n((?:[^\r\n]+\r?\n){1,30}?)\r?\n([A-Za-z0-9+/=\r\n]+)", re.M)
+_TEXT_PART = re.compile(rb"^content-type[ \t]*:[ \t]*text/", re.M)  # in lower-cased part headers
 _OBFUSCATION = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _EMAIL_IN_NAME = re.compile(r"[^\s<>\"'@(),;:\[\]]+@((?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
                             r"[A-Za-z][A-Za-z0-9-]*[A-Za-z0-9])")
@@ -1184,7 +1186,7 @@ def _reply_texts(data: bytes, parsed: ParsedHeaders) -> list[bytes]:
     elif b"ase64" in raw:  # cheap pre-filter for "base64"/"Base64"
         for m in _B64_TEXT_PART.finditer(raw):
             head = m.group(1).lower()
-            if b"base64" in head and re.search(rb"^content-type[ \t]*:[ \t]*text/", head, re.M):
+            if b"base64" in head and _TEXT_PART.search(head):
                 out.append(_b64_prefix(m.group(2)))
     return out
 
