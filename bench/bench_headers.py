@@ -37,7 +37,7 @@ def check_all(data: bytes) -> int:
     parsed = parse_headers(data)
     found += check_structure(data, parsed, SETTINGS, NOW)
     found += check_trace(parsed, SETTINGS, HOSTS)
-    found += check_subject(parsed, SETTINGS, {})
+    found += check_subject(data, parsed, SETTINGS, {})
     return len(found)
 
 

@@ -72,8 +72,13 @@ def without_faketime(env: dict[str, str] | None = None) -> dict[str, str]:
         env.pop("LD_PRELOAD", None)
     return env
 REPO = Path(__file__).resolve().parents[1]
-# shared/ lies beside the repository (in a checkout and in CI's fresh clone alike).
-CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
+# shared/ lies beside the repository (in a checkout and in CI's fresh clone alike),
+# or beside a directory above it (a git worktree under a subdirectory).
+CORPORA = next((p / "shared" / "corpora" for p in REPO.parents if (p / "shared" / "corpora").is_dir()),
+               REPO.parent / "shared" / "corpora")
+# bench/ is importable from the tests (bench.ham_refusals holds the corpus helpers)
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))
 
 
 def need(condition: bool, reason: str) -> None:

@@ -249,21 +249,29 @@ def cases() -> dict[str, Case]:
     c["subj.fake_reply"] = Case(
         build(replace={b"Subject": b"Re: Quarterly report"}, extra=b"In-Reply-To: <q3@example.org>\r\n"),
         build(replace={b"Subject": b"Re: Quarterly report"}),
-        "550 5.7.1 P-SUBJ Misleading subject: reply or forward marker without a thread: message Subject starts "
-        "with 'Re:' but has no In-Reply-To or References [subj.fake_reply]", config=_reject("subj.fake_reply"))
+        "550 5.7.1 P-SUBJ Misleading subject: reply marker without a thread: message Subject starts with 'Re:' "
+        "but has no In-Reply-To, References or Thread-Index and quotes no earlier message [subj.fake_reply]",
+        config=_reject("subj.fake_reply"))
 
     c["subj.fake_reply_bulk"] = Case(
         build(replace={b"Subject": b"RE: your order"},
               extra=b"Precedence: bulk\r\nReferences: <order-7@example.com>\r\n"),
         build(replace={b"Subject": b"RE: your order"}, extra=b"Precedence: bulk\r\n"),
-        "550 5.7.1 P-SUBJ Misleading subject: reply or forward marker without a thread: list/bulk mail Subject "
-        "starts with 'RE:' but has no In-Reply-To or References [subj.fake_reply_bulk]", config=NO_LISTMAIL)
+        "550 5.7.1 P-SUBJ Misleading subject: reply marker without a thread: list/bulk mail Subject starts with "
+        "'RE:' but has no In-Reply-To, References or Thread-Index and quotes no earlier message "
+        "[subj.fake_reply_bulk]", config=NO_LISTMAIL)
 
     c["subj.display_name"] = Case(
         build(replace={b"From": b'"Alice at Example.com" <alice@example.com>'}),
         build(replace={b"From": b'"support@example.net" <alice@example.com>'}),
-        "550 5.7.1 P-FORGE Misleading From display name: From display name shows example.net but the address is "
-        "in example.com [subj.display_name]")
+        "550 5.7.1 P-FORGE Misleading From display name: From display name shows an address in example.net but "
+        "the address is in example.com [subj.display_name]")
+
+    c["subj.display_domain"] = Case(
+        build(replace={b"From": b'"Example.com News" <alice@example.com>'}),
+        build(replace={b"From": b'"CNET News.com Daily Dispatch" <alice@example.com>'}),
+        "550 5.7.1 P-FORGE Misleading From display name: From display name shows the domain name news.com but "
+        "the address is in example.com [subj.display_domain]", config=_reject("subj.display_domain"))
 
     c["subj.brand"] = Case(
         build(replace={b"From": b'"Alice Paypalooza" <alice@example.com>'}),

@@ -314,8 +314,8 @@ async def test_subdomains_only_where_the_account_allows_them(sink, gateway_facto
      b"example.net is not a sender domain of this account"),
     # display name with an address of another domain: data_subject's finding, not repeated here
     ('"ceo@example.net" <alice@example.com>', b"",
-     b"550 5.7.1 P-FORGE Misleading From display name: From display name shows example.net but the address "
-     b"is in example.com [subj.display_name]"),
+     b"550 5.7.1 P-FORGE Misleading From display name: From display name shows an address in example.net but "
+     b"the address is in example.com [subj.display_name]"),
 ])
 async def test_foreign_header_addresses_refused(sink, gateway_factory, frm, extra, expected):
     h = await gateway_factory(sink)

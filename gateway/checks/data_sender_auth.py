@@ -8,11 +8,12 @@ the null reverse-path must be a delivery status notification (RFC 3464,
 disposition notification (RFC 8098 MDN).
 
 Display names: ``data_subject`` already refuses a From display name that
-shows an address or domain unrelated to the From domain (``subj.display_name``,
-550 5.7.1 P-FORGE); that is not repeated here. What it cannot know is the
-account: an address shown in the display name whose domain *is* related to
-the From domain (parent or sibling, same organizational domain) but is not
-one of the account's sender domains is refused here, e.g.
+shows an address of a domain unrelated to the From domain and not one of the
+account's (``subj.display_name``, 550 5.7.1 P-FORGE; bare domain-like words
+are only flagged there, ``subj.display_domain``); that is not repeated here.
+What is left is an address shown in the display name whose domain *is*
+related to the From domain (parent or sibling, same organizational domain)
+but is not one of the account's sender domains: refused here, e.g.
 ``"ceo@example.com" <news@shop.example.com>`` from an account that owns
 shop.example.com only.
 
@@ -98,10 +99,9 @@ class DataSenderAuth:
             display = display_text(box)
             if "@" not in display:
                 continue
-            low = display.lower()
-            for shown in display_domains(display):
-                if "@" + shown not in low or not related_domains(shown, domain):
-                    continue  # bare domain names, and unrelated domains (subj.display_name), are data_subject's
+            for shown in display_domains(display)[0]:  # the addresses; bare domain names are data_subject's
+                if not related_domains(shown, domain):
+                    continue  # unrelated domains are data_subject's (subj.display_name)
                 shown_ascii = ascii_domain(shown)
                 if shown_ascii is not None and authorize(account, shown_ascii).allowed:
                     continue

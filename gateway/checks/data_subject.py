@@ -1,14 +1,21 @@
 """data.subject: misleading headers (issue 5.5, P-SUBJ / P-FORGE).
 
-Fake replies (Re:/Fwd:/Fw:/Aw:/Antw:/Tr: without In-Reply-To/References:
-flagged for ordinary mail, refused for list or bulk mail), From display
-names that show another domain or address, configured brand names in the
-display name, Reply-To in another domain for list/bulk mail, and subjects
-whose encoded-words decode to control characters or bidi overrides.
+Fake replies (a Re:/Aw:/Antw: subject with no In-Reply-To, References or
+Thread-Index and no quoted earlier message in the body: refused for list or
+bulk mail that is not a discussion list, flagged otherwise; forwards never
+count), From display names that show an address of another domain (refused)
+or a bare domain-like word (flagged), configured brand names in the display
+name, Reply-To in another domain for list/bulk mail, and subjects whose
+encoded-words decode to control characters or bidi overrides. The rules are
+:func:`gateway.message.headers.check_subject`; see docs/headers.md.
 
 List mail is known from ``tx.extra["list"]`` (the registered list, set by
 ``mail_list``), bulk from ``tx.extra["bulk"]``, or from the message's own
 List-Id / List-Unsubscribe / Precedence: bulk|list headers.
+
+The session's account (``tx.session.account``, refreshed from the account
+cache as ``data_sender_auth`` does) gives the sender domains that never count
+as "another domain" in a display name: its verified and approved domains.
 """
 from __future__ import annotations
 
@@ -20,19 +27,31 @@ from ..message.settings import HeaderSettings
 from ..smtp.transaction import Outcome, Phase
 
 
+def own_domains(account: Any) -> tuple[str, ...]:
+    """The account's verified/approved sender domains (lower-case A-labels)."""
+    if account is None:
+        return ()
+    return tuple(d.domain for d in account.domains if d.authorized)
+
+
 class SubjectCheck:
     name = "data_subject"
     phase = Phase.DATA
 
-    def __init__(self, settings: HeaderSettings):
+    def __init__(self, settings: HeaderSettings, accounts: Any = None):
         self.settings = settings
+        self.accounts = accounts
 
     async def run(self, tx: Any, item: Any = None) -> Outcome:
         if tx.message is None:
             return Outcome.skip(self.name, "no message")
-        findings = check_subject(parsed_for(tx), self.settings, tx.extra)
+        account = tx.session.account
+        if account is not None and self.accounts is not None:
+            account = self.accounts.cached(account.name) or account
+        findings = check_subject(tx.message, parsed_for(tx), self.settings, tx.extra, own_domains(account))
         return apply(self.name, tx, findings, self.settings.actions)
 
 
 def build(services: Any) -> SubjectCheck:
-    return SubjectCheck(getattr(services.config, "headers", None) or HeaderSettings())
+    return SubjectCheck(getattr(services.config, "headers", None) or HeaderSettings(),
+                        getattr(services, "accounts", None))

@@ -62,9 +62,10 @@ RULES: dict[str, Rule] = {r.id: r for r in (
     _r("trace.forged_received", replies.TRACE_FORGED, REJECT, "client-supplied Received naming one of the gateway's hosts"),
     _r("trace.forged_header", replies.TRACE_FORGED, REJECT, "client-supplied gateway trace header"),
     # misleading headers (P-SUBJ / P-FORGE)
-    _r("subj.fake_reply", replies.SUBJ_FAKE_REPLY, FLAG, "Re:/Fwd: subject without In-Reply-To/References (ordinary mail)"),
-    _r("subj.fake_reply_bulk", replies.SUBJ_FAKE_REPLY, REJECT, "Re:/Fwd: subject without In-Reply-To/References (list or bulk mail)"),
-    _r("subj.display_name", replies.SUBJ_DISPLAY_NAME, REJECT, "From display name carrying an address or domain other than the From domain"),
+    _r("subj.fake_reply", replies.SUBJ_FAKE_REPLY, FLAG, "Re:/Aw:/Antw: subject with no thread headers and no quoted earlier message (ordinary or discussion-list mail)"),
+    _r("subj.fake_reply_bulk", replies.SUBJ_FAKE_REPLY, REJECT, "Re:/Aw:/Antw: subject with no thread headers and no quoted earlier message (list or bulk mail, not a discussion list)"),
+    _r("subj.display_name", replies.SUBJ_DISPLAY_NAME, REJECT, "From display name carrying an e-mail address of another domain than the From domain and the account's"),
+    _r("subj.display_domain", replies.SUBJ_DISPLAY_NAME, FLAG, "From display name showing a bare domain-like word (\"News.com\") of another domain than the From domain and the account's"),
     _r("subj.brand", replies.SUBJ_DISPLAY_NAME, FLAG, "From display name naming a configured brand, sent from outside the brand's domain"),
     _r("subj.reply_to_domain", replies.SUBJ_REPLY_TO, FLAG, "Reply-To in another domain than From (list or bulk mail)"),
     _r("subj.obfuscated", replies.SUBJ_OBFUSCATED, REJECT, "Subject decoding to control characters or bidi overrides"),
