@@ -38,8 +38,10 @@ from dns_fixtures import dns_server, make_resolver  # noqa: F401  (fixtures for 
 
 CI = os.environ.get("CI", "").lower() == "true"
 REPO = Path(__file__).resolve().parents[1]
-# shared/ lies beside the repository (in a checkout and in CI's fresh clone alike).
-CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
+# shared/ lies beside the repository (in a checkout and in CI's fresh clone alike),
+# or one level further up from a git worktree under wt/.
+CORPORA = next((p / "shared" / "corpora" for p in Path(__file__).resolve().parents[2:4]
+                if (p / "shared" / "corpora").is_dir()), Path(__file__).resolve().parents[2] / "shared" / "corpora")
 
 
 def need(condition: bool, reason: str) -> None:
