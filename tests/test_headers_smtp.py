@@ -352,21 +352,11 @@ async def test_missing_date_and_message_id_added_below_the_trace_for_an_account(
                                                                   ("hdr.message_id_missing", "add")]
 
 
-async def test_complete_message_gets_nothing_added_and_logs_none(sink, gateway_factory):
-    h = await gateway_factory(sink)
-    await h.add_account()
-    sent = build()
-    r = await send(h.port(), sent)
-    await sink.wait_for(1)
-    assert_relayed_unchanged(r, sink.messages[0].data, sent)
-    rec, = [x for x in h.log_records() if x.get("event") == "transaction"]
-    assert rec["decision"] == "relayed" and "headers_added" not in rec
-
-
-async def _send_unauthenticated(port: int, data: bytes, rcpt: str) -> bytes:
+async def _send_unauthenticated(port: int, data: bytes, rcpt: str, mail_from: str = "someone@example.net") -> bytes:
+    """One transaction without AUTH; the reply to the end of DATA, stripped."""
     reader, writer = await session(port, auth=False)
     try:
-        for line in (b"MAIL FROM:<someone@example.net>", f"RCPT TO:<{rcpt}>".encode()):
+        for line in (f"MAIL FROM:<{mail_from}>".encode(), f"RCPT TO:<{rcpt}>".encode()):
             assert (await cmd(reader, writer, line)).startswith(b"250")
         assert (await cmd(reader, writer, b"DATA")).startswith(b"354")
         writer.write(dot_stuff(data) + b".\r\n")
@@ -376,6 +366,36 @@ async def _send_unauthenticated(port: int, data: bytes, rcpt: str) -> bytes:
         return r
     finally:
         writer.close()
+
+
+async def test_missing_date_added_for_a_client_network_account(sink, gateway_factory):
+    """A client network is an account too (no AUTH): its mail is submission."""
+    h = await gateway_factory(sink)
+    await h.add_account("webhost", domains=("example.com",), networks=("127.0.0.0/8",))
+    sent = build(replace={b"Date": None})
+    r = await _send_unauthenticated(h.port(), sent, "bob@example.org", mail_from="alice@example.com")
+    assert _RELAYED.match(r), r
+    await sink.wait_for(1)
+    got = sink.messages[0].data
+    m = re.match(rb"Received: from client\.test \(\[127\.0\.0\.1\]\)\r\n\t\(client network of account webhost\)\r\n"
+                 rb"\tby gw\.test with ESMTP id (?P<id>[A-Za-z0-9_-]+)\r\n\tfor <bob@example\.org>; [^\r\n]+\r\n"
+                 rb"X-Gateway-Trace: (?P=id)\r\nDate: (?P<date>[^\r\n]+ \+0000)\r\n", got)
+    assert m, got[:400]
+    assert got[m.end():] == sent
+    rec, = [x for x in h.log_records() if x.get("event") == "transaction"]
+    assert rec["auth"] == "client-network"
+    assert rec["headers_added"] == [{"name": "Date", "value": m["date"].decode()}]
+
+
+async def test_complete_message_gets_nothing_added_and_logs_none(sink, gateway_factory):
+    h = await gateway_factory(sink)
+    await h.add_account()
+    sent = build()
+    r = await send(h.port(), sent)
+    await sink.wait_for(1)
+    assert_relayed_unchanged(r, sink.messages[0].data, sent)
+    rec, = [x for x in h.log_records() if x.get("event") == "transaction"]
+    assert rec["decision"] == "relayed" and "headers_added" not in rec
 
 
 async def test_without_an_account_nothing_is_added_and_a_missing_date_refused(sink, gateway_factory, tmp_path):
