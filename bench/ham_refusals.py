@@ -5,7 +5,9 @@ Runs the data checks ``data_wire``, ``data_headers``, ``data_trace`` and
 shared corpora (list in ``HAM`` below), each as an SMTP client would send it
 (no mbox line, CRLF line endings, BODY=8BITMIME / SMTPUTF8 declared when the
 message needs them) and with the gateway clock injected 60 seconds after the
-message's own Date, so the Date window stays active on old mail. All four
+message's own Date, so the Date window stays active on old mail, as
+authenticated submission (an account: a missing Date or Message-ID is added,
+RFC 6409 8, as for every customer's mail). All four
 checks run on every message, so a message counts for every default-reject
 finding it trips, not only for the first one (that is each rule's own
 false-refusal figure).
@@ -29,6 +31,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gateway.accounts.model import Account, AccountStatus  # noqa: E402
 from gateway.checks import data_headers, data_subject, data_trace, data_wire  # noqa: E402
 from gateway.message.findings import REJECT, RULES  # noqa: E402
 from gateway.message.headers import header_end, parse_date, parse_headers  # noqa: E402
@@ -113,9 +116,17 @@ def make_checks(now: float, settings: HeaderSettings | None = None) -> list:
     return [m.build(services) for m in (data_wire, data_headers, data_trace, data_subject)]
 
 
-async def run_all(data: bytes, params: dict | None = None, settings: HeaderSettings | None = None):
-    """(transaction, outcomes, ids of the findings whose action is reject) for ``data``."""
-    tx = Transaction(SessionInfo("s", "submission", "192.0.2.1", 1))
+# Customers' mail reaches the data checks as authenticated submission: an account.
+ACCOUNT = Account(1, "alice", AccountStatus.ACTIVE)
+
+
+async def run_all(data: bytes, params: dict | None = None, settings: HeaderSettings | None = None,
+                  account: Account | None = ACCOUNT):
+    """(transaction, outcomes, ids of the findings whose action is reject) for
+    ``data``, sent by ``account`` (None: a session without one, which can
+    only reach the service mailboxes and gets no missing header added)."""
+    tx = Transaction(SessionInfo("s", "submission", "192.0.2.1", 1, account=account,
+                                 auth_method="smtp-auth" if account is not None else None))
     tx.message = data
     if params is None:  # a well-behaved client declares what it sends
         params = {"BODY": "8BITMIME"} if not data.isascii() else {}

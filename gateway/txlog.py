@@ -49,6 +49,9 @@ def transaction_record(tx: Transaction) -> dict:
     d["ledger"] = [o.as_log() for o in tx.session.ledger] + [o.as_log() for o in tx.ledger]
     if "findings" in tx.extra:
         d["findings"] = tx.extra["findings"]
+    if tx.extra.get("add_headers") and tx.decision in ("relayed", "local"):
+        # what the gateway wrote below its trace headers (a missing Date / Message-ID)
+        d["headers_added"] = [{"name": name, "value": value} for name, value in tx.extra["add_headers"]]
     d["timings_ms"] = tx.timings
     return d
 

@@ -71,6 +71,8 @@ def without_faketime(env: dict[str, str] | None = None) -> dict[str, str]:
     else:
         env.pop("LD_PRELOAD", None)
     return env
+
+
 REPO = Path(__file__).resolve().parents[1]
 # shared/ lies beside the repository (in a checkout and in CI's fresh clone alike),
 # or beside a directory above it (a git worktree under a subdirectory).

@@ -1,11 +1,13 @@
 """RFC 5322 header parsing and the structural header rules (issue 5.2)."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
 from types import SimpleNamespace
 
 import pytest
 
+from gateway.accounts.model import Account, AccountStatus
 from gateway.checks import data_headers
 from gateway.message.findings import DEFAULT_ACTIONS, RULES
 from gateway.message.headers import (HeaderSyntaxError, check_structure, decode_words, parse_address_list,
@@ -29,8 +31,14 @@ def ids(data: bytes, settings: HeaderSettings | None = None, now: float | None =
     return [f.id for f in check_structure(data, parse_headers(data), settings or HeaderSettings(), now)]
 
 
-def make_tx(message: bytes) -> Transaction:
-    tx = Transaction(SessionInfo("s1", "submission", "192.0.2.1", 40000))
+ALICE = Account(1, "alice", AccountStatus.ACTIVE)
+
+
+def make_tx(message: bytes, account: Account | None = ALICE) -> Transaction:
+    """A transaction of a session with an account (SMTP AUTH), or with ``account=None``
+    one without (it can reach the service mailboxes only)."""
+    tx = Transaction(SessionInfo("s1", "submission", "192.0.2.1", 40000, account=account,
+                                 auth_method="smtp-auth" if account is not None else None))
     tx.message = message
     return tx
 
@@ -159,6 +167,50 @@ def test_content_type():
     assert parse_content_type("text plain") is None
 
 
+@pytest.mark.parametrize("value,params", [
+    # Sun/iPlanet and Oracle mailers: parentheses inside a quoted string are ordinary characters
+    ('multipart/mixed; boundary="Boundary_(ID_xjiotMI3LbV/zJ0Zs39NiA)"',
+     {"boundary": "Boundary_(ID_xjiotMI3LbV/zJ0Zs39NiA)"}),
+    ('multipart/mixed;\tboundary="(" ; x=")"', {"boundary": "(", "x": ")"}),
+    ('multipart/mixed; boundary=")(("', {"boundary": ")(("}),
+    # real comments outside quoted strings are still comments, nested ones too
+    ('multipart/mixed (a comment); boundary="b(1)" (one (nested) more); charset=us-ascii',
+     {"boundary": "b(1)", "charset": "us-ascii"}),
+    ("text/plain; charset=us-ascii (Plain text)", {"charset": "us-ascii"}),
+    ("multipart/mixed; boundary=abc(comment)", {"boundary": "abc"}),
+    ('multipart/mixed; boundary=(before) "b" ', {"boundary": "b"}),
+    ("text/plain; a=(com\\)ment) b", {"a": "b"}),  # quoted-pair ")" inside a comment
+    # quoted-pairs inside quotes: an escaped quote does not end the string
+    ('text/plain; name="say \\"hi\\" (x)"; charset=utf-8', {"name": 'say "hi" (x)', "charset": "utf-8"}),
+    ('text/plain; name="back\\\\slash"', {"name": "back\\slash"}),
+    # RFC 2231 3: continuations, in order, without charset
+    ("multipart/mixed; boundary*0=abc; boundary*1=def", {"boundary": "abcdef"}),
+    ('multipart/mixed; boundary*1="def"; boundary*0="abc"', {"boundary": "abcdef"}),
+    # RFC 2231 4: charset and language, %-encoding
+    ("multipart/mixed; boundary*=us-ascii'en-us'b%3D_1", {"boundary": "b=_1"}),
+    ("application/pdf; name*=UTF-8''Rechnung%20M%C3%A4rz.pdf", {"name": "Rechnung M\u00e4rz.pdf"}),
+    ("text/plain; title*=iso-8859-1'de'K%F6ln", {"title": "K\u00f6ln"}),
+    # RFC 2231 4.1: encoded and unencoded sections mixed; only section 0 names the charset
+    ("application/pdf; filename*0*=utf-8''M%C3; filename*1*=%A4rz; filename*2=.pdf",
+     {"filename": "M\u00e4rz.pdf"}),
+    ("message/external-body; access-type=URL; URL*0=\"ftp://\"; URL*1=\"cs.utk.edu/pub/moore/bulk-mailer/bulk-mailer.tar\"",
+     {"access-type": "URL", "url": "ftp://cs.utk.edu/pub/moore/bulk-mailer/bulk-mailer.tar"}),
+    ("multipart/report; report-type*=''delivery-status; boundary*0*=''x%2Dy", {"report-type": "delivery-status", "boundary": "x-y"}),
+    # the RFC 2231 form wins over a plain fallback of the same name
+    ('application/pdf; name="fallback.pdf"; name*=utf-8\'\'%E2%82%AC.pdf', {"name": "\u20ac.pdf"}),
+    # malformed RFC 2231 is read leniently, never an error
+    ("text/plain; a*=no-apostrophes%41", {"a": "no-apostrophesA"}),
+    ("text/plain; a*=utf-8''%ZZ%4", {"a": "%ZZ%4"}),
+    ("text/plain; a*=x-no-such-charset''%E2%82%AC", {"a": "\u20ac"}),
+    ("text/plain; a*=utf-8''%FF", {"a": "\ufffd"}),
+    ("text/plain; a*0=x; a*2=z", {"a": "xz"}),
+    ("text/plain; a*0=x; a*0=y", {"a": "x"}),
+    ("text/plain; a**=x; b*x=y", {"a**": "x", "b*x": "y"}),
+])
+def test_content_type_parameters(value, params):
+    assert parse_content_type(value) == (value.split(";")[0].split("(")[0].strip().lower(), params)
+
+
 # --- structural rules --------------------------------------------------------------------------
 
 
@@ -166,7 +218,7 @@ def test_clean_message():
     assert ids(msg(*BASE)) == []
 
 
-@pytest.mark.parametrize("drop,fid", [("From", "hdr.required"), ("Date", "hdr.required"),
+@pytest.mark.parametrize("drop,fid", [("From", "hdr.required"), ("Date", "hdr.date_missing"),
                                       ("Message-ID", "hdr.message_id_missing")])
 def test_required(drop, fid):
     assert ids(msg(*[h for h in BASE if not h.startswith(drop)])) == [fid]
@@ -211,16 +263,39 @@ def test_empty_bcc_is_fine():
     assert ids(msg(*BASE, "Bcc:")) == []
 
 
+def _dated(offset: float) -> bytes:
+    """BASE with a Date ``offset`` seconds from NOW (negative = in the past)."""
+    when = datetime.fromtimestamp(NOW + offset, timezone(timedelta(hours=2)))
+    return msg(f"Date: {format_datetime(when)}", *[h for h in BASE if not h.startswith("Date")])
+
+
 def test_date_window_uses_injected_clock():
     base = [h for h in BASE if not h.startswith("Date")]
     assert ids(msg("Date: Mon, 06 May 2024 12:14:00 +0000", *base)) == []
     assert ids(msg("Date: Mon, 06 May 2024 12:16:00 +0000", *base)) == ["hdr.date_window"]
-    assert ids(msg("Date: Sat, 04 May 2024 12:01:00 +0000", *base)) == []
-    assert ids(msg("Date: Sat, 04 May 2024 11:59:00 +0000", *base)) == ["hdr.date_window"]
-    assert ids(msg("Date: Sat, 04 May 2024 11:59:00 +0000", *base), now=None) == []
-    wide = HeaderSettings(date_past_seconds=7 * 86400)
-    assert ids(msg("Date: Sat, 04 May 2024 11:59:00 +0000", *base), wide) == []
+    assert ids(msg("Date: Mon, 29 Apr 2024 12:01:00 +0000", *base)) == []
+    assert ids(msg("Date: Mon, 29 Apr 2024 11:59:00 +0000", *base)) == ["hdr.date_window"]
+    assert ids(msg("Date: Mon, 29 Apr 2024 11:59:00 +0000", *base), now=None) == []
+    narrow = HeaderSettings(date_past_seconds=2 * 86400)
+    assert ids(msg("Date: Sat, 04 May 2024 11:59:00 +0000", *base), narrow) == ["hdr.date_window"]
     assert ids(msg("Date: Mon, 31 Sep 2024 11:59:00 +0000", *base)) == ["hdr.date"]
+
+
+@pytest.mark.parametrize("offset,ok", [
+    (-6 * 86400, True),            # retried from a customer's queue (Postfix keeps 5 days)
+    (-8 * 86400, False),
+    (-7 * 86400, True),            # the edges are inside the window
+    (-7 * 86400 - 1, False),
+    (15 * 60, True),
+    (15 * 60 + 1, False),
+])
+def test_default_date_window_outlasts_mta_queue_lifetimes(offset, ok):
+    assert ids(_dated(offset)) == ([] if ok else ["hdr.date_window"])
+
+
+def test_date_window_detail_names_age_and_limit():
+    found = check_structure(_dated(-8 * 86400), parse_headers(_dated(-8 * 86400)), HeaderSettings(), NOW)
+    assert [f.detail for f in found] == ["Date is 8.0 days in the past (limit 7.0 days)"]
 
 
 def test_bad_message_id_and_encoded_word():
@@ -245,6 +320,13 @@ MULTI = ("MIME-Version: 1.0", 'Content-Type: multipart/mixed; boundary="XX"')
     (MULTI, "--XX\r\nContent-Type: message/rfc822\r\n\r\nContent-Type: multipart/mixed\r\n\r\nx\r\n--XX--\r\n", ["hdr.mime"]),
     (("Content-Type: text/plain", "Content-Transfer-Encoding: base64"), "aGk=\r\n", []),
     (("Content-Type: text",), "x\r\n", ["hdr.mime"]),
+    (('Content-Type: multipart/mixed; boundary="Boundary_(ID_xjiotMI3LbV/zJ0Zs39NiA)"',),
+     "--Boundary_(ID_xjiotMI3LbV/zJ0Zs39NiA)\r\nContent-Type: text/plain\r\n\r\nhi\r\n"
+     "--Boundary_(ID_xjiotMI3LbV/zJ0Zs39NiA)--\r\n", []),
+    (("Content-Type: multipart/mixed;\r\n boundary*0=\"=_part_1\";\r\n boundary*1*=%2E2",),
+     "--=_part_1.2\r\n\r\nhi\r\n--=_part_1.2--\r\n", []),
+    (("Content-Type: multipart/mixed; boundary*=''%2D%2Dx",), "----x\r\n\r\nhi\r\n----x--\r\n", []),
+    (("Content-Type: multipart/mixed; boundary*=''%2D%2Dx",), "--y\r\n\r\nhi\r\n--y--\r\n", ["hdr.mime"]),
 ])
 def test_mime(headers, body, expected):
     assert ids(msg(*BASE, *headers, body=body)) == expected
@@ -265,11 +347,11 @@ def test_mime_nesting_limit():
 def test_settings_defaults_and_validation():
     s = HeaderSettings()
     assert s.actions == DEFAULT_ACTIONS and set(s.actions) == set(RULES)
-    assert (s.date_past_seconds, s.date_future_seconds, s.message_id) == (172800, 900, "add")
+    assert (s.date_past_seconds, s.date_future_seconds, s.date, s.message_id) == (604800, 900, "add", "add")
     o = HeaderSettings(actions={"hdr.duplicate": "flag"})
     assert o.actions["hdr.duplicate"] == "flag" and o.actions["hdr.required"] == "reject"
     for bad in ({"actions": {"hdr.nope": "flag"}}, {"actions": {"hdr.duplicate": "drop"}},
-                {"message_id": "maybe"}, {"date_past_seconds": -1},
+                {"message_id": "maybe"}, {"date": "maybe"}, {"date": "flag"}, {"date_past_seconds": -1},
                 {"own_hostnames": ["bad host"]}, {"brand_domains": {"PayPal": "not a domain"}},
                 {"mime_max_depth": 0}):
         with pytest.raises(ValueError):
@@ -328,6 +410,67 @@ async def test_missing_message_id_add_or_refuse():
     out = await data_headers.build(services(HeaderSettings(message_id="refuse"))).run(tx)
     assert out.result is Result.FAIL and "add_headers" not in tx.extra
     assert out.reply.render(out.detail).startswith("550 5.6.0 P-HDR Message-ID header required")
+
+
+NO_DATE_NO_ID = msg(*[h for h in BASE if not h.startswith(("Date", "Message-ID"))])
+
+
+async def test_missing_date_and_message_id_added_for_an_account():
+    tx = make_tx(NO_DATE_NO_ID)
+    out = await data_headers.build(services()).run(tx)
+    assert out.result is Result.PASS
+    (dname, dvalue), (mname, mvalue) = tx.extra["add_headers"]
+    # the gateway clock's time (the injected one), RFC 5322 form, UTC as +0000
+    assert (dname, dvalue) == ("Date", "Mon, 06 May 2024 12:00:00 +0000")
+    assert parse_date(dvalue).timestamp() == NOW
+    assert mname == "Message-ID" and valid_message_id(mvalue) and mvalue.startswith("<20240506120000.")
+    assert tx.message == NO_DATE_NO_ID
+    assert [(f["id"], f["action"]) for f in tx.extra["findings"]] == [
+        ("hdr.date_missing", "add"), ("hdr.message_id_missing", "add")]
+    # a second run over the same transaction adds nothing twice
+    await data_headers.build(services()).run(tx)
+    assert [n for n, _ in tx.extra["add_headers"]] == ["Date", "Message-ID"]
+
+
+async def test_missing_date_refused_for_an_account_with_date_refuse():
+    tx = make_tx(NO_DATE_NO_ID)
+    out = await data_headers.build(services(HeaderSettings(date="refuse"))).run(tx)
+    assert out.result is Result.FAIL
+    assert out.reply.render(out.detail) == "550 5.6.0 P-HDR Date header required: no Date header [hdr.date_missing]"
+    # the Message-ID would still have been added (a refused message is never relayed)
+    assert [n for n, _ in tx.extra["add_headers"]] == ["Message-ID"]
+
+
+async def test_without_an_account_nothing_is_added():
+    # Date is required (RFC 5322 3.6): refused; a missing Message-ID is only flagged
+    tx = make_tx(NO_DATE_NO_ID, account=None)
+    out = await data_headers.build(services()).run(tx)
+    assert out.result is Result.FAIL and "add_headers" not in tx.extra
+    assert out.reply.render(out.detail) == "550 5.6.0 P-HDR Date header required: no Date header [hdr.date_missing]"
+    tx = make_tx(msg(*[h for h in BASE if not h.startswith("Message-ID")]), account=None)
+    out = await data_headers.build(services()).run(tx)
+    assert out.result is Result.FLAG and out.detail == "no Message-ID header [hdr.message_id_missing]"
+    assert "add_headers" not in tx.extra
+    # the operator may let such mail through to the service mailboxes: still nothing added
+    flag = HeaderSettings(actions={"hdr.date_missing": "flag"})
+    tx = make_tx(NO_DATE_NO_ID, account=None)
+    out = await data_headers.build(services(flag)).run(tx)
+    assert out.result is Result.FLAG and "add_headers" not in tx.extra
+
+
+async def test_date_missing_off_adds_nothing():
+    tx = make_tx(NO_DATE_NO_ID)
+    off = HeaderSettings(actions={"hdr.date_missing": "off"})
+    out = await data_headers.build(services(off)).run(tx)
+    assert out.result is Result.PASS
+    assert [n for n, _ in tx.extra["add_headers"]] == ["Message-ID"]
+    assert [f["id"] for f in tx.extra["findings"]] == ["hdr.message_id_missing"]
+
+
+def test_missing_from_is_still_refused():
+    found = ids(msg(*[h for h in BASE if not h.startswith(("From", "Date"))]))
+    assert found == ["hdr.required", "hdr.date_missing"]
+    assert RULES["hdr.required"].default == "reject"
 
 
 def test_non_ascii_inside_encoded_word_is_a_finding_not_a_crash():

@@ -2,7 +2,7 @@
 
 For every finding id of ``gateway.message.findings.RULES`` one good and one
 violating message, built here from the current time (the gateway's clock is
-the real one, and the Date window is 2 days back .. 15 minutes ahead). The
+the real one, and the Date window is 7 days back .. 15 minutes ahead). The
 violating one gets the exact reply; the good one reaches the sink byte for
 byte, with only the gateway's trace headers (Received, X-Gateway-Trace) in
 front. Rules that only flag by default are switched to ``reject`` for their
@@ -23,7 +23,7 @@ import pytest
 
 from gateway.config import DEFAULT_CHECKS
 from gateway.message.findings import RULES
-from smtp_client import send
+from smtp_client import cmd, dot_stuff, reply, send, session
 
 _ids = itertools.count(1)
 
@@ -172,8 +172,13 @@ def cases() -> dict[str, Case]:
         good_params=" SMTPUTF8 BODY=8BITMIME", bad_params=" SMTPUTF8 BODY=8BITMIME")
 
     c["hdr.required"] = Case(
+        build(), build(replace={b"From": None}),
+        "550 5.6.0 P-HDR Invalid header: missing From header [hdr.required]")
+
+    c["hdr.date_missing"] = Case(
         build(), build(replace={b"Date": None}),
-        "550 5.6.0 P-HDR Invalid header: missing Date header [hdr.required]")
+        "550 5.6.0 P-HDR Date header required: no Date header [hdr.date_missing]",
+        config={"headers": {"date": "refuse"}})
 
     c["hdr.duplicate"] = Case(
         build(extra=b"Keywords: report\r\nKeywords: finance\r\nComments: one\r\nComments: two\r\n"),
@@ -198,10 +203,11 @@ def cases() -> dict[str, Case]:
         "550 5.6.0 P-HDR Invalid header: Date '31 Feb 2026 10:00:00 +0000': impossible date "
         "(day is out of range for month) [hdr.date]")
 
+    # 6 days old: a customer's MTA retried it from its queue (Postfix keeps 5 days)
     c["hdr.date_window"] = Case(
-        build(replace={b"Date": now_date(-86400)}), build(replace={b"Date": now_date(-3 * 86400)}),
-        "550 5.6.0 P-HDR Date header outside the allowed window: Date is 3.0 days in the past "
-        "(limit 2.0 days) [hdr.date_window]")
+        build(replace={b"Date": now_date(-6 * 86400)}), build(replace={b"Date": now_date(-8 * 86400)}),
+        "550 5.6.0 P-HDR Date header outside the allowed window: Date is 8.0 days in the past "
+        "(limit 7.0 days) [hdr.date_window]")
 
     c["hdr.message_id"] = Case(
         build(replace={b"Message-ID": b'<"odd but valid"@example.com>'}),
@@ -328,6 +334,106 @@ async def test_missing_message_id_is_added_in_front_by_default(sink, gateway_fac
                              added=rb"Message-ID: <\d{14}\.[0-9a-f]{16}\.[A-Za-z0-9_-]+@gw\.test>\r\n")
 
 
+async def test_missing_date_and_message_id_added_below_the_trace_for_an_account(sink, gateway_factory):
+    """RFC 6409 8: the submission server adds what the script left out; both
+    headers go directly below the gateway's trace headers, the message's own
+    bytes follow unchanged, and the log line names them with their values."""
+    t = float(int(time.time()))  # the gateway's clock, injected (it stands still)
+    h = await gateway_factory(sink, clock=lambda: t)
+    await h.add_account()
+    sent = build(replace={b"Date": None, b"Message-ID": None})
+    r = await send(h.port(), sent)
+    await sink.wait_for(1)
+    date = email.utils.formatdate(t)[:-5] + "+0000"
+    assert_relayed_unchanged(
+        r, sink.messages[0].data, sent,
+        added=re.escape(f"Date: {date}\r\n".encode())
+        + rb"Message-ID: <" + time.strftime("%Y%m%d%H%M%S", time.gmtime(t)).encode()
+        + rb"\.[0-9a-f]{16}\.[A-Za-z0-9_-]+@gw\.test>\r\n")
+    # the Received of the trace carries the same clock
+    assert f"; {email.utils.formatdate(t)}\r\nX-Gateway-Trace: ".encode() in sink.messages[0].data
+    rec, = [x for x in h.log_records() if x.get("event") == "transaction"]
+    assert rec["decision"] == "relayed"
+    mid = re.search(rb"\r\nMessage-ID: (<[^>]+>)\r\n", sink.messages[0].data)[1].decode()
+    assert rec["headers_added"] == [{"name": "Date", "value": date}, {"name": "Message-ID", "value": mid}]
+    assert [(f["id"], f["action"]) for f in rec["findings"]] == [("hdr.date_missing", "add"),
+                                                                  ("hdr.message_id_missing", "add")]
+
+
+async def _send_unauthenticated(port: int, data: bytes, rcpt: str, mail_from: str = "someone@example.net") -> bytes:
+    """One transaction without AUTH; the reply to the end of DATA, stripped."""
+    reader, writer = await session(port, auth=False)
+    try:
+        for line in (f"MAIL FROM:<{mail_from}>".encode(), f"RCPT TO:<{rcpt}>".encode()):
+            assert (await cmd(reader, writer, line)).startswith(b"250")
+        assert (await cmd(reader, writer, b"DATA")).startswith(b"354")
+        writer.write(dot_stuff(data) + b".\r\n")
+        await writer.drain()
+        r = (await reply(reader)).strip()
+        await cmd(reader, writer, b"QUIT")
+        return r
+    finally:
+        writer.close()
+
+
+async def test_missing_date_added_for_a_client_network_account(sink, gateway_factory):
+    """A client network is an account too (no AUTH): its mail is submission."""
+    h = await gateway_factory(sink)
+    await h.add_account("webhost", domains=("example.com",), networks=("127.0.0.0/8",))
+    sent = build(replace={b"Date": None})
+    r = await _send_unauthenticated(h.port(), sent, "bob@example.org", mail_from="alice@example.com")
+    assert _RELAYED.match(r), r
+    await sink.wait_for(1)
+    got = sink.messages[0].data
+    m = re.match(rb"Received: from client\.test \(\[127\.0\.0\.1\]\)\r\n\t\(client network of account webhost\)\r\n"
+                 rb"\tby gw\.test with ESMTP id (?P<id>[A-Za-z0-9_-]+)\r\n\tfor <bob@example\.org>; [^\r\n]+\r\n"
+                 rb"X-Gateway-Trace: (?P=id)\r\nDate: (?P<date>[^\r\n]+ \+0000)\r\n", got)
+    assert m, got[:400]
+    assert got[m.end():] == sent
+    rec, = [x for x in h.log_records() if x.get("event") == "transaction"]
+    assert rec["auth"] == "client-network"
+    assert rec["headers_added"] == [{"name": "Date", "value": m["date"].decode()}]
+
+
+async def test_complete_message_gets_nothing_added_and_logs_none(sink, gateway_factory):
+    h = await gateway_factory(sink)
+    await h.add_account()
+    sent = build()
+    r = await send(h.port(), sent)
+    await sink.wait_for(1)
+    assert_relayed_unchanged(r, sink.messages[0].data, sent)
+    rec, = [x for x in h.log_records() if x.get("event") == "transaction"]
+    assert rec["decision"] == "relayed" and "headers_added" not in rec
+
+
+async def test_without_an_account_nothing_is_added_and_a_missing_date_refused(sink, gateway_factory, tmp_path):
+    """A session without an account reaches the service mailboxes only. The gateway
+    is no submission server for it, so it adds nothing (as Postfix adds headers only
+    for local_header_rewrite_clients): no Date is refused (RFC 5322 3.6 requires
+    one), no Message-ID (RFC 5322: SHOULD) is recorded as a flag and stored as sent."""
+    from gateway.relay.maildir import MaildirWriter
+
+    box = tmp_path / "svc"
+    h = await gateway_factory(sink, smtp={"service_mailboxes": ["postmaster@gw.test"], "service_maildir": str(box)})
+    r = await _send_unauthenticated(h.port(), build(replace={b"Date": None}), "postmaster@gw.test")
+    assert r.decode() == "550 5.6.0 P-HDR Date header required: no Date header [hdr.date_missing]"
+    sent = build(replace={b"Message-ID": None})
+    r = await _send_unauthenticated(h.port(), sent, "postmaster@gw.test")
+    assert r.startswith(b"250 "), r
+    stored = MaildirWriter(box)
+    data, = [stored.get_bytes(k) for k in stored.keys()]
+    trace = re.match(rb"Received: from client\.test \(\[127\.0\.0\.1\]\)\r\n"
+                     rb"\tby gw\.test with ESMTP id (?P<id>[A-Za-z0-9_-]+)\r\n\tfor <postmaster@gw\.test>; [^\r\n]+\r\n"
+                     rb"X-Gateway-Trace: (?P=id)\r\n", data)
+    assert trace, data[:300]
+    assert data[trace.end():] == sent
+    refused, stored_rec = [x for x in h.log_records() if x.get("event") == "transaction"]
+    assert refused["decision"] == "refused" and "headers_added" not in refused
+    assert stored_rec["decision"] == "local" and "headers_added" not in stored_rec
+    assert [(f["id"], f["action"]) for f in stored_rec["findings"]] == [("hdr.message_id_missing", "flag")]
+    assert sink.messages == []
+
+
 # ------------------------------------------------------------------ real-world shaped good mail
 def _b64(data: bytes) -> bytes:
     return base64.encodebytes(data).replace(b"\n", b"\r\n")
@@ -406,6 +512,27 @@ def real_world() -> dict[str, tuple[bytes, str, str]]:
         body=b"Issue 12 of Example News.\r\n\r\n.. and a line that starts with a dot.\r\n.\r\n"
              b"-- \r\nUnsubscribe: https://example.com/unsubscribe?u=abc123&l=news\r\n"),
         "bounces+news=example.org@example.com", "")
+
+    # Sun/iPlanet Messaging Server and Oracle mailers: parentheses inside the quoted boundary
+    sun = b"Boundary_(ID_xjiotMI3LbV/zJ0Zs39NiA)"
+    out["Sun/iPlanet boundary"] = (build(
+        extra=b"MIME-version: 1.0\r\nX-Mailer: iPlanet Messenger Express 5.2 HotFix 2.14 (built Aug  8 2006)\r\n"
+              b"Content-type: multipart/mixed; boundary=\"" + sun + b"\"\r\n",
+        body=b"This is a multi-part message in MIME format.\r\n\r\n"
+             b"--" + sun + b"\r\nContent-type: text/plain; charset=us-ascii\r\nContent-transfer-encoding: 7BIT\r\n\r\n"
+             b"The minutes are attached.\r\n\r\n"
+             b"--" + sun + b"\r\nContent-type: text/plain; name=minutes.txt\r\n"
+             b"Content-disposition: attachment; filename=minutes.txt\r\n\r\n1. (Budget) approved\r\n\r\n"
+             b"--" + sun + b"--\r\n"), "alice@example.com", "")
+
+    # RFC 2231 continuations, the second section %-encoded
+    out["RFC 2231 boundary"] = (build(
+        extra=b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed;\r\n boundary*0=\"=_7f3a91c2e4\";\r\n"
+              b" boundary*1*=%2Epart%2D1\r\n",
+        body=b"--=_7f3a91c2e4.part-1\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nSee the file.\r\n"
+             b"--=_7f3a91c2e4.part-1\r\nContent-Type: text/plain;\r\n name*=utf-8''Notizen%20M%C3%A4rz.txt\r\n"
+             b"Content-Disposition: attachment;\r\n filename*0*=utf-8''Notizen%20M%C3;\r\n filename*1*=%A4rz.txt\r\n\r\n"
+             b"Notes.\r\n--=_7f3a91c2e4.part-1--\r\n"), "alice@example.com", "")
 
     inner = build(replace={b"From": b"Carol <carol@example.org>", b"To": b"Alice <alice@example.com>",
                            b"Subject": b"Original question"})

@@ -742,40 +742,141 @@ _PART_HDR = re.compile(rb"^(content-type|content-transfer-encoding)[ \t]*:((?:[^
 
 
 def parse_content_type(value: str) -> tuple[str, dict[str, str]] | None:
-    """("type/subtype" lower-case, params with lower-case names) or None if it does not parse."""
+    """("type/subtype" lower-case, params with lower-case names) or None if it does not parse.
+
+    Comments are removed outside quoted strings only (inside one, "(" is an
+    ordinary character: ``boundary="Boundary_(ID_x)"``); quoted strings are
+    unquoted, quoted-pairs undone; RFC 2231 parameters (``name*=``,
+    ``name*0=``, ``name*1*=``, charset and language, %-encoding) are joined
+    and decoded under their plain name, and win over a plain fallback of the
+    same name. Malformed RFC 2231 input is read leniently (never an error):
+    sections in numeric order even with gaps, a bad %-escape kept as text,
+    an unknown charset read as UTF-8 with replacement characters.
+    """
     split = _ct_split(value)
     if split is None:
         return None
     return split[0], _ct_params(split[1])
 
 
+def _strip_comments(value: str) -> str:
+    """``value`` with every comment outside quoted strings replaced by a space
+    (RFC 5322 3.2.2 / RFC 2045 5.1; nested comments and quoted-pairs in both
+    honoured). A comment that is never closed is left as text, as is an
+    unclosed quoted string."""
+    if "(" not in value:
+        return value
+    out: list[str] = []
+    i, n, start = 0, len(value), 0
+    while i < n:
+        c = value[i]
+        if c == '"':  # skip the quoted string, quoted-pairs included
+            i += 1
+            while i < n and value[i] != '"':
+                i += 2 if value[i] == "\\" else 1
+            i += 1
+            continue
+        if c != "(":
+            i += 1
+            continue
+        depth, j = 0, i
+        while j < n:
+            d = value[j]
+            if d == "\\":
+                j += 2
+                continue
+            if d == "(":
+                depth += 1
+            elif d == ")":
+                depth -= 1
+                if depth == 0:
+                    break
+            j += 1
+        if j >= n:  # unclosed: not a comment after all
+            break
+        out.append(value[start:i])
+        out.append(" ")
+        i = start = j + 1
+    out.append(value[start:])
+    return "".join(out)
+
+
 def _ct_split(value: str) -> tuple[str, str] | None:
     """("type/subtype" lower-case, the unparsed parameter text) or None if it does not parse.
     The parameters never make a Content-Type unparseable, so the MIME walk only
     parses them for the types that need one (multipart: boundary)."""
-    value = _COMMENT.sub(" ", value) if "(" in value else value
+    value = _strip_comments(value)
     m = _CT.match(value)
     if not m:
         return None
     return f"{m.group(1).lower()}/{m.group(2).lower()}", m.group(3)
 
 
+# RFC 2231 parameter names: "name*" (encoded), "name*0" (section), "name*0*" (encoded section)
+_RFC2231_NAME = re.compile(r"([^*]+)\*(?:(\d{1,4})(\*)?)?\Z")
+_PCT = re.compile(rb"%([0-9A-Fa-f]{2})")
+
+
 def _ct_params(rest: str) -> dict[str, str]:
     params: dict[str, str] = {}
-    if rest:
-        for name, v in _PARAM.findall(rest):
-            if v.startswith('"'):
-                v = v[1:-1]
-                if "\\" in v:
-                    v = _QP_UNESCAPE.sub(r"\1", v)
-            params.setdefault(name.lower(), v)
+    if not rest:
+        return params
+    extended: dict[str, dict[int, tuple[bool, str]]] | None = None
+    for name, v in _PARAM.findall(rest):
+        if v.startswith('"'):
+            v = v[1:-1]
+            if "\\" in v:
+                v = _QP_UNESCAPE.sub(r"\1", v)
+        name = name.lower()
+        if "*" in name:
+            m = _RFC2231_NAME.match(name)
+            if m is not None:
+                base, section, star = m.groups()
+                # "name*" alone is section -1: used only when there are no numbered sections
+                key, encoded = (-1, True) if section is None else (int(section), star is not None)
+                if extended is None:
+                    extended = {}
+                extended.setdefault(base, {}).setdefault(key, (encoded, v))
+                continue
+        params.setdefault(name, v)
+    if extended:
+        for base, sections in extended.items():
+            params[base] = _join_rfc2231(sections)
     return params
+
+
+def _join_rfc2231(sections: dict[int, tuple[bool, str]]) -> str:
+    """The value of one RFC 2231 parameter from its sections (section -1 = "name*")."""
+    numbered = sorted(k for k in sections if k >= 0)
+    order = numbered if numbered else [-1]
+    charset: str | None = None
+    raw = bytearray()
+    for pos, key in enumerate(order):
+        encoded, v = sections[key]
+        if pos == 0 and encoded:
+            # charset'language'text (RFC 2231 4); both may be empty
+            parts = v.split("'", 2)
+            if len(parts) == 3:
+                charset, v = parts[0] or None, parts[2]
+        b = v.encode("utf-8", "surrogateescape")
+        raw += _PCT.sub(_pct_byte, b) if encoded and b"%" in b else b
+    codec = "utf-8"
+    if charset is not None:
+        try:
+            codec = _codec_for(charset)
+        except LookupError:
+            pass
+    return bytes(raw).decode(codec, "replace")
+
+
+def _pct_byte(h: re.Match[bytes]) -> bytes:
+    return bytes((int(h.group(1), 16),))
 
 
 def _cte_ok(cte: str) -> bool:
     c = cte.strip().lower()
     if "(" in c:
-        c = _COMMENT.sub("", c).strip()
+        c = _strip_comments(c).strip()
     return c in KNOWN_CTE or c.startswith("x-")
 
 
@@ -929,9 +1030,10 @@ def check_structure(data: bytes, parsed: ParsedHeaders, settings: HeaderSettings
     out: list[Finding] = list(parsed.defects)
     idx = parsed.index
     fields = parsed.fields
-    for name in REQUIRED:
-        if name not in idx:
-            out.append(Finding("hdr.required", f"missing {_CANON[name]} header"))
+    if "from" not in idx:
+        out.append(Finding("hdr.required", "missing From header"))
+    if "date" not in idx:  # its own id: with an account the gateway may add one (RFC 6409 8)
+        out.append(Finding("hdr.date_missing", "no Date header"))
     if len(idx) != len(fields):  # some field name occurs more than once
         for name in SINGULAR:
             pos = idx.get(name)

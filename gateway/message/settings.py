@@ -19,10 +19,18 @@ class HeaderSettings:
     # finding id -> "reject" | "flag" | "off". Only overrides need to be given:
     # ids left out keep their default (findings.DEFAULT_ACTIONS).
     actions: dict[str, str] = field(default_factory=dict)
-    # Date window around the gateway clock (services.clock()).
-    date_past_seconds: int = 2 * 86400
+    # Date window around the gateway clock (services.clock()). The past side is
+    # longer than the queue lifetime of the customers' MTAs (Postfix
+    # maximal_queue_lifetime 5 days, Exim and Sendmail alike): a message they
+    # retry, or one this gateway deferred with 451, keeps its original Date.
+    date_past_seconds: int = 7 * 86400
     date_future_seconds: int = 15 * 60
-    # Missing Message-ID: "add" one (relay prepends it) or "refuse" the message.
+    # A missing Date / Message-ID in a session with an account (SMTP AUTH or a
+    # client network): "add" one (RFC 6409 8; the relay puts it below its trace
+    # headers) or "refuse" the message. Sessions without an account get no
+    # header added: their finding's action in `actions` decides (hdr.date_missing
+    # refuses, hdr.message_id_missing flags, by default).
+    date: str = "add"
     message_id: str = "add"
     # Right-hand side of generated Message-IDs; "" = smtp.hostname.
     message_id_domain: str = ""
@@ -48,8 +56,9 @@ class HeaderSettings:
             raise ValueError("headers.date_past_seconds must be >= 0")
         if self.date_future_seconds < 0:
             raise ValueError("headers.date_future_seconds must be >= 0")
-        if self.message_id not in ("add", "refuse"):
-            raise ValueError(f"headers.message_id: {self.message_id!r} is not 'add' or 'refuse'")
+        for key in ("date", "message_id"):
+            if getattr(self, key) not in ("add", "refuse"):
+                raise ValueError(f"headers.{key}: {getattr(self, key)!r} is not 'add' or 'refuse'")
         if self.message_id_domain and not _HOST.match(self.message_id_domain):
             raise ValueError(f"headers.message_id_domain: {self.message_id_domain!r} is not a host name")
         for h in self.own_hostnames:

@@ -172,6 +172,7 @@ WIRE_8BIT = R(550, "5.6.7", "8-bit data without BODY=8BITMIME or SMTPUTF8", "P-S
 WIRE_8BIT_HEADER = R(550, "5.6.7", "Non-ASCII header without SMTPUTF8", "P-STD")
 HDR_INVALID = R(550, "5.6.0", "Invalid header", "P-HDR")
 HDR_DATE_WINDOW = R(550, "5.6.0", "Date header outside the allowed window", "P-HDR")
+HDR_DATE_MISSING = R(550, "5.6.0", "Date header required", "P-HDR")
 HDR_MESSAGE_ID_MISSING = R(550, "5.6.0", "Message-ID header required", "P-HDR")
 HDR_MIME = R(550, "5.6.3", "Invalid MIME structure", "P-STD")
 TRACE_FORGED = R(550, "5.7.1", "Forged trace header", "P-PATH")

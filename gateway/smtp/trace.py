@@ -62,6 +62,9 @@ def received_header(tx: Transaction, hostname: str, now: float | None = None, rc
 
 def trace_headers(tx: Transaction, hostname: str, trace_header: str, now: float | None = None,
                   extra: list[tuple[str, str]] | None = None, rcpt: str | None = None) -> bytes:
+    """What the relay writes in front of the message as sent: the Received,
+    the trace header, then ``extra`` (headers the gateway adds, e.g. a missing
+    Date / Message-ID from ``tx.extra["add_headers"]``), in that order."""
     out = received_header(tx, hostname, now, rcpt)
     out += f"{trace_header}: {tx.trace_id}\r\n".encode("ascii")
     for name, value in extra or ():
