@@ -1,11 +1,17 @@
 """HTTP side: health, readiness and metrics now; the registry API, the
-confirmation/unsubscribe pages and the admin API mount here too."""
+confirmation/unsubscribe pages and the admin API mount here too.
+
+The API docs (``/docs``: Swagger UI, ``/redoc``: ReDoc) load their scripts and
+styles from the gateway itself (``/docs-assets/``, the files the
+fastapi-offline package ships), never from a CDN, so they work offline and
+behind a firewall."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from fastapi.responses import Response
+from fastapi_offline import FastAPIOffline
 
 from .jsonresponse import OrjsonResponse
 
@@ -13,8 +19,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..app import Gateway
 
 
+DOCS_ASSETS = "/docs-assets"   # Swagger UI and ReDoc files, served by the gateway
+
+
 def create_app(gateway: "Gateway") -> FastAPI:
-    app = FastAPI(title="SMTP relay gateway", version="0.1.0", default_response_class=OrjsonResponse)
+    from .. import __version__
+
+    app: FastAPI = FastAPIOffline(title="SMTP relay gateway", version=__version__,
+                                  default_response_class=OrjsonResponse, static_url=DOCS_ASSETS,
+                                  favicon_url=f"{DOCS_ASSETS}/favicon.png",
+                                  # Swagger UI's validator badge would call an outside service
+                                  swagger_ui_parameters={"validatorUrl": None})
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict:
