@@ -435,7 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     net = acc("network", "add/remove a client network (CIDR): network add|remove NAME CIDR", ops=["add", "remove"])
     net.add_argument("cidr")
     dom = acc("domain", "add/remove/verify an authorized sender domain: domain add|remove|verify NAME DOMAIN "
-              "(verify looks the DNS TXT proof up now)", ops=["add", "remove", "verify"])
+              "(verify looks the DNS TXT proof up now; in dev mode add publishes it into ./dev-zone.txt)",
+              ops=["add", "remove", "verify"])
     dom.add_argument("domain")
     dom.add_argument("--approve", action="store_true", help="operator pre-approval (no DNS proof)")
 
