@@ -196,16 +196,27 @@ class Gateway:
         self._http_socket = None
 
     async def start(self) -> None:
-        cfg = self.config
         self._check_dev_loopback()
         self._bind()
+        try:
+            await self._start_bound()
+        except BaseException:
+            self._close_sockets()      # those not yet handed to a server
+            raise
+
+    async def _start_bound(self) -> None:
+        cfg = self.config
         if self.txlog is None:
             self.txlog = TransactionLog(cfg.log.transactions)
         if cfg.smtp.service_mailboxes:
             self.service_mail = MaildirWriter(cfg.smtp.service_maildir)
         if cfg.dev.enabled and cfg.tls.cert_file:
-            self.dev_certificate_made = ensure_dev_certificate(cfg.tls.cert_file, cfg.tls.key_file,
-                                                               cfg.smtp.hostname)
+            try:
+                self.dev_certificate_made = ensure_dev_certificate(cfg.tls.cert_file, cfg.tls.key_file,
+                                                                   cfg.smtp.hostname)
+            except OSError as exc:
+                raise ConfigError(cfg.source, "tls.cert_file",
+                                  f"cannot write the dev certificate {cfg.tls.cert_file}: {exc.strerror}") from None
         tls_context = build_tls_context(cfg)
         from .registry.service import registry_secret, require_secret
         require_secret(cfg, registry_secret(cfg))   # a missing registry key fails before anything starts
