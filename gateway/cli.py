@@ -20,12 +20,12 @@ def _load_config(args) -> Config:
     """--dev, else --config / $GATEWAY_CONFIG; the management commands (not
     serve) also find a dev setup in the working directory, so they work on
     the storage of a `gateway serve --dev` running there."""
-    ports = {opt: getattr(args, dest, None) for opt, dest in (("--smtp-port", "smtp_port"),
-                                                               ("--http-port", "http_port"))}
+    ports = {"smtp_port": getattr(args, "smtp_port", None), "http_port": getattr(args, "http_port", None)}
     if getattr(args, "dev", False):
-        return dev_config(Path.cwd(), **{k[2:].replace("-", "_"): v for k, v in ports.items() if v is not None})
-    for opt, value in ports.items():
+        return dev_config(Path.cwd(), **{k: v for k, v in ports.items() if v is not None})
+    for key, value in ports.items():
         if value is not None:
+            opt = "--" + key.replace("_", "-")
             raise ConfigError("<command line>", opt, "only with --dev (with a config file: the port keys "
                               "of [[listeners]] and [http])")
     path = args.config or os.environ.get(DEFAULT_CONFIG_ENV)
@@ -200,10 +200,11 @@ def cmd_account(args) -> int:
             elif args.op == "verify":
                 return await _verify_domain(config, store, args.name, args.domain)
             else:
+                token = _domain_token(await store.get(args.name), args.domain)
                 await store.remove_domain(args.name, args.domain)
                 print(f"domain {args.domain} removed from {args.name}")
-                if config.dev.enabled:
-                    _dev_unpublish_proof(config, args.domain)
+                if config.dev.enabled and token:
+                    _dev_unpublish_proof(config, args.domain, token)
         return 0
 
     return _run(_with_accounts(config, run))
@@ -337,12 +338,24 @@ def _dev_publish_proof(config: Config, dom) -> None:
     print(f"dev mode: published it in the dev DNS zone {config.dev.zone_file}:\n  {line}")
 
 
-def _dev_unpublish_proof(config: Config, domain: str) -> None:
-    from .accounts.proof import proof_name
+def _domain_token(account, domain: str) -> str | None:
+    from .accounts.store import AccountError, normalize_domain
+
+    try:
+        dom = normalize_domain(domain)
+    except AccountError:
+        return None             # remove_domain names the problem
+    return next((d.token for d in account.domains if d.domain == dom), None)
+
+
+def _dev_unpublish_proof(config: Config, domain: str, token: str) -> None:
+    """Dev mode: this domain's proof (this token: another account's stays) leaves the dev zone."""
+    from .accounts.proof import PROOF_PREFIX, proof_name
     from .accounts.store import normalize_domain
     from .dns import devzone
 
-    if devzone.unpublish(config.dev.zone_file, proof_name(normalize_domain(domain)), "TXT"):
+    if devzone.unpublish(config.dev.zone_file, proof_name(normalize_domain(domain)), "TXT",
+                         f'"{PROOF_PREFIX}{token}"'):
         print(f"dev mode: its proof record is removed from {config.dev.zone_file}")
 
 

@@ -479,8 +479,15 @@ def test_dev_domain_proof_goes_through_the_dev_zone(tmp_path):
     assert zone.count("_gateway-proof.shop.example TXT") == 1
     r = cli("domain", "verify", "shop", "shop.example")
     assert r.returncode == 0 and "verified" in r.stdout
+    # another account claims the same domain: its own proof line
+    assert run_cli("account", "add", "other", "--dev", input="pw\n", cwd=tmp_path).returncode == 0
+    assert cli("domain", "add", "other", "shop.example").returncode == 0
+    assert (tmp_path / "dev-zone.txt").read_text().count("_gateway-proof.shop.example TXT") == 2
     r = cli("domain", "remove", "shop", "shop.example")
-    assert r.returncode == 0 and "removed from" in r.stdout
+    assert r.returncode == 0 and "removed from" in r.stdout and "proof record is removed" in r.stdout
+    assert (tmp_path / "dev-zone.txt").read_text().count("_gateway-proof.shop.example TXT") == 1
+    assert cli("domain", "verify", "other", "shop.example").returncode == 0      # the other's proof stays
+    assert cli("domain", "remove", "other", "shop.example").returncode == 0
     assert "_gateway-proof.shop.example" not in (tmp_path / "dev-zone.txt").read_text()
     # A proof that is not published (written by hand as a wrong token) is not accepted.
     r = cli("domain", "add", "shop", "shop.example")

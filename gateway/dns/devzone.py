@@ -67,8 +67,9 @@ def publish(path: str | os.PathLike, name: str, rtype: str, data: str) -> str:
     return line
 
 
-def unpublish(path: str | os.PathLike, name: str, rtype: str) -> int:
-    """Remove every ``name rtype`` record; returns how many lines went."""
+def unpublish(path: str | os.PathLike, name: str, rtype: str, data: str | None = None) -> int:
+    """Remove the ``name rtype [data]`` records (every one of that name and
+    type without ``data``); returns how many lines went."""
     p = Path(path)
     try:
         lines = p.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -79,7 +80,8 @@ def unpublish(path: str | os.PathLike, name: str, rtype: str) -> int:
     for line in lines:
         parts = line.split(None, 2)
         if len(parts) >= 2 and not line.lstrip().startswith("#") \
-                and (parts[0].rstrip(".").lower(), parts[1].upper()) == want:
+                and (parts[0].rstrip(".").lower(), parts[1].upper()) == want \
+                and (data is None or (parts[2].strip() if len(parts) > 2 else "") == data):
             removed += 1
             continue
         kept.append(line)
