@@ -295,3 +295,17 @@ def test_management_commands_as_printed(dev):
                 assert time.monotonic() < deadline, "no confirmation mails in the dev outbox"
                 time.sleep(0.2)
     assert seen == {prefix for prefix, _, _ in EXPECT}, {prefix for prefix, _, _ in EXPECT} - seen
+
+
+def test_links_of_the_readme_and_the_policy_map_lead_into_the_repository():
+    """Relative links of README.md and docs/policy.md name files of this
+    repository (the policy map once pointed outside it)."""
+    for doc in (REPO / "README.md", REPO / "docs" / "policy.md"):
+        links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text(encoding="utf-8"))
+        assert links, doc
+        for link in links:
+            if re.match(r"[a-z]+:", link):
+                continue
+            target = (doc.parent / link).resolve()
+            assert target.is_relative_to(REPO) and target.exists(), (doc.name, link)
+    assert "(docs/policy.md)" in README
