@@ -3,10 +3,14 @@ the config; start-up, readiness and graceful shutdown."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import ipaddress
 import logging
+import os
+import socket
 import ssl
 import time
+from pathlib import Path
 from dataclasses import replace
 from typing import Callable
 
@@ -15,7 +19,7 @@ from .accounts.proof import DomainProofChecker
 from .accounts.store import AccountError, AccountStore
 from .blocklist.service import BlockList
 from .checks import factories
-from .config import Config, ConfigError, ListenerSettings, UpstreamSettings
+from .config import Config, ConfigError, ListenError, ListenerSettings, UpstreamSettings
 from .dns.dnsbl import Dnsbl
 from .dns.resolver import Resolver
 from .metrics import Metrics
@@ -43,6 +47,58 @@ def _is_loopback(address: str) -> bool:
     return ipaddress.ip_address(address).is_loopback
 
 
+def _endpoint(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def bind_listening_socket(address: str, port: int) -> socket.socket:
+    """A bound, listening TCP socket (SO_REUSEADDR; IPv6 only for an IPv6 address)."""
+    family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+    return socket.create_server((address, port), family=family, backlog=1024)
+
+
+def ensure_dev_certificate(cert_file: str, key_file: str, hostname: str,
+                           now: datetime.datetime | None = None) -> bool:
+    """The self-signed certificate of dev mode's STARTTLS: made on first start
+    (and again when it has expired or cannot be read), reused otherwise.
+    True when a new one was made."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    cert_path, key_path = Path(cert_file), Path(key_file)
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        if cert.not_valid_before_utc <= now < cert.not_valid_after_utc - datetime.timedelta(days=1):
+            return False
+    except (OSError, ValueError):
+        pass
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname),
+                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, "gateway serve --dev (self-signed)")])
+    sans = [x509.DNSName(hostname), x509.DNSName("localhost"),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.IPAddress(ipaddress.ip_address("::1"))]
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=397))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path.parent.mkdir(parents=True, exist_ok=True)
+    key_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return True
+
+
 def build_tls_context(config: Config) -> ssl.SSLContext | None:
     if not config.tls.cert_file:
         return None
@@ -61,7 +117,7 @@ class Gateway:
         self.config = config
         self.clock = clock
         self.metrics = Metrics(lambda: self)
-        self.txlog = txlog or TransactionLog(config.log.transactions)
+        self.txlog = txlog      # made in start(), after the ports are bound, when not given
         self.connections = ConnectionTracker()
         self.sessions: set[GatewaySMTP] = set()
         self.draining = False
@@ -85,7 +141,10 @@ class Gateway:
         self.dnsbl: Dnsbl | None = None
         self.proof_checker: DomainProofChecker | None = None
         self.auth_limiter: AuthLimiter | None = None
-        self.service_mail = MaildirWriter(config.smtp.service_maildir) if config.smtp.service_mailboxes else None
+        self.service_mail: MaildirWriter | None = None
+        self._sockets: dict[str, socket.socket] = {}    # bound first, served later
+        self._http_socket: socket.socket | None = None
+        self.dev_certificate_made = False
         self.stopped = asyncio.Event()
 
     # ------------------------------------------------------------------ start-up
@@ -100,9 +159,64 @@ class Gateway:
         if cfg.http.enabled and not _is_loopback(cfg.http.address):
             raise ConfigError(cfg.source, "http.address", f"dev mode binds loopback only, not {cfg.http.address}")
 
-    async def start(self) -> None:
+    def _bind(self) -> None:
+        """Bind every listening address before anything is created (database,
+        outbox, key files): a busy port is one line naming address:port and
+        what to change, and the working directory stays as it was."""
         cfg = self.config
+        wanted = [(lst.name, lst.address, lst.port,
+                   "--smtp-port" if cfg.dev.enabled else f"listeners[{i}].port")
+                  for i, lst in enumerate(cfg.listeners)]
+        if cfg.http.enabled:
+            wanted.append((None, cfg.http.address, cfg.http.port, "--http-port" if cfg.dev.enabled else "http.port"))
+        try:
+            for name, address, port, key in wanted:
+                try:
+                    sock = bind_listening_socket(address, port)
+                except OSError as exc:
+                    what = "SMTP" if name is not None else "HTTP"
+                    why = os.strerror(exc.errno) if exc.errno else str(exc)
+                    problem = f"cannot listen on {_endpoint(address, port)} ({what}): {why}"
+                    hint = (f"start with {key} PORT" if cfg.dev.enabled
+                            else f"change {key} in {cfg.source}") + ", or stop what listens there"
+                    raise ListenError(cfg.source, key, problem, hint) from None
+                if name is None:
+                    self._http_socket = sock
+                else:
+                    self._sockets[name] = sock
+        except BaseException:
+            self._close_sockets()
+            raise
+
+    def _close_sockets(self) -> None:
+        for sock in [*self._sockets.values(), self._http_socket]:
+            if sock is not None:
+                sock.close()
+        self._sockets.clear()
+        self._http_socket = None
+
+    async def start(self) -> None:
         self._check_dev_loopback()
+        self._bind()
+        try:
+            await self._start_bound()
+        except BaseException:
+            self._close_sockets()      # those not yet handed to a server
+            raise
+
+    async def _start_bound(self) -> None:
+        cfg = self.config
+        if self.txlog is None:
+            self.txlog = TransactionLog(cfg.log.transactions)
+        if cfg.smtp.service_mailboxes:
+            self.service_mail = MaildirWriter(cfg.smtp.service_maildir)
+        if cfg.dev.enabled and cfg.tls.cert_file:
+            try:
+                self.dev_certificate_made = ensure_dev_certificate(cfg.tls.cert_file, cfg.tls.key_file,
+                                                                   cfg.smtp.hostname)
+            except OSError as exc:
+                raise ConfigError(cfg.source, "tls.cert_file",
+                                  f"cannot write the dev certificate {cfg.tls.cert_file}: {exc.strerror}") from None
         tls_context = build_tls_context(cfg)
         from .registry.service import registry_secret, require_secret
         require_secret(cfg, registry_secret(cfg))   # a missing registry key fails before anything starts
@@ -123,7 +237,8 @@ class Gateway:
         # closes after the resolver's.
         shared_dns = (self.counters.client
                       if cfg.counters.backend == "redis" and cfg.dnsbl.shared_cache else None)
-        self.resolver = Resolver(cfg.dns, redis=shared_dns)
+        self.resolver = Resolver(cfg.dns, redis=shared_dns,
+                                 zone_file=cfg.dev.zone_file if cfg.dev.enabled else None)
         self.dnsbl = Dnsbl(cfg.dnsbl, self.resolver, on_alert=self._dnsbl_alert)
         self.dnsbl.start()
         self.proof_checker = DomainProofChecker(self.accounts, self.resolver, cfg.accounts)
@@ -148,10 +263,10 @@ class Gateway:
             implicit = listener.tls == "implicit"
             server = await loop.create_server(
                 (lambda lst=listener: GatewaySMTP(self, lst, tls_context)),
-                listener.address, listener.port,
+                sock=self._sockets.pop(listener.name),
                 ssl=tls_context if implicit else None,
                 ssl_handshake_timeout=cfg.tls.handshake_timeout if implicit else None,
-                reuse_address=True, backlog=1024)
+                backlog=1024)
             self._servers.append(server)
             self.ports[listener.name] = server.sockets[0].getsockname()[1]
         if cfg.http.enabled:
@@ -186,7 +301,8 @@ class Gateway:
                                 log_level="warning", lifespan="off", access_log=False)
         self._http = uvicorn.Server(config)
         self._http.install_signal_handlers = lambda: None  # the gateway owns the signals
-        self._http_task = asyncio.get_running_loop().create_task(self._http.serve())
+        sock, self._http_socket = self._http_socket, None
+        self._http_task = asyncio.get_running_loop().create_task(self._http.serve(sockets=[sock]))
         for _ in range(500):
             if self._http.started:
                 break
@@ -244,7 +360,9 @@ class Gateway:
         for what, awaitable in steps:
             if awaitable is not None:
                 await _bounded(what, awaitable)
-        self.txlog.close()
+        self._close_sockets()      # a start that failed half-way
+        if self.txlog is not None:
+            self.txlog.close()
         self.stopped.set()
 
     # ------------------------------------------------------- used by sessions

@@ -10,15 +10,29 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import Config, ConfigError, dev_config, load
+from . import __version__
+from .config import DEV_DATABASE, Config, ConfigError, ListenError, dev_config, is_dev_dir, load
 
 DEFAULT_CONFIG_ENV = "GATEWAY_CONFIG"
 
 
 def _load_config(args) -> Config:
+    """--dev, else --config / $GATEWAY_CONFIG; the management commands (not
+    serve) also find a dev setup in the working directory, so they work on
+    the storage of a `gateway serve --dev` running there."""
+    ports = {"smtp_port": getattr(args, "smtp_port", None), "http_port": getattr(args, "http_port", None)}
     if getattr(args, "dev", False):
-        return dev_config(Path.cwd())
+        return dev_config(Path.cwd(), **{k: v for k, v in ports.items() if v is not None})
+    for key, value in ports.items():
+        if value is not None:
+            opt = "--" + key.replace("_", "-")
+            raise ConfigError("<command line>", opt, "only with --dev (with a config file: the port keys "
+                              "of [[listeners]] and [http])")
     path = args.config or os.environ.get(DEFAULT_CONFIG_ENV)
+    if not path and args.command != "serve" and is_dev_dir(Path.cwd()):
+        print(f"gateway: using the dev setup in {Path.cwd()} ({DEV_DATABASE} of `gateway serve --dev`)",
+              file=sys.stderr)
+        return dev_config(Path.cwd())
     if not path:
         raise ConfigError("<command line>", "--config", f"no config file given (use --config FILE, "
                           f"set {DEFAULT_CONFIG_ENV}, or --dev)")
@@ -49,10 +63,14 @@ async def _serve(config: Config) -> int:
         print(f"gateway ready: HTTP http://{config.http.address}:{gw.http_port}/ (healthz, readyz, metrics)",
               file=sys.stderr)
     if config.dev.enabled:
+        made = "made now" if gw.dev_certificate_made else "reused"
         print("DEV MODE (loopback only): AUTH is allowed without TLS on this listener.\n"
+              f"  STARTTLS is offered with a self-signed certificate ({made}): {config.tls.cert_file}\n"
               "  demo account: user 'demo', password 'demo', may send as @example.com\n"
               f"  relayed mail is stored as a maildir under {config.dev.outbox}/new/\n"
-              f"  storage: {config.storage.url}", file=sys.stderr)
+              f"  DNS: built-in dev records and the zone file {config.dev.zone_file}\n"
+              f"  storage: {config.storage.url}\n"
+              "  the account, list and block commands run in this directory use this setup", file=sys.stderr)
     await stop.wait()
     print(f"gateway stopping: draining for up to {config.smtp.grace_period:g} s", file=sys.stderr)
     await gw.stop()
@@ -135,10 +153,13 @@ def cmd_account(args) -> int:
 
     config = _load_config(args)
     action = args.action
+    # Asked before the event loop runs: Ctrl-C at the prompt is then a plain
+    # KeyboardInterrupt ("aborted", exit 130), not a cancelled coroutine.
+    password = _password(args) if action in ("add", "passwd") else None
 
     async def run(store) -> int:
         if action == "add":
-            await store.add(args.name, _password(args), contact=args.contact or "",
+            await store.add(args.name, password, contact=args.contact or "",
                             allow_subdomains=args.allow_subdomains)
             for cidr in args.network or []:
                 await store.add_network(args.name, cidr)
@@ -150,7 +171,7 @@ def cmd_account(args) -> int:
         elif action == "show":
             print(_show(await store.get(args.name)))
         elif action == "passwd":
-            await store.set_password(args.name, _password(args))
+            await store.set_password(args.name, password)
             print(f"password of {args.name} changed")
         elif action == "suspend":
             await store.set_status(args.name, AccountStatus.SUSPENDED)
@@ -174,11 +195,16 @@ def cmd_account(args) -> int:
                     print(f"domain {dom.domain} added to {args.name} (pending proof)\n"
                           f"publish this DNS TXT record, then run 'gateway account domain verify':\n"
                           f"  {proof_record(dom.domain, dom.token)}")
+                    if config.dev.enabled:
+                        _dev_publish_proof(config, dom)
             elif args.op == "verify":
                 return await _verify_domain(config, store, args.name, args.domain)
             else:
+                token = _domain_token(await store.get(args.name), args.domain)
                 await store.remove_domain(args.name, args.domain)
                 print(f"domain {args.domain} removed from {args.name}")
+                if config.dev.enabled and token:
+                    _dev_unpublish_proof(config, args.domain, token)
         return 0
 
     return _run(_with_accounts(config, run))
@@ -303,12 +329,42 @@ def cmd_block(args) -> int:
     return _run(_with_engine(config, run))
 
 
+def _dev_publish_proof(config: Config, dom) -> None:
+    """Dev mode: the dev zone file is the DNS, so publish the proof there."""
+    from .accounts.proof import PROOF_PREFIX, proof_name
+    from .dns import devzone
+
+    line = devzone.publish(config.dev.zone_file, proof_name(dom.domain), "TXT", f'"{PROOF_PREFIX}{dom.token}"')
+    print(f"dev mode: published it in the dev DNS zone {config.dev.zone_file}:\n  {line}")
+
+
+def _domain_token(account, domain: str) -> str | None:
+    from .accounts.store import AccountError, normalize_domain
+
+    try:
+        dom = normalize_domain(domain)
+    except AccountError:
+        return None             # remove_domain names the problem
+    return next((d.token for d in account.domains if d.domain == dom), None)
+
+
+def _dev_unpublish_proof(config: Config, domain: str, token: str) -> None:
+    """Dev mode: this domain's proof (this token: another account's stays) leaves the dev zone."""
+    from .accounts.proof import PROOF_PREFIX, proof_name
+    from .accounts.store import normalize_domain
+    from .dns import devzone
+
+    if devzone.unpublish(config.dev.zone_file, proof_name(normalize_domain(domain)), "TXT",
+                         f'"{PROOF_PREFIX}{token}"'):
+        print(f"dev mode: its proof record is removed from {config.dev.zone_file}")
+
+
 async def _verify_domain(config: Config, store, name: str, domain: str) -> int:
     """Look the DNS proof up now: 0 when the domain may send, 1 otherwise."""
     from .accounts.proof import verify_account_domain
     from .dns.resolver import Resolver
 
-    resolver = Resolver(config.dns)
+    resolver = Resolver(config.dns, zone_file=config.dev.zone_file if config.dev.enabled else None)
     try:
         res = await verify_account_domain(store, resolver, name, domain, config.accounts.proof_lookup_timeout)
     finally:
@@ -336,17 +392,29 @@ def build_parser() -> argparse.ArgumentParser:
     from .blocklist.model import KINDS
 
     p = argparse.ArgumentParser(prog="gateway", description="Outbound SMTP relay gateway that enforces "
-                                "the provider's anti-spam policy (see POLICY.md).")
+                                "the provider's anti-spam policy (see docs/policy.md).")
+    p.add_argument("--version", action="version", version=f"gateway {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def config_args(sp):
-        sp.add_argument("--config", "-c", metavar="FILE", help=f"TOML config file (or ${DEFAULT_CONFIG_ENV})")
+    def config_args(sp, serve=False):
+        sp.add_argument("--config", "-c", metavar="FILE",
+                        help=f"TOML config file (or ${DEFAULT_CONFIG_ENV})" + ("" if serve else
+                             f"; without either, a dev setup ({DEV_DATABASE}) in the working directory"))
         sp.add_argument("--dev", action="store_true",
-                        help="embedded defaults: SMTP 127.0.0.1:2525, HTTP 127.0.0.1:8025, SQLite and "
-                             "maildir outbox in the working directory, demo account demo/demo")
+                        help="embedded defaults: SMTP 127.0.0.1:2525 (STARTTLS with a self-signed certificate; "
+                             "AUTH also without TLS), HTTP 127.0.0.1:8025, SQLite, maildir outbox and DNS zone "
+                             "file in the working directory, demo account demo/demo" if serve else
+                             "the dev setup of the working directory (as `gateway serve --dev` there)")
+
+    def port(text: str) -> int:
+        if not text.isdigit() or not 0 < int(text) < 65536:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
+        return int(text)
 
     s = sub.add_parser("serve", help="run the gateway")
-    config_args(s)
+    config_args(s, serve=True)
+    s.add_argument("--smtp-port", type=port, metavar="PORT", help="with --dev: the SMTP port (default 2525)")
+    s.add_argument("--http-port", type=port, metavar="PORT", help="with --dev: the HTTP port (default 8025)")
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("check-config", help="validate a config file without starting")
@@ -380,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     net = acc("network", "add/remove a client network (CIDR): network add|remove NAME CIDR", ops=["add", "remove"])
     net.add_argument("cidr")
     dom = acc("domain", "add/remove/verify an authorized sender domain: domain add|remove|verify NAME DOMAIN "
-              "(verify looks the DNS TXT proof up now)", ops=["add", "remove", "verify"])
+              "(verify looks the DNS TXT proof up now; in dev mode add publishes it into ./dev-zone.txt)",
+              ops=["add", "remove", "verify"])
     dom.add_argument("domain")
     dom.add_argument("--approve", action="store_true", help="operator pre-approval (no DNS proof)")
 
@@ -439,6 +508,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:      # Ctrl-C at a prompt or during a command (serve handles SIGINT itself)
+        print("\naborted", file=sys.stderr)
+        return 130
+    except ListenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2

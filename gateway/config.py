@@ -21,9 +21,21 @@ from .dns.settings import DnsblSettings, DomainSettings, ResolverSettings
 from .message.settings import HeaderSettings
 from .smtp.transaction import Phase
 
-__all__ = ["Config", "ConfigError", "load", "dev_config"]
+__all__ = ["Config", "ConfigError", "ListenError", "load", "dev_config", "is_dev_dir"]
 
 TlsMode = Literal["none", "starttls", "implicit"]
+
+
+class ListenError(ConfigError):
+    """A listening address cannot be bound: one line naming address:port and
+    what to change (the dev option or the config key)."""
+
+    def __init__(self, source: str, key: str, problem: str, hint: str):
+        super().__init__(source, key, problem)
+        self.args = (f"{problem}; {hint}",)
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 def _positive(name: str, value: float) -> None:
@@ -225,6 +237,10 @@ class CheckSettings:
 class DevSettings:
     enabled: bool = False
     outbox: str = "dev-outbox"        # maildir of the embedded upstream
+    # The dev DNS zone: records in the form of dns.static ("name TYPE data"),
+    # read on top of the built-in dev records and re-read when the file
+    # changes; `gateway account domain add` publishes the TXT proof here.
+    zone_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -303,24 +319,45 @@ def load(path: str | os.PathLike, env: Mapping[str, str] | None = None) -> Confi
     return from_mapping(data, source, env)
 
 
-# The offline DNS of --dev: the demo domains exist, everything else does not.
-DEV_DNS = [
-    "example.com MX 10 mail.example.com", "mail.example.com A 93.184.215.14",
-    "example.org MX 10 mail.example.org", "mail.example.org A 93.184.215.15",
-    "example.net MX 10 mail.example.net", "mail.example.net A 93.184.215.16",
-]
+# The offline DNS of --dev: the demo domains and the README's example
+# domains exist, everything else does not (the zone file adds to these).
+DEV_DOMAINS = ("example.com", "example.org", "example.net", "shop.example", "blog.example")
+DEV_DNS = [line for i, d in enumerate(DEV_DOMAINS, start=14)
+           for line in (f"{d} MX 10 mail.{d}", f"mail.{d} A 93.184.215.{i}")]
+
+# What `gateway serve --dev` keeps in its working directory.
+DEV_DATABASE = "gateway-dev.db"
+DEV_ZONE_FILE = "dev-zone.txt"
+DEV_CERT_FILE = "dev-tls/cert.pem"
+DEV_KEY_FILE = "dev-tls/key.pem"
+DEV_SMTP_PORT = 2525
+DEV_HTTP_PORT = 8025
 
 
-def dev_config(workdir: str | os.PathLike = ".") -> Config:
-    """Embedded defaults for ``gateway serve --dev`` (loopback only)."""
-    wd = Path(workdir)
+def is_dev_dir(workdir: str | os.PathLike) -> bool:
+    """Has ``gateway serve --dev`` run in ``workdir`` (its database is there)?"""
+    return (Path(workdir) / DEV_DATABASE).is_file()
+
+
+def dev_config(workdir: str | os.PathLike = ".", *, smtp_port: int = DEV_SMTP_PORT,
+               http_port: int = DEV_HTTP_PORT) -> Config:
+    """Embedded defaults for ``gateway serve --dev`` (loopback only).
+
+    Pure: names the files of the working directory, creates none of them
+    (the gateway does at start, after its ports are bound). STARTTLS is
+    offered with a self-signed certificate the gateway makes on first start;
+    AUTH is allowed without TLS on this loopback listener."""
+    wd = Path(workdir).resolve()
     data = {
-        "listeners": [{"name": "dev", "address": "127.0.0.1", "port": 2525, "tls": "none",
+        "listeners": [{"name": "dev", "address": "127.0.0.1", "port": smtp_port, "tls": "starttls",
                        "auth_without_tls": True}],
         "smtp": {"hostname": "gateway.dev.localhost", "service_maildir": str(wd / "dev-service-mail")},
-        "storage": {"url": f"sqlite+aiosqlite:///{(wd / 'gateway-dev.db').resolve()}"},
-        "http": {"address": "127.0.0.1", "port": 8025},
-        "dev": {"enabled": True, "outbox": str(wd / "dev-outbox")},
+        "storage": {"url": f"sqlite+aiosqlite:///{wd / DEV_DATABASE}"},
+        "http": {"address": "127.0.0.1", "port": http_port},
+        "registry": {"public_base_url": f"http://127.0.0.1:{http_port}"},
+        "dev": {"enabled": True, "outbox": str(wd / "dev-outbox"), "zone_file": str(wd / DEV_ZONE_FILE)},
         "dns": {"static_only": True, "static": list(DEV_DNS)},
     }
-    return from_mapping(data, "<--dev defaults>")
+    cfg = from_mapping(data, "<--dev defaults>")
+    # The certificate may not exist yet: set after validation, made by Gateway.start.
+    return replace(cfg, tls=replace(cfg.tls, cert_file=str(wd / DEV_CERT_FILE), key_file=str(wd / DEV_KEY_FILE)))

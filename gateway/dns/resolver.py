@@ -182,12 +182,18 @@ def _record_value(rtype: str, data: Any) -> Any:
 class Resolver:
     """``await resolver.query(name, "MX")`` -> :class:`DnsAnswer`; never raises for DNS reasons."""
 
-    def __init__(self, settings: ResolverSettings, redis: Any = None, *, clock=time.monotonic):
+    def __init__(self, settings: ResolverSettings, redis: Any = None, *, clock=time.monotonic,
+                 zone_file: str | None = None):
         self.settings = settings
         self.stats = ResolverStats()
         self._redis = redis
         self._clock = clock
         self._static = _static_table(settings.static)
+        # dev mode only: the dev zone (dns/devzone.py) on top of the static table
+        self._zone = None
+        if zone_file:
+            from .devzone import ZoneFile
+            self._zone = ZoneFile(zone_file)
         self._cache: OrderedDict[tuple[str, str], tuple[float, DnsAnswer]] = OrderedDict()
         self._inflight: dict[tuple[str, str], asyncio.Future[DnsAnswer]] = {}
         self._channel: Any = None  # aiodns.DNSResolver, made on first use (needs the loop)
@@ -226,6 +232,11 @@ class Resolver:
         else:
             name = normalize_name(name)
             key = (name, rtype)
+        if self._zone is not None and self._zone.changed():
+            try:
+                self._static = _static_table(self.settings.static + self._zone.records)
+            except ValueError as exc:   # e.g. a name both NXDOMAIN and with records
+                log.warning("dev zone %s not applied: %s", self._zone.path, exc)
         if self._static and name in self._static or self.settings.static_only:
             stats.static += 1
             return self._from_static(name, rtype)

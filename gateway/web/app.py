@@ -1,11 +1,21 @@
 """HTTP side: health, readiness and metrics now; the registry API, the
-confirmation/unsubscribe pages and the admin API mount here too."""
+confirmation/unsubscribe pages and the admin API mount here too.
+
+The API docs (``/docs``: Swagger UI, ``/redoc``: ReDoc) load their scripts and
+styles from the gateway itself (``/docs-assets/``: the Swagger UI and ReDoc
+files the fastapi-offline package ships), never from a CDN, so they work
+offline and behind a firewall. Their Content-Security-Policy keeps every
+request on the gateway (ReDoc's bundle would fetch its logo from outside)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from importlib.resources import files
+
 from fastapi import FastAPI
-from fastapi.responses import Response
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, Response
+from fastapi.staticfiles import StaticFiles
 
 from .jsonresponse import OrjsonResponse
 
@@ -13,8 +23,44 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..app import Gateway
 
 
+DOCS_ASSETS = "/docs-assets"   # Swagger UI and ReDoc files, served by the gateway
+# Inline script/style: Swagger UI's start-up script, ReDoc's styled components.
+DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+            "img-src 'self' data: blob:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; "
+            "frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+
+
+def _install_docs(app: FastAPI) -> None:
+    """/docs and /redoc with their assets from the gateway itself."""
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(files("fastapi_offline") / "static")), name="docs-assets")
+
+    def secured(page: HTMLResponse) -> HTMLResponse:
+        page.headers["Content-Security-Policy"] = DOCS_CSP
+        return page
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return secured(get_swagger_ui_html(
+            openapi_url=app.openapi_url, title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js", swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+            # no validator badge: it would send the spec to an outside service
+            swagger_ui_parameters={"validatorUrl": None}))
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return secured(get_redoc_html(
+            openapi_url=app.openapi_url, title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js", redoc_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+            with_google_fonts=False))
+
+
 def create_app(gateway: "Gateway") -> FastAPI:
-    app = FastAPI(title="SMTP relay gateway", version="0.1.0", default_response_class=OrjsonResponse)
+    from .. import __version__
+
+    app = FastAPI(title="SMTP relay gateway", version=__version__, default_response_class=OrjsonResponse,
+                  docs_url=None, redoc_url=None)
+    _install_docs(app)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict:
