@@ -13,6 +13,7 @@ import secrets
 import time
 from typing import Any, Callable
 
+from ..forwarding import forwarded
 from ..message.findings import apply
 from ..message.headers import check_structure, parsed_for
 from ..message.settings import HeaderSettings
@@ -35,6 +36,8 @@ class HeadersCheck:
         data = tx.message
         if data is None:
             return Outcome.skip(self.name, "no message")
+        if forwarded(tx) is not None:  # the author's header block, relayed unchanged (docs/forwarding.md)
+            return Outcome.skip(self.name, "forwarded")
         parsed = parsed_for(tx)
         now = self.clock() if self.settings.actions.get("hdr.date_window") != "off" else None
         findings = check_structure(data, parsed, self.settings, now)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..forwarding import forwarded
 from ..message.findings import apply
 from ..message.headers import check_subject, parsed_for
 from ..message.settings import HeaderSettings
@@ -30,6 +31,8 @@ class SubjectCheck:
     async def run(self, tx: Any, item: Any = None) -> Outcome:
         if tx.message is None:
             return Outcome.skip(self.name, "no message")
+        if forwarded(tx) is not None:  # the author's headers, relayed unchanged (docs/forwarding.md)
+            return Outcome.skip(self.name, "forwarded")
         findings = check_subject(parsed_for(tx), self.settings, tx.extra)
         return apply(self.name, tx, findings, self.settings.actions)
 
