@@ -27,8 +27,9 @@ from gateway.forwarding import (RECEIVED_HOPS, Evidence, ForwardingSettings, Srs
 from gateway.message.headers import parse_headers
 from gateway.storage.db import create_engine, migrate
 
-from conftest import base_config, run_cli_async
+from conftest import base_config, free_port, run_cli_async
 from smtp_client import cmd, dot_stuff, reply, send, session
+from test_postfix import SUBMISSION, postfix_factory  # noqa: F401 - the fixture (Postfix started per test)
 
 SECRET = "forwarding-test-secret-0123456789"
 SRS_DOMAIN = "srs.gw.test"
@@ -291,8 +292,11 @@ srs_secret = "env:GW_SRS_SECRET"
 
 
 # ------------------------------------------------------------------ SMTP end to end
-def third_party_message(*, top: bytes = b"Delivered-To: info@shop.example\r\n", extra: bytes = b"") -> bytes:
+def third_party_message(*, top: bytes = b"Delivered-To: info@shop.example\r\n", extra: bytes = b"",
+                        message_id: bool = True) -> bytes:
     """A list message of a third party as the customer's MTA forwards it."""
+    if message_id:
+        extra = b"Message-ID: <" + str(time.time_ns()).encode() + b"@lists.author.example>\r\n" + extra
     return (top +
             b"Received: from mx.example.org (mx.example.org [192.0.2.7])\r\n"
             b"\tby mx.shop.example (Postfix) with ESMTPS id 4QaB1c; " + email.utils.formatdate().encode() + b"\r\n"
@@ -336,9 +340,10 @@ def split_trace(data: bytes) -> tuple[bytes, bytes]:
     return data[:end], data[end:]
 
 
-async def forwarding_gateway(gateway_factory, sink, *, identities=(), account_level=True, **sections):
+async def forwarding_gateway(gateway_factory, sink, *, identities=(), account_level=True, certs=None,
+                             **sections):
     sections.setdefault("forwarding", FORWARDING)
-    h = await gateway_factory(sink, **sections)
+    h = await gateway_factory(sink, certs, **sections)
     await h.add_account("alice", "s3cret", domains=("shop.example",))
     if account_level:
         await h.gw.accounts.allow_forwarding("alice")
@@ -349,7 +354,8 @@ async def forwarding_gateway(gateway_factory, sink, *, identities=(), account_le
 
 async def test_forwarded_list_mail_is_relayed_byte_for_byte_with_srs0(gateway_factory, sink):
     h = await forwarding_gateway(gateway_factory, sink)
-    msg, txt = dkim_signed(third_party_message())
+    # no Message-ID: the gateway adds none to forwarded mail (DKIM signed it as absent)
+    msg, txt = dkim_signed(third_party_message(message_id=False))
     assert dkim_ok(msg, txt)
     r = await send(h.port(), msg, mail_from="bounces+123@example.org", rcpt="someone@gmail.example")
     assert r.startswith(b"250 2.0.0 OK: relayed"), r
@@ -565,3 +571,50 @@ async def test_non_null_bounces_when_allowed(gateway_factory, sink):
     await sink.wait_for(1)
     assert sink.messages[0].mail_from == "someone@example.com"
     assert sink.messages[0].rcpt_tos == ["news@example.org"]
+
+
+# ------------------------------------------------------------------ a real Postfix forwarding through the gateway
+@pytest.mark.timeout(120)
+async def test_postfix_virtual_alias_forwards_through_the_gateway_with_srs(sink, gateway_factory, certs,
+                                                                           postfix_factory):
+    """The customer's Postfix takes a third party's DKIM-signed list message for
+    info@shop.example on its SMTP port, a virtual alias sends it on to an
+    outside address, and Postfix relays it through the gateway (STARTTLS, SASL)
+    as its relayhost. It reaches the upstream with an SRS0 envelope sender,
+    the third party's bytes intact under the two Received fields, and a DKIM
+    signature that still verifies."""
+    h = await forwarding_gateway(gateway_factory, sink, account_level=False, identities=("info@shop.example",),
+                                 certs=certs, listeners=[SUBMISSION])
+    mx_port = free_port()
+    pf = await postfix_factory(relay_port=h.port("submission"), ca_file=certs.ca_file, sasl=("alice", "s3cret"),
+                               smtpd_port=mx_port, virtual={"info@shop.example": "someone@gmail.example"})
+    msg, txt = dkim_signed(third_party_message(top=b""))
+    reader, writer = await session(mx_port, auth=False)     # the third party's MX delivering to the customer
+    try:
+        for line in (b"MAIL FROM:<bounces+77@example.org>", b"RCPT TO:<info@shop.example>"):
+            r = await cmd(reader, writer, line)
+            assert r.startswith(b"250"), (line, r, pf.log_tail())
+        assert (await cmd(reader, writer, b"DATA")).startswith(b"354")
+        writer.write(dot_stuff(msg) + b".\r\n")
+        await writer.drain()
+        r = await reply(reader)
+        assert r.startswith(b"250"), r
+        await cmd(reader, writer, b"QUIT")
+    finally:
+        writer.close()
+    await sink.wait_for(1, timeout=30)
+    await pf.wait_empty()
+    got = sink.messages[0]
+    local, _, domain = got.mail_from.rpartition("@")
+    assert domain == SRS_DOMAIN and local.startswith("SRS0="), got.mail_from
+    assert srs().reverse(local) == ("bounces+77", "example.org")
+    assert got.rcpt_tos == ["someone@gmail.example"]
+    trace, rest = split_trace(got.data)
+    # Postfix's own Received (naming the mailbox it took the message for), then the third party's bytes
+    assert rest.startswith(b"Received: from ") and b"for <info@shop.example>" in rest.split(b"\r\n\r\n")[0]
+    assert rest.endswith(msg), rest[:600]
+    assert rest[:-len(msg)].count(b"Received: ") == 1
+    assert dkim_ok(got.data, txt)
+    rec = h.log_records()[-1]
+    assert rec["forwarded"]["evidence"] == "Received for: info@shop.example"
+    assert rec["forwarded"]["original_sender"] == "bounces+77@example.org"
