@@ -127,7 +127,8 @@ def _show(acc) -> str:
     else:
         lines.append("  sender domains: -")
     if acc.forwarding:
-        lines.append("  forwarding: allowed for every mailbox of its sender domains (SRS)")
+        listed = f"; listed identities: {', '.join(acc.forward_identities)}" if acc.forward_identities else ""
+        lines.append(f"  forwarding: allowed for every mailbox of its sender domains (SRS){listed}")
     elif acc.forward_identities:
         lines.append("  forwarding: allowed for " + ", ".join(acc.forward_identities) + " (SRS)")
     else:

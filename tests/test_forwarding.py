@@ -618,3 +618,33 @@ async def test_postfix_virtual_alias_forwards_through_the_gateway_with_srs(sink,
     rec = h.log_records()[-1]
     assert rec["forwarded"]["evidence"] == "Received for: info@shop.example"
     assert rec["forwarded"]["original_sender"] == "bounces+77@example.org"
+
+
+async def test_forwarded_header_block_is_the_authors(gateway_factory, sink):
+    """data_headers judges a block the account wrote: a forwarded one with an old
+    Date and no Message-ID is relayed as it is (ordinary mail would be refused)."""
+    h = await forwarding_gateway(gateway_factory, sink)
+    old = email.utils.formatdate(time.time() - 30 * DAY).encode()
+    msg = third_party_message(message_id=False).replace(b"Date: ", b"Date: " + old + b"\r\nX-Old-Date: ", 1)
+    r = await send(h.port(), msg, mail_from="news@example.org", rcpt="someone@gmail.example")
+    assert r.startswith(b"250"), r
+    await sink.wait_for(1)
+    assert split_trace(sink.messages[0].data)[1] == msg
+    # the same block as the account's own mail is judged (and refused)
+    own = msg.replace(b"Delivered-To: info@shop.example\r\n", b"").replace(
+        b"From: \"support@bank.example\" <news@lists.author.example>", b"From: info@shop.example")
+    r = await send(h.port(), own, mail_from="info@shop.example", rcpt="someone@gmail.example")
+    assert r.startswith(b"550 5.6.0 P-HDR"), r
+
+
+async def test_candidate_with_a_too_long_srs_address_keeps_its_sender(gateway_factory, sink):
+    h = await forwarding_gateway(gateway_factory, sink)
+    sender = "a-rather-long-mailbox-name-of-a-newsletter@example.org"
+    r = await send(h.port(), third_party_message(), mail_from=sender, rcpt="someone@gmail.example")
+    assert r.startswith(b"250"), r
+    await sink.wait_for(1)
+    assert sink.messages[0].mail_from == sender
+    rec = h.log_records()[-1]
+    assert rec["forwarded"]["rewritten_sender"] == sender and "not rewritten" in rec["forwarded"]["note"]
+    mail = next(o for o in rec["ledger"] if o["check"] == "mail_sender_auth")
+    assert mail["result"] == "flag" and "SRS not applied" in mail["detail"]
