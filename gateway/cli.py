@@ -165,6 +165,21 @@ def cmd_account(args) -> int:
         elif action == "reinstate":
             await store.set_status(args.name, AccountStatus.ACTIVE)
             print(f"account {args.name} reinstated")
+        elif action == "forwarding":
+            if args.op == "allow":
+                identity = await store.allow_forwarding(args.name, args.identity)
+                print(f"{args.name} may forward mail " + (f"from {identity}" if identity else
+                                                          "from every mailbox of its sender domains"))
+                if not config.forwarding.enabled:
+                    print(f"warning: {config.source} has no [forwarding] srs_domain: forwarded mail with a "
+                          f"foreign envelope sender is refused until it is set", file=sys.stderr)
+            else:
+                await store.deny_forwarding(args.name, args.identity)
+                print(f"{args.name} may no longer forward mail" + (f" from {args.identity}" if args.identity else ""))
+                acc = store.cached(args.name)
+                if args.identity and acc is not None and acc.forwarding:
+                    print(f"note: {args.name} still may forward from every mailbox of its sender domains "
+                          f"('gateway account forwarding deny {args.name}' ends that)", file=sys.stderr)
         elif action == "network":
             if args.op == "add":
                 print(f"network {await store.add_network(args.name, args.cidr)} added to {args.name}")
@@ -186,21 +201,6 @@ def cmd_account(args) -> int:
             else:
                 await store.remove_domain(args.name, args.domain)
                 print(f"domain {args.domain} removed from {args.name}")
-        elif action == "forwarding":
-            if args.op == "allow":
-                identity = await store.allow_forwarding(args.name, args.identity)
-                print(f"{args.name} may forward mail " + (f"from {identity}" if identity else
-                                                          "from every mailbox of its sender domains"))
-                if not config.forwarding.enabled:
-                    print(f"warning: {config.source} has no [forwarding] srs_domain: forwarded mail with a "
-                          f"foreign envelope sender is refused until it is set", file=sys.stderr)
-            else:
-                await store.deny_forwarding(args.name, args.identity)
-                print(f"{args.name} may no longer forward mail" + (f" from {args.identity}" if args.identity else ""))
-                acc = store.cached(args.name)
-                if args.identity and acc is not None and acc.forwarding:
-                    print(f"note: {args.name} still may forward from every mailbox of its sender domains "
-                          f"('gateway account forwarding deny {args.name}' ends that)", file=sys.stderr)
         return 0
 
     return _run(_with_accounts(config, run))

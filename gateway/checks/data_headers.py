@@ -13,10 +13,10 @@ import secrets
 import time
 from typing import Any, Callable
 
-from ..forwarding import forwarded
 from ..message.findings import apply
 from ..message.headers import check_structure, parsed_for
 from ..message.settings import HeaderSettings
+from ..forwarding import forwarded
 from ..smtp.transaction import Outcome, Phase
 
 

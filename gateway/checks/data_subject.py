@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..forwarding import forwarded
 from ..message.findings import apply
 from ..message.headers import check_subject, parsed_for
 from ..message.settings import HeaderSettings
+from ..forwarding import forwarded
 from ..smtp.transaction import Outcome, Phase
 
 
@@ -29,10 +29,10 @@ class SubjectCheck:
         self.settings = settings
 
     async def run(self, tx: Any, item: Any = None) -> Outcome:
-        if tx.message is None:
-            return Outcome.skip(self.name, "no message")
         if forwarded(tx) is not None:  # the author's headers, relayed unchanged (docs/forwarding.md)
             return Outcome.skip(self.name, "forwarded")
+        if tx.message is None:
+            return Outcome.skip(self.name, "no message")
         findings = check_subject(parsed_for(tx), self.settings, tx.extra)
         return apply(self.name, tx, findings, self.settings.actions)
 
