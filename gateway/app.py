@@ -22,6 +22,7 @@ from .checks import factories
 from .config import Config, ConfigError, ListenError, ListenerSettings, UpstreamSettings
 from .dns.dnsbl import Dnsbl
 from .dns.resolver import Resolver
+from .forwarding import forwarded
 from .metrics import Metrics
 from .pipeline import build_pipeline
 from .relay.devsink import DevSink
@@ -415,6 +416,11 @@ class Gateway:
                 await utx.close()
         tx.mark("relayed")
         if reply.is_positive:
+            fwd = forwarded(tx)
+            if fwd is not None:
+                what = (f"SRS bounce of {fwd.original} to {fwd.rewrite}" if fwd.kind == "bounce" else
+                        f"forwarded ({fwd.evidence}), envelope sender {fwd.rewrite or fwd.original}")
+                tx.ledger.append(Outcome("forwarding", Result.PASS, what + ", relayed unchanged under the trace"))
             tx.ledger.append(Outcome("relay", Result.PASS, f"upstream {tx.upstream}"))
             return replies.RELAYED.with_suffix(f", trace id {tx.trace_id} ({reply.text})")
         tx.ledger.append(Outcome("relay", Result.FAIL, reply.render(), reply))
@@ -422,8 +428,10 @@ class Gateway:
 
     def _trace(self, tx: Transaction, rcpt: str | None = None, extra: list | None = None) -> bytes:
         cfg = self.config
-        return trace_headers(tx, cfg.smtp.hostname, cfg.smtp.trace_header, self.clock(),
-                             (tx.extra.get("add_headers") or []) + (extra or []), rcpt)
+        # Forwarded mail and SRS bounces get the gateway's trace on top and
+        # nothing else: the author's bytes (and DKIM signatures) stay intact.
+        added = [] if forwarded(tx) is not None else (tx.extra.get("add_headers") or []) + (extra or [])
+        return trace_headers(tx, cfg.smtp.hostname, cfg.smtp.trace_header, self.clock(), added, rcpt)
 
     async def _deliver_local(self, tx: Transaction) -> Reply | Rendered | None:
         """Service mailboxes (stored as a maildir) and list unsubscribe mails."""

@@ -144,6 +144,13 @@ def _show(acc) -> str:
             lines.append(f"    {d.domain}: {d.status}{extra}")
     else:
         lines.append("  sender domains: -")
+    if acc.forwarding:
+        listed = f"; listed identities: {', '.join(acc.forward_identities)}" if acc.forward_identities else ""
+        lines.append(f"  forwarding: allowed for every mailbox of its sender domains (SRS){listed}")
+    elif acc.forward_identities:
+        lines.append("  forwarding: allowed for " + ", ".join(acc.forward_identities) + " (SRS)")
+    else:
+        lines.append("  forwarding: -")
     return "\n".join(lines)
 
 
@@ -179,6 +186,21 @@ def cmd_account(args) -> int:
         elif action == "reinstate":
             await store.set_status(args.name, AccountStatus.ACTIVE)
             print(f"account {args.name} reinstated")
+        elif action == "forwarding":
+            if args.op == "allow":
+                identity = await store.allow_forwarding(args.name, args.identity)
+                print(f"{args.name} may forward mail " + (f"from {identity}" if identity else
+                                                          "from every mailbox of its sender domains"))
+                if not config.forwarding.enabled:
+                    print(f"warning: {config.source} has no [forwarding] srs_domain: forwarded mail with a "
+                          f"foreign envelope sender is refused until it is set", file=sys.stderr)
+            else:
+                await store.deny_forwarding(args.name, args.identity)
+                print(f"{args.name} may no longer forward mail" + (f" from {args.identity}" if args.identity else ""))
+                acc = store.cached(args.name)
+                if args.identity and acc is not None and acc.forwarding:
+                    print(f"note: {args.name} still may forward from every mailbox of its sender domains "
+                          f"('gateway account forwarding deny {args.name}' ends that)", file=sys.stderr)
         elif action == "network":
             if args.op == "add":
                 print(f"network {await store.add_network(args.name, args.cidr)} added to {args.name}")
@@ -452,6 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
               ops=["add", "remove", "verify"])
     dom.add_argument("domain")
     dom.add_argument("--approve", action="store_true", help="operator pre-approval (no DNS proof)")
+    fwd = acc("forwarding", "allow/deny forwarding of inbound mail (SRS, docs/forwarding.md): forwarding "
+              "allow|deny NAME [--identity ADDRESS]; deny without --identity ends all of it", ops=["allow", "deny"])
+    fwd.add_argument("--identity", metavar="ADDRESS",
+                     help="only this mailbox of the account's sender domains (e.g. info@shop.example)")
 
     b = sub.add_parser("block", help="operator block lists (P-BLOCK): client IPs/CIDRs, sender domains, "
                        "HELO/reverse-DNS host names; running gateways apply changes within 1 s")

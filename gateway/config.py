@@ -18,6 +18,7 @@ from .configload import ConfigError, load_section
 from .registry.settings import RegistrySettings
 from .accounts.settings import AccountSettings
 from .dns.settings import DnsblSettings, DomainSettings, ResolverSettings
+from .forwarding import ForwardingSettings
 from .message.settings import HeaderSettings
 from .smtp.transaction import Phase
 
@@ -263,6 +264,7 @@ class Config:
     dev: DevSettings = field(default_factory=DevSettings)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     accounts: AccountSettings = field(default_factory=AccountSettings)
+    forwarding: ForwardingSettings = field(default_factory=ForwardingSettings)
 
     def __post_init__(self) -> None:
         names = [listener.name for listener in self.listeners]

@@ -37,7 +37,8 @@ def transaction_record(tx: Transaction) -> dict:
     if tx.mail_params:
         d["mail_params"] = {k: v for k, v in tx.mail_params.items()}
     d["rcpts"] = [{"to": r.address.addr, "reply": r.reply.render() if r.reply else None,
-                   **({"local": True} if r.local else {})} for r in tx.recipients]
+                   **({"local": True} if r.local else {}),
+                   **({"srs_to": r.relay_to} if r.relay_to else {})} for r in tx.recipients]
     d["rcpts_refused"] = tx.refused_recipients
     if "data_octets" in tx.extra:
         d["size"] = tx.extra["data_octets"]
@@ -46,6 +47,12 @@ def transaction_record(tx: Transaction) -> dict:
         d["reply"] = tx.final_reply.render()
     if tx.upstream:
         d["upstream"] = tx.upstream
+    fwd = tx.forwarding
+    # Forwarded mail (with its evidence and both envelope senders) and SRS
+    # bounces; a candidate or an own-envelope decision that came to nothing is
+    # in the ledger only.
+    if fwd is not None and (fwd.kind == "bounce" or fwd.state == "confirmed"):
+        d["forwarded"] = fwd.as_log()
     d["ledger"] = [o.as_log() for o in tx.session.ledger] + [o.as_log() for o in tx.ledger]
     if "findings" in tx.extra:
         d["findings"] = tx.extra["findings"]

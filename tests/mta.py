@@ -84,7 +84,9 @@ class Postfix:
                  tls_match: str | None = None,
                  mechanisms: str = "",
                  transports: dict[str, str] | None = None,
-                 main: dict[str, Any] | None = None):
+                 main: dict[str, Any] | None = None,
+                 smtpd_port: int | None = None,
+                 virtual: dict[str, str] | None = None):
         self.relay_port = relay_port
         self.relayhost = f"[127.0.0.1]:{relay_port}"
         self.ca_file = ca_file
@@ -94,6 +96,10 @@ class Postfix:
         self.mechanisms = mechanisms
         self.transports = transports or {}
         self.extra_main = main or {}
+        # an SMTP listener on 127.0.0.1 (the customer's MX taking inbound mail) and
+        # virtual aliases (forwarding of inbound mail to outside addresses)
+        self.smtpd_port = smtpd_port
+        self.virtual = virtual or {}
         self.root = Path(tempfile.mkdtemp(prefix="gw-postfix-", dir="/tmp"))
         os.chmod(self.root, 0o755)
         self.etc = self.root / "etc"
@@ -159,12 +165,15 @@ class Postfix:
                 cf["smtp_sasl_mechanism_filter"] = self.mechanisms
         if self.transports:
             cf["transport_maps"] = f"texthash:{etc / 'transport'}"
+        if self.virtual:
+            cf["virtual_alias_maps"] = f"texthash:{etc / 'virtual'}"
         cf.update(self.extra_main)
         return cf
 
     def master_cf(self) -> str:
-        # No inet service: the instance listens on nothing. chroot off everywhere.
-        return (
+        # No inet service unless smtpd_port is given. chroot off everywhere.
+        inet = f"127.0.0.1:{self.smtpd_port} inet n - n - - smtpd\n" if self.smtpd_port else ""
+        return inet + (
             "pickup    unix  n       -       n       60      1       pickup\n"
             "cleanup   unix  n       -       n       -       0       cleanup\n"
             "qmgr      unix  n       -       n       300     1       qmgr\n"
@@ -207,6 +216,8 @@ class Postfix:
             os.chmod(path, 0o600)
         if self.tls_match:
             (self.etc / "tls_policy").write_text(f"{self.relayhost} secure match={self.tls_match}\n")
+        if self.virtual:
+            (self.etc / "virtual").write_text("".join(f"{src} {dst}\n" for src, dst in self.virtual.items()))
         if self.transports:
             (self.etc / "transport").write_text(
                 "".join(f"{dom} {route}\n" for dom, route in self.transports.items()))

@@ -34,6 +34,12 @@ class Account:
     allow_subdomains: bool = False
     networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     domains: tuple[SenderDomain, ...] = field(default=())
+    forwarding: bool = False                  # may forward mail from any mailbox of its domains
+    forward_identities: tuple[str, ...] = ()  # or only from these mailboxes (lower-case local@A-label)
+
+    @property
+    def may_forward(self) -> bool:
+        return self.forwarding or bool(self.forward_identities)
 
     @property
     def suspended(self) -> bool:

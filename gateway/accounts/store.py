@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ..smtp.address import AddressError, parse_domain
 from ..state.background import BackgroundTask
-from ..storage.schema import account_domains, account_networks, accounts
+from ..storage.schema import account_domains, account_forwarders, account_networks, accounts
 from .model import Account, AccountStatus, SenderDomain
 from .passwords import hash_password, verify_password_async
 
@@ -63,7 +63,10 @@ class AccountStore:
         async with self._refresh_lock:
             async with self.engine.connect() as conn:
                 rows = (await conn.execute(sa.select(accounts.c.id, accounts.c.name, accounts.c.status,
-                                                     accounts.c.contact, accounts.c.allow_subdomains))).all()
+                                                     accounts.c.contact, accounts.c.allow_subdomains,
+                                                     accounts.c.allow_forwarding))).all()
+                fwds = (await conn.execute(sa.select(account_forwarders.c.account_id,
+                                                     account_forwarders.c.address))).all()
                 nets = (await conn.execute(sa.select(account_networks.c.account_id,
                                                      account_networks.c.cidr))).all()
                 doms = (await conn.execute(sa.select(account_domains))).mappings().all()
@@ -74,11 +77,15 @@ class AccountStore:
             for d in doms:
                 dom_by.setdefault(d["account_id"], []).append(
                     SenderDomain(d["domain"], d["status"], d["token"], d["verified_at"], d["note"]))
+            fwd_by: dict[int, list[str]] = {}
+            for acc_id, address in fwds:
+                fwd_by.setdefault(acc_id, []).append(address)
             by_name: dict[str, Account] = {}
             networks = []
-            for acc_id, name, status, contact, allow_sub in rows:
+            for acc_id, name, status, contact, allow_sub, allow_fwd in rows:
                 acc = Account(acc_id, name, AccountStatus(status), contact, bool(allow_sub),
-                              tuple(net_by.get(acc_id, ())), tuple(dom_by.get(acc_id, ())))
+                              tuple(net_by.get(acc_id, ())), tuple(dom_by.get(acc_id, ())),
+                              bool(allow_fwd), tuple(sorted(fwd_by.get(acc_id, ()))))
                 by_name[name] = acc
                 networks.extend((net, name) for net in acc.networks)
             # Most specific network first, so nested client networks map to the right account.
@@ -256,6 +263,74 @@ class AccountStore:
                 (account_domains.c.account_id == acc_id) & (account_domains.c.domain == dom)))
             if res.rowcount == 0:
                 raise AccountError(f"domain {dom} is not on account {name!r}")
+        await self.refresh()
+
+    # --- forwarding (docs/forwarding.md) --------------------------------------------
+    def _identity(self, name: str, identity: str) -> str:
+        """The comparison form of a forwarding identity: a mailbox of one of the
+        account's authorized sender domains."""
+        from ..checks.mail_sender_auth import authorize
+        from ..smtp.address import parse_mailbox
+
+        try:
+            box = parse_mailbox(identity.strip(), utf8=True)
+        except AddressError as exc:
+            raise AccountError(f"invalid identity {identity!r}: {exc.detail}") from None
+        if box.is_literal:
+            raise AccountError(f"identity {identity!r}: an address literal is not a sender domain")
+        acc = self._by_name.get(name)
+        if acc is None:
+            raise AccountError(f"no account {name!r}")
+        verdict = authorize(acc, box.domain_ascii)
+        if not verdict.allowed:
+            raise AccountError(f"identity {identity!r}: {verdict.reason}")
+        from ..forwarding import unquote_local
+
+        return f"{unquote_local(box.local)}@{box.domain_ascii}".lower()
+
+    async def allow_forwarding(self, name: str, identity: str | None = None) -> str | None:
+        """Let the account forward mail: from every mailbox of its domains, or
+        (``identity``) from that mailbox only. Returns the stored identity."""
+        await self.refresh()
+        address = self._identity(name, identity) if identity is not None else None
+        async with self.engine.begin() as conn:
+            acc_id = await self._id(conn, name)
+            if address is None:
+                await conn.execute(accounts.update().where(accounts.c.id == acc_id)
+                                   .values(allow_forwarding=True, updated_at=self.clock()))
+            else:
+                exists = (await conn.execute(sa.select(account_forwarders.c.id).where(
+                    (account_forwarders.c.account_id == acc_id)
+                    & (account_forwarders.c.address == address)))).first()
+                if exists is None:
+                    await conn.execute(account_forwarders.insert().values(
+                        account_id=acc_id, address=address, created_at=self.clock()))
+        await self.refresh()
+        return address
+
+    async def deny_forwarding(self, name: str, identity: str | None = None) -> None:
+        """End forwarding: all of it (account level and every identity), or one identity."""
+        async with self.engine.begin() as conn:
+            acc_id = await self._id(conn, name)
+            if identity is None:
+                await conn.execute(accounts.update().where(accounts.c.id == acc_id)
+                                   .values(allow_forwarding=False, updated_at=self.clock()))
+                await conn.execute(account_forwarders.delete().where(account_forwarders.c.account_id == acc_id))
+            else:
+                address = identity.strip().lower()
+                try:
+                    address = self._identity(name, identity)
+                except AccountError:
+                    pass  # a domain gone since: the stored form is still the lower-case address
+                res = await conn.execute(account_forwarders.delete().where(
+                    (account_forwarders.c.account_id == acc_id) & (account_forwarders.c.address == address)))
+                if res.rowcount == 0:
+                    acc = self._by_name.get(name)
+                    if acc is not None and acc.forwarding:
+                        raise AccountError(f"identity {identity!r} is not listed: every mailbox of {name!r} may "
+                                           f"forward ('gateway account forwarding deny {name}' ends that)")
+                    raise AccountError(f"identity {identity!r} may not forward on account {name!r} "
+                                       f"(see 'gateway account show {name}')")
         await self.refresh()
 
     async def get(self, name: str) -> Account:

@@ -1,6 +1,8 @@
 """P-DOM: the header From domain must exist in DNS (MX, or A/AAAA as implicit
 MX; not a null MX), like the MAIL FROM domain at MAIL. Unparseable From
-headers are the header check's business (data_headers runs first)."""
+headers are the header check's business (data_headers runs first).
+Forwarded mail (gateway/forwarding.py) is skipped: its From is the author's,
+and the message is relayed unchanged."""
 from __future__ import annotations
 
 from typing import Any
@@ -8,6 +10,7 @@ from typing import Any
 from ..dns.domain import DomainStatus, check_domain_exists, reply_for
 from ..dns.resolver import Resolver
 from ..dns.settings import DomainSettings
+from ..forwarding import forwarded
 from ..message.headers import HeaderSyntaxError, parse_address_list, parsed_for
 from ..smtp.transaction import Outcome, Phase
 
@@ -25,6 +28,8 @@ class DataFromDomain:
             return Outcome.skip(self.name, "disabled")
         if tx.message is None:
             return Outcome.skip(self.name, "no message")
+        if forwarded(tx) is not None:
+            return Outcome.skip(self.name, "forwarded: the From is the author's")
         value = parsed_for(tx).get("from")
         if value is None:
             return Outcome.skip(self.name, "no From header")

@@ -25,6 +25,7 @@ from typing import Any, Callable
 from ..message.findings import OFF, REJECT, apply
 from ..message.headers import check_structure, parsed_for
 from ..message.settings import HeaderSettings
+from ..forwarding import forwarded
 from ..smtp.transaction import Outcome, Phase
 
 ADD = "add"  # the action recorded for a finding the gateway repairs by adding a header
@@ -49,6 +50,8 @@ class HeadersCheck:
         data = tx.message
         if data is None:
             return Outcome.skip(self.name, "no message")
+        if forwarded(tx) is not None:  # the author's header block, relayed unchanged (docs/forwarding.md)
+            return Outcome.skip(self.name, "forwarded")
         parsed = parsed_for(tx)
         now = self.clock() if self.settings.actions.get("hdr.date_window") != "off" else None
         findings = check_structure(data, parsed, self.settings, now)

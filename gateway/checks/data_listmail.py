@@ -1,10 +1,14 @@
 """P-OPTIN: mail that looks like list mail (List-Id, List-Unsubscribe,
 Precedence: bulk|list) but does not come from a registered list is
-refused: mailing lists need the registry's confirmed opt-in."""
+refused: mailing lists need the registry's confirmed opt-in.
+
+Forwarded mail (gateway/forwarding.py) is skipped: its list headers are the
+third party's list, which the customer only receives and passes on."""
 from __future__ import annotations
 
 from typing import Any
 
+from ..forwarding import forwarded
 from ..message.headers import parsed_for
 from ..smtp import replies
 from ..smtp.transaction import Outcome, Phase
@@ -21,6 +25,8 @@ class DataListmail:
             return Outcome.skip(self.name, "no message")
         if tx.extra.get("list") is not None:
             return Outcome.ok(self.name, "registered list mail")
+        if forwarded(tx) is not None:
+            return Outcome.skip(self.name, "forwarded: the list headers are the author's")
         parsed = parsed_for(tx)
         marks = [name for name in _LIST_FIELDS if parsed.has(name)]
         precedence = (parsed.get("precedence") or "").strip().lower()

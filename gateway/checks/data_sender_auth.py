@@ -17,6 +17,12 @@ but is not one of the account's sender domains: refused here, e.g.
 ``"ceo@example.com" <news@shop.example.com>`` from an account that owns
 shop.example.com only.
 
+Forwarded mail (gateway/forwarding.py, docs/forwarding.md): From and Sender
+are the author's, not the account's, and are not judged here when the
+message shows forwarding evidence; a forwarding candidate (a foreign MAIL
+FROM let through at MAIL) without evidence is refused like a foreign sender,
+with a detail naming the evidence it lacks. SRS bounces are skipped.
+
 Runs after ``data_headers`` (which refuses headers that do not parse: they
 are skipped here) and before ``data_subject``. Sessions without an account
 are skipped, as at MAIL.
@@ -28,6 +34,7 @@ from typing import Any
 
 from ..message.headers import (ParsedHeaders, display_domains, display_text, parse_content_type,
                                parsed_address_list, parsed_for, related_domains)
+from ..forwarding import forwarded, missing_evidence
 from ..smtp import replies
 from ..smtp.transaction import Outcome, Phase
 from .mail_sender_auth import ascii_domain, authorize
@@ -67,7 +74,16 @@ class DataSenderAuth:
             return Outcome.skip(self.name, "not authenticated")
         if tx.message is None:
             return Outcome.skip(self.name, "no message")
+        fwd = forwarded(tx)
+        if fwd is not None:
+            if fwd.kind == "bounce":
+                return Outcome.skip(self.name, "SRS bounce: the author is the remote MTA")
+            return Outcome.skip(self.name, f"forwarded ({fwd.evidence}): From and Sender are the author's")
         account = self.accounts.cached(acc.name) or acc
+        if tx.forwarding is not None and not tx.forwarding.own_envelope:   # a candidate without evidence
+            return Outcome.refuse(self.name, replies.SENDER_NOT_AUTHORIZED,
+                                  f"{tx.mail_from.domain_ascii} is not a sender domain of this account, and "
+                                  + missing_evidence(tx.forwarding.account or account))
         parsed = parsed_for(tx)
         notes: list[str] = []
         if tx.extra.get("null_sender"):

@@ -24,6 +24,7 @@ from typing import Any
 from ..message.findings import apply
 from ..message.headers import check_subject, parsed_for
 from ..message.settings import HeaderSettings
+from ..forwarding import forwarded
 from ..smtp.transaction import Outcome, Phase
 
 
@@ -43,6 +44,8 @@ class SubjectCheck:
         self.accounts = accounts
 
     async def run(self, tx: Any, item: Any = None) -> Outcome:
+        if forwarded(tx) is not None:  # the author's headers, relayed unchanged (docs/forwarding.md)
+            return Outcome.skip(self.name, "forwarded")
         if tx.message is None:
             return Outcome.skip(self.name, "no message")
         account = tx.session.account

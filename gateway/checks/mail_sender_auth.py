@@ -6,6 +6,13 @@ subdomains of them only when the account allows subdomains. A pending domain
 (token issued, proof not seen) is refused like a foreign one, with a detail
 that says what is missing.
 
+An account that may forward (``gateway account forwarding allow``) may also
+use a foreign MAIL FROM: the transaction becomes a forwarding *candidate*
+(``tx.forwarding``, with the SRS address the upstream gets instead), and at
+DATA the message must show that it was delivered to one of the account's
+mailboxes and sent on, or it is refused like any foreign sender
+(``data_sender_auth``; gateway/forwarding.py, docs/forwarding.md).
+
 The null reverse-path passes here but marks the transaction
 (``tx.extra["null_sender"]``): ``data_sender_auth`` then lets the message
 through only if it is a DSN or an MDN. Sessions without an account are
@@ -20,9 +27,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..accounts.model import Account, SenderDomain
+from ..forwarding import Srs, SrsError, unquote_local
 from ..smtp import replies
 from ..smtp.address import AddressError, parse_domain
-from ..smtp.transaction import Outcome, Phase
+from ..smtp.transaction import ForwardingDecision, Outcome, Phase
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +82,9 @@ class MailSenderAuth:
     name = "mail_sender_auth"
     phase = Phase.MAIL
 
-    def __init__(self, accounts: Any):
+    def __init__(self, accounts: Any, srs: Srs | None = None):
         self.accounts = accounts
+        self.srs = srs
 
     async def run(self, tx: Any, item: Any = None) -> Outcome:
         addr = item if item is not None else tx.mail_from
@@ -95,9 +104,35 @@ class MailSenderAuth:
             return Outcome.refuse(self.name, replies.SENDER_NOT_AUTHORIZED, detail)
         verdict = authorize(account, addr.domain_ascii)
         if verdict.allowed:
+            if account.may_forward:
+                # Its own envelope, but perhaps a third party's message re-sent
+                # with an envelope the customer's MTA rewrote already: DATA decides.
+                tx.forwarding = ForwardingDecision("forward", addr.addr, "", account=account, own_envelope=True)
             return Outcome.ok(self.name, f"{verdict.domain}: {verdict.reason}")
+        if account.may_forward and verdict.via is None:
+            return self._candidate(tx, account, addr, verdict)
         return Outcome.refuse(self.name, replies.SENDER_NOT_AUTHORIZED, verdict.reason)
+
+    def _candidate(self, tx: Any, account: Account, addr: Any, verdict: DomainAuth) -> Outcome:
+        """A foreign sender from an account that may forward: let through with its
+        SRS rewrite; DATA confirms it (evidence) or refuses it."""
+        if self.srs is None:
+            return Outcome.refuse(self.name, replies.SENDER_NOT_AUTHORIZED,
+                                  f"{verdict.reason}; this account may forward mail, but the gateway has no "
+                                  f"SRS domain for it ([forwarding] srs_domain)")
+        try:
+            rewrite = self.srs.forward(unquote_local(addr.local), addr.domain_ascii)
+        except SrsError as exc:
+            # Relayed with its own envelope sender: SPF may fail at the destination,
+            # but a refusal would lose mail the account may forward.
+            tx.forwarding = ForwardingDecision("forward", addr.addr, "", account=account,
+                                               note=f"not rewritten: {exc.detail}")
+            return Outcome.flag(self.name, f"forwarding candidate {addr.addr}: SRS not applied ({exc.detail})")
+        tx.forwarding = ForwardingDecision("forward", addr.addr, rewrite, account=account)
+        return Outcome.ok(self.name, f"forwarding candidate: {verdict.domain} is not a sender domain of this "
+                                     f"account, which may forward; envelope sender becomes {rewrite} "
+                                     f"if the message shows forwarding evidence")
 
 
 def build(services: Any) -> MailSenderAuth:
-    return MailSenderAuth(services.accounts)
+    return MailSenderAuth(services.accounts, Srs.from_settings(services.config.forwarding, services.clock))

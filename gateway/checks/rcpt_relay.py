@@ -7,21 +7,34 @@ so a trick aimed at them (``postmaster%evil@gw``, ``"a@evil"@gw``, a source
 route via the gateway) never routes anywhere else: the parser refuses those
 forms for everybody before this check runs. Address literals are refused
 unless the operator allows them.
+
+SRS bounces (docs/forwarding.md): at the gateway's SRS domain
+(``[forwarding] srs_domain``) anyone may reach a valid, unexpired SRS
+address, which is relayed to the original sender it decodes to; the null
+reverse-path only (unless ``accept_non_null_bounces``), and in a transaction
+of SRS recipients only. Every other address of that domain is refused: it is
+no open relay.
 """
 from __future__ import annotations
 
+from ..forwarding import Srs, SrsError, quote_local, unquote_local
 from ..smtp import replies
-from ..smtp.address import parse_mailbox
-from ..smtp.transaction import Outcome, Phase
+from ..smtp.address import AddressError, parse_mailbox
+from ..smtp.transaction import ForwardingDecision, Outcome, Phase
+
+_SRS_REPLIES = {"hash": replies.SRS_BAD_HASH, "expired": replies.SRS_EXPIRED}
 
 
 class RcptRelay:
     name = "rcpt_relay"
     phase = Phase.RCPT
 
-    def __init__(self, service_mailboxes: frozenset[str], allow_literals: bool, unsubscribe_address: str = ""):
+    def __init__(self, service_mailboxes: frozenset[str], allow_literals: bool, unsubscribe_address: str = "",
+                 srs: Srs | None = None, accept_non_null_bounces: bool = False):
         self.service_mailboxes = service_mailboxes
         self.allow_literals = allow_literals
+        self.srs = srs
+        self.accept_non_null_bounces = accept_non_null_bounces
         # local@domain of the list unsubscribe mailto: address; mail to
         # local+TOKEN@domain opts out (RFC 2369 mailto: List-Unsubscribe).
         local, _, domain = unsubscribe_address.lower().rpartition("@")
@@ -40,9 +53,35 @@ class RcptRelay:
             if (base, address.domain_ascii) == self.unsubscribe:
                 tx.extra.setdefault("local_rcpts", {})[key] = "unsubscribe"
                 return Outcome.ok(self.name, "list unsubscribe address")
+        if self.srs is not None and not address.is_literal and self.srs.owns(address.domain_ascii):
+            return self._srs_bounce(tx, address, key)
+        if tx.forwarding is not None and tx.forwarding.kind == "bounce":
+            return Outcome.refuse(self.name, replies.SRS_SEPARATE, "this transaction carries an SRS bounce")
         if tx.session.account is None:
             return Outcome.refuse(self.name, replies.RELAY_DENIED, "client not authenticated")
         return Outcome.ok(self.name, f"account {tx.session.account.name}")
+
+    def _srs_bounce(self, tx, address, key: str) -> Outcome:
+        try:
+            local, domain = self.srs.reverse(unquote_local(address.local))
+        except SrsError as exc:
+            return Outcome.refuse(self.name, _SRS_REPLIES.get(exc.kind, replies.SRS_NOT_SRS), exc.detail)
+        try:
+            target = parse_mailbox(f"{quote_local(local)}@{domain}", utf8=True)
+        except AddressError as exc:
+            return Outcome.refuse(self.name, replies.SRS_NOT_SRS, f"decodes to an invalid address ({exc.detail})")
+        if target.is_literal or self.srs.owns(target.domain_ascii):
+            return Outcome.refuse(self.name, replies.SRS_NOT_SRS, "decodes to an address of the SRS domain itself")
+        if not tx.mail_from.is_null and not self.accept_non_null_bounces:
+            return Outcome.refuse(self.name, replies.SRS_BOUNCES_ONLY, f"MAIL FROM <{tx.mail_from.addr}>")
+        if any(not r.local and r.relay_to is None for r in tx.recipients):
+            return Outcome.refuse(self.name, replies.SRS_SEPARATE, "this transaction has other recipients")
+        tx.extra.setdefault("srs_rcpts", {})[key] = target.addr
+        if tx.forwarding is None or tx.forwarding.kind != "bounce":
+            # Also replaces an account's own-envelope forwarding decision: the
+            # message is a bounce to the original sender, nothing else.
+            tx.forwarding = ForwardingDecision("bounce", original=address.addr, rewrite=target.addr, state="bounce")
+        return Outcome.ok(self.name, f"SRS bounce to {target.addr}")
 
 
 def normalize_service_mailboxes(mailboxes: list[str]) -> frozenset[str]:
@@ -53,5 +92,7 @@ def normalize_service_mailboxes(mailboxes: list[str]) -> frozenset[str]:
 
 def build(services) -> RcptRelay:
     s = services.config.smtp
+    fwd = services.config.forwarding
     return RcptRelay(normalize_service_mailboxes(s.service_mailboxes), s.allow_address_literals,
-                     services.config.registry.mailto_address)
+                     services.config.registry.mailto_address, Srs.from_settings(fwd, services.clock),
+                     fwd.accept_non_null_bounces)

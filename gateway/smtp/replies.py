@@ -222,3 +222,15 @@ OPTIN_NOT_SUBSCRIBED = R(550, "5.7.1", "Recipient is not a confirmed subscriber 
 OPTIN_UNSUBSCRIBED = R(550, "5.7.1", "Recipient has unsubscribed from this list", "P-OPTOUT")
 OPTIN_UNREGISTERED_LIST = R(550, "5.7.1", "Mailing-list mail from a list that is not registered", "P-OPTIN")
 UNSUBSCRIBE_BAD_TOKEN = R(550, "5.1.1", "Unknown or damaged unsubscribe address", "P-OPTOUT")
+
+# --- forwarded mail and SRS bounces (docs/forwarding.md) ---
+# A forwarding candidate without evidence is refused with SENDER_NOT_AUTHORIZED
+# (P-FORGE) and a detail naming the evidence it lacks. At the SRS domain only a
+# valid, unexpired SRS address is relayed (to the original sender); nothing else
+# there is.
+SRS_NOT_SRS = R(550, "5.1.1", "No such address: not an SRS address of this gateway", "P-RELAY")
+SRS_BAD_HASH = R(550, "5.7.1", "SRS address does not verify (bad hash)", "P-RELAY")
+SRS_EXPIRED = R(550, "5.1.1", "SRS address has expired", "P-RELAY")
+SRS_BOUNCES_ONLY = R(550, "5.7.1", "SRS addresses take bounces only (null reverse-path)", "P-RELAY")
+SRS_SEPARATE = R(452, "4.5.3", "SRS bounces need a transaction of their own; send the other recipients again",
+                 "P-RELAY")

@@ -622,7 +622,8 @@ class GatewaySMTP(AioSMTP):
             reply = await self._relay_rcpt(tx, address)
         tx.mark("rcpt")
         if reply.is_positive:
-            tx.recipients.append(Recipient(address, params, reply, local, upstream))
+            relay_to = tx.extra.get("srs_rcpts", {}).get(address.normalized.lower())
+            tx.recipients.append(Recipient(address, params, reply, local, upstream, relay_to))
         else:
             tx.refused_recipients += 1
             tx.ledger.append(Outcome("relay_rcpt", Result.FAIL, reply.render(), reply, Phase.RCPT, label))
@@ -668,8 +669,13 @@ class GatewaySMTP(AioSMTP):
 
     async def _begin_upstream(self, tx: Transaction):
         size = tx.mail_params.get("SIZE")
+        # Forwarded mail goes upstream with its SRS envelope sender (decided at
+        # MAIL: this runs at the first RCPT, before the message is seen). A
+        # candidate without evidence is refused at DATA and never relayed.
+        fwd = tx.forwarding
+        mail_from = fwd.rewrite if fwd is not None and fwd.kind == "forward" and fwd.rewrite else tx.mail_from.addr
         utx, reply = await self.gw.relay.begin(
-            tx.mail_from.addr, [], utf8=tx.smtputf8, eight_bit=tx.body_8bit,
+            mail_from, [], utf8=tx.smtputf8, eight_bit=tx.body_8bit,
             size=int(size) if isinstance(size, str) else None)
         if utx is not None:
             tx.upstream = utx.upstream
@@ -681,7 +687,9 @@ class GatewaySMTP(AioSMTP):
             if utx is None:
                 return reply
             self.upstream_tx = utx
-        return await self.upstream_tx.rcpt(address.addr, [])
+        # An SRS bounce goes to the original sender its address decodes to.
+        target = tx.extra.get("srs_rcpts", {}).get(address.normalized.lower(), address.addr)
+        return await self.upstream_tx.rcpt(target, [])
 
     async def smtp_DATA(self, arg: str | None) -> None:
         tx = self.tx

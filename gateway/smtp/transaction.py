@@ -133,6 +133,42 @@ class Recipient:
     reply: Reply | Rendered | None = None  # the answer the client got (upstream's when relayed)
     local: str | None = None  # "service" | "unsubscribe": handled by the gateway itself, not relayed
     upstream: Any = None      # list mail: this recipient's own upstream transaction (one copy each)
+    relay_to: str | None = None  # SRS bounce: the decoded address the message is relayed to
+
+
+@dataclass(slots=True)
+class ForwardingDecision:
+    """Forwarded mail (docs/forwarding.md), decided at MAIL and settled at DATA.
+
+    ``kind`` "forward": the client (an account that may forward) sent a message
+    it forwards; ``original`` is its MAIL FROM and ``rewrite`` the SRS address
+    the upstream gets instead ("" when it stays: the envelope is the account's
+    own, ``own_envelope``, or SRS could not apply, ``note``). ``state``: "candidate" (MAIL: nothing seen yet), then at DATA
+    "confirmed" (``evidence`` names the header that shows it), "no-evidence"
+    (refused like any foreign sender) or "own-mail" (own envelope and From:
+    ordinary mail). ``kind`` "bounce": a message to an SRS address of the
+    gateway, relayed to the decoded original sender (``Recipient.relay_to``).
+    """
+
+    kind: str                           # "forward" | "bounce"
+    original: str = ""
+    rewrite: str = ""
+    state: str = "candidate"
+    evidence: str = ""
+    account: Any = None                 # the account snapshot the evidence is judged against
+    own_envelope: bool = False          # MAIL FROM is in the account's own domains
+    note: str = ""
+
+    def as_log(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"kind": self.kind, "state": self.state}
+        if self.kind == "forward":
+            d["original_sender"] = self.original
+            d["rewritten_sender"] = self.rewrite or self.original
+        if self.evidence:
+            d["evidence"] = self.evidence
+        if self.note:
+            d["note"] = self.note
+        return d
 
 
 @dataclass(slots=True)
@@ -151,6 +187,7 @@ class Transaction:
     decision: str = "open"          # relayed | refused | deferred | aborted | local
     final_reply: Reply | Rendered | None = None
     upstream: str | None = None
+    forwarding: ForwardingDecision | None = None   # forwarded mail / SRS bounce (gateway/forwarding.py)
     extra: dict[str, Any] = field(default_factory=dict)  # check-specific state
 
     @property

@@ -20,6 +20,18 @@ accounts = sa.Table(
     sa.Column("allow_subdomains", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
+    # migration 0005: may forward inbound mail of any mailbox of its domains (SRS)
+    sa.Column("allow_forwarding", sa.Boolean, nullable=False, server_default=sa.false()),
+)
+
+# The mailboxes an account may forward from when not the whole account may (migration 0005).
+account_forwarders = sa.Table(
+    "account_forwarders", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("account_id", sa.Integer, sa.ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("address", sa.String(320), nullable=False),                   # lower-case local@A-label
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("account_id", "address", name="uq_account_forwarders"),
 )
 
 account_networks = sa.Table(
