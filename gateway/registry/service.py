@@ -469,10 +469,12 @@ class RegistryService:
         token = self._need_keys().confirm_token(lst.id, address_hash, nonce, expires)
         return f"{self.settings.base_url}/confirm/{token}", expires
 
-    def confirmation_message(self, lst: MailingList, address: str, address_hash: str, nonce: str,
-                             source: str = "") -> tuple[bytes, bool]:
+    def confirmation_message(self, lst: MailingList, address: str, address_hash: str,
+                             nonce: str) -> tuple[bytes, bool]:
         """The confirmation mail (RFC 5322, text/plain UTF-8, quoted-printable);
-        returns (bytes, needs SMTPUTF8)."""
+        returns (bytes, needs SMTPUTF8). It shows the list and the address, never
+        the consent evidence: ``source`` is the customer's internal note (a
+        form, a campaign, an import file name), kept for the API and exports."""
         from email import policy
 
         url, expires = self.confirm_url(lst, address_hash, nonce)
@@ -490,10 +492,6 @@ class RegistryService:
             "",
             f"someone, hopefully you, asked to subscribe {display_address(address)} to the",
             f"mailing list \"{lst.name}\" <{lst.list_id}>.",
-        ]
-        if source:
-            lines.append(f"Where the request came from, as the sender told us: {source}")
-        lines += [
             "",
             "To confirm, open this link and press the \"Confirm\" button:",
             "",
@@ -508,11 +506,11 @@ class RegistryService:
         msg.set_content("\n".join(lines) + "\n", charset="utf-8", cte="quoted-printable")
         return bytes(msg) if not utf8 else msg.as_bytes(policy=policy.SMTPUTF8), utf8
 
-    async def _send_confirmation(self, lst: MailingList, address: str, address_hash: str, nonce: str,
-                                 source: str = "") -> tuple[bool, str]:
+    async def _send_confirmation(self, lst: MailingList, address: str, address_hash: str,
+                                 nonce: str) -> tuple[bool, str]:
         if self.relay is None:
             return False, "no relay in this process"
-        data, utf8 = self.confirmation_message(lst, address, address_hash, nonce, source)
+        data, utf8 = self.confirmation_message(lst, address, address_hash, nonce)
         try:
             async with asyncio.timeout(self.settings.send_timeout):
                 utx, reply = await self.relay.begin(lst.confirm_from, [], utf8=utf8, eight_bit=False,
@@ -550,9 +548,8 @@ class RegistryService:
                     "mails stay queued until %s (a bought or old list being imported?)", account_name, b.limit,
                     b.window, format_datetime(datetime.fromtimestamp(window_start + b.window, timezone.utc)))
 
-    async def _deliver(self, lst: MailingList, address: str, address_hash: str, nonce: str,
-                       source: str = "") -> str:
-        ok, detail = await self._send_confirmation(lst, address, address_hash, nonce, source)
+    async def _deliver(self, lst: MailingList, address: str, address_hash: str, nonce: str) -> str:
+        ok, detail = await self._send_confirmation(lst, address, address_hash, nonce)
         status = "sent" if ok else "failed"
         self.stats["confirmations_sent" if ok else "confirmations_failed"] += 1
         if not ok:
@@ -705,7 +702,7 @@ class RegistryService:
             self._budget_exhausted(lst.account_id, lst.account, budget.start(self.clock()))
             return AddResult(sub, "queued", "the account's budget of confirmation mails for this window is used "
                                             "up; the mail is queued and goes out in a later window")
-        status = await self._deliver(lst, ev["address"], addr_hash, nonce, ev["source"])
+        status = await self._deliver(lst, ev["address"], addr_hash, nonce)
         sub = await self._db(self.store.subscriber(lst.id, addr_hash)) or sub
         return AddResult(sub, status)
 
