@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from ..storage.db import WalCheckpointer
 from ..storage.schema import (account_domains, accounts, api_keys, confirmation_budget, list_senders,
                               list_subscribers, list_suppressions, mailing_lists, registry_state)
 from .model import BudgetExhausted, Conflict, MailingList, NotFound, RateLimited, RecipientStatus, Subscriber
@@ -103,6 +104,10 @@ class RegistryStore:
         self.clock = clock
         self.own_versions: set[int] = set()   # change-counter values this process wrote (local mode)
         self.on_commit: Callable[[Sequence[Event]], None] | None = None
+        # SQLite: after a deletion of personal data (opt-out, subscriber or list
+        # deletion) the WAL, which still holds the earlier page versions, is
+        # checkpointed and truncated (PostgreSQL: docs/registry.md, "Erasure").
+        self.checkpointer = WalCheckpointer(engine) if engine.dialect.name == "sqlite" else None
 
     # ------------------------------------------------------------ change feed
     async def _announce(self, conn: AsyncConnection, events: Sequence[Event]) -> None:
@@ -124,7 +129,15 @@ class RegistryStore:
         if events and self.on_commit is not None:
             self.on_commit(events)
 
+    async def _erased(self) -> None:
+        """Personal data was deleted and committed: empty SQLite's WAL (waits at
+        most ~1 s, retried in the background if a reader holds it; never raises)."""
+        if self.checkpointer is not None:
+            await self.checkpointer.request()
+
     async def close(self) -> None:
+        if self.checkpointer is not None:
+            await self.checkpointer.close()
         if self.fast is not None:
             st = self.fast.stats
             if st["lookups"]:
@@ -250,6 +263,7 @@ class RegistryStore:
             await conn.execute(mailing_lists.delete().where(cond))
             await self._announce(conn, [("f", "", "")])
         self._committed([("f", "", "")])
+        await self._erased()
         return True
 
     # ------------------------------------------------------------ subscription state
@@ -496,6 +510,8 @@ class RegistryStore:
                     pass  # a concurrent opt-out of the same address: the hash is there
             await self._announce(conn, events)
         self._committed(events)
+        if res.rowcount > 0:
+            await self._erased()
         return res.rowcount > 0
 
     # ------------------------------------------------------------ confirmation mail state
