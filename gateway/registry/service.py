@@ -35,6 +35,11 @@ from .tokens import UNSUBSCRIBE_TOKEN_CHARS, Keys, api_key_hash
 
 log = logging.getLogger("gateway.registry")
 
+# How an opt-out reached the gateway: the RFC 8058 one-click POST of a mail
+# client, the button of the unsubscribe page, a mail to the mailto: address,
+# a removal through the API (the list owner on the person's behalf).
+OPTOUT_VIAS = ("one-click", "page", "mailto", "api")
+
 _TOKEN_IN_TEXT = re.compile(r"(?<![a-z2-7])([a-z2-7]{%d})(?![a-z2-7])" % UNSUBSCRIBE_TOKEN_CHARS)
 
 
@@ -187,6 +192,9 @@ class RegistryService:
         self._outbox_kick = asyncio.Event()
         self.stats = {"confirmations_sent": 0, "confirmations_failed": 0, "unsubscribes": 0,
                       "confirmations_deferred": 0, "confirmation_budget_exhausted": 0}
+        # opt-outs by the way they came (OPTOUT_VIAS) and result (removed: a subscriber record
+        # was deleted; already: none was left, e.g. a repeated one-click)
+        self.optouts: dict[tuple[str, str], int] = {(v, r): 0 for v in OPTOUT_VIAS for r in ("removed", "already")}
         # The per-account budget of confirmation mails: at most confirmations_per_account
         # per fixed confirmation_window (0: none), so a bought list imported at once does
         # not make the gateway mail thousands of strangers; the rest waits in the queue for
@@ -409,19 +417,28 @@ class RegistryService:
         return m.group(1) if m else None
 
     # ============================================================ opt-out
-    async def unsubscribe_by_token(self, token: str, *, via: str = "") -> UnsubscribeResult:
+    async def unsubscribe_by_token(self, token: str, *, via: str) -> UnsubscribeResult:
         """Opt out: delete the subscriber record and keep only the keyed hash in
         the list's suppression set. Idempotent. Raises TokenError (forged or
-        damaged token) or RegistryUnavailable. ``via`` is logged (one-click,
-        page, mailto)."""
+        damaged token) or RegistryUnavailable. ``via`` (one of OPTOUT_VIAS:
+        one-click, page, mailto) is logged and counted."""
+        if via not in OPTOUT_VIAS:
+            raise ValueError(f"unknown opt-out way {via!r}")
         claim = self._need_keys().read_unsubscribe(token)
         lst = await self._db(self.store.get_list(claim.list_id))
         if lst is None:
+            self._count_optout(via, False, "")
             return UnsubscribeResult("", False)
         removed = await self._db(self.store.unsubscribe(claim.list_id, claim.address_hash))
-        self.stats["unsubscribes"] += 1
-        log.info("opt-out list=%s removed=%s via=%s", lst.id, removed, via or "-")
+        self._count_optout(via, removed, lst.id)
+        if removed:
+            await self.store.erased()
         return UnsubscribeResult(lst.name, removed)
+
+    def _count_optout(self, via: str, removed: bool, list_id: str) -> None:
+        self.stats["unsubscribes"] += 1
+        self.optouts[(via, "removed" if removed else "already")] += 1
+        log.info("opt-out list=%s removed=%s via=%s", list_id or "-", removed, via)
 
     async def unsubscribe_view(self, token: str) -> PageInfo:
         claim = self._need_keys().read_unsubscribe(token)
@@ -667,6 +684,7 @@ class RegistryService:
         lst = await self.get_list(account_name, list_id)
         if not await self._db(self.store.delete_list(lst.account_id, lst.id)):
             raise NotFound("no such list")
+        await self.store.erased()
 
     # ============================================================ subscribers
     def _evidence(self, row: dict, prefix: str, default_source: str = "") -> dict:
@@ -774,7 +792,11 @@ class RegistryService:
         """Remove a subscriber on the person's behalf: the same permanent removal
         as an opt-out (the keyed hash stays in the suppression set)."""
         lst = await self.get_list(account_name, list_id)
-        return await self._db(self.store.unsubscribe(*self._list_and_hash(lst, address)))
+        removed = await self._db(self.store.unsubscribe(*self._list_and_hash(lst, address)))
+        self._count_optout("api", removed, lst.id)
+        if removed:
+            await self.store.erased()
+        return removed
 
     async def resend_confirmation(self, account_name: str, list_id: str, address: str) -> str:
         """Send the confirmation mail again: RateLimited within resend_interval

@@ -129,9 +129,11 @@ class RegistryStore:
         if events and self.on_commit is not None:
             self.on_commit(events)
 
-    async def _erased(self) -> None:
-        """Personal data was deleted and committed: empty SQLite's WAL (waits at
-        most ~1 s, retried in the background if a reader holds it; never raises)."""
+    async def erased(self) -> None:
+        """Call after a deletion of personal data has committed (``unsubscribe``
+        that removed a row, ``delete_list``): empties SQLite's WAL. Waits at most
+        ~1 s (retried in the background while a reader holds the WAL); never
+        raises. Outside any timeout of the deletion itself, which is done."""
         if self.checkpointer is not None:
             await self.checkpointer.request()
 
@@ -263,7 +265,6 @@ class RegistryStore:
             await conn.execute(mailing_lists.delete().where(cond))
             await self._announce(conn, [("f", "", "")])
         self._committed([("f", "", "")])
-        await self._erased()
         return True
 
     # ------------------------------------------------------------ subscription state
@@ -510,8 +511,6 @@ class RegistryStore:
                     pass  # a concurrent opt-out of the same address: the hash is there
             await self._announce(conn, events)
         self._committed(events)
-        if res.rowcount > 0:
-            await self._erased()
         return res.rowcount > 0
 
     # ------------------------------------------------------------ confirmation mail state

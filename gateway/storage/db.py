@@ -78,17 +78,18 @@ class WalCheckpointer:
     the main file and ``TRUNCATE`` cuts the log to zero bytes.
 
     ``request()`` asks for a checkpoint that covers every commit made before
-    the call and waits for it at most ``wait`` seconds; it never raises (the
-    deletion it follows is committed already and must not fail for this).
-    Requests are coalesced: one checkpoint runs at a time, and requests that
-    arrive while it runs are served by the next one. The checkpoint runs on
-    the connection's own thread (aiosqlite), never on the event loop. A
-    checkpoint needs every reader to be on the newest snapshot: while a
+    the call and waits for its first attempt, at most ``wait`` seconds; it
+    never raises (the deletion it follows is committed already and must not
+    fail for this). Requests are coalesced: one checkpoint runs at a time, and
+    requests that arrive while it runs are served by the next one. The
+    checkpoint runs on the connection's own thread (aiosqlite), never on the
+    event loop. It needs every reader to be on the newest snapshot: while a
     reader (another process, a long export, a backup) still reads an older
-    one, SQLite waits ``busy_timeout_ms`` and then reports it busy; the WAL
-    is left as it is and the checkpoint is retried after each of
-    ``retry_delays`` (then every last delay) until it succeeds. ``stats``
-    counts the attempts by result (ok, busy, error)."""
+    one, SQLite waits ``busy_timeout_ms`` and then reports it busy; the WAL is
+    left as it is, ``request()`` returns False, and the checkpoint is retried
+    in the background after each of ``retry_delays`` (then every last delay),
+    at once when another request comes, until it succeeds. ``stats`` counts
+    the attempts by result (ok, busy, error)."""
 
     def __init__(self, engine: AsyncEngine, *, busy_timeout_ms: int = 100,
                  retry_delays: Sequence[float] = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60), wait: float = 1.0):
@@ -98,9 +99,11 @@ class WalCheckpointer:
         self.wait = wait
         self.stats = {"ok": 0, "busy": 0, "error": 0}
         self._requested = 0     # requests so far
-        self._done = 0          # requests covered by a completed checkpoint
+        self._done = 0          # requests covered by a successful checkpoint
+        self._failed = 0        # requests covered by an attempt that failed (retried later)
         self._task: asyncio.Task | None = None
-        self._changed = asyncio.Event()   # set (and replaced) whenever _done moves on
+        self._changed = asyncio.Event()   # set (and replaced) after every attempt
+        self._kick = asyncio.Event()      # cuts a retry delay short
         self._failing_since: float | None = None
 
     @property
@@ -110,6 +113,7 @@ class WalCheckpointer:
     async def request(self, wait: float | None = None) -> bool:
         """True when the WAL was emptied after this call (within ``wait``)."""
         self._requested += 1
+        self._kick.set()
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
         return await self._wait_for(self._requested, self.wait if wait is None else wait)
@@ -118,7 +122,7 @@ class WalCheckpointer:
         deadline = time.monotonic() + wait
         while self._done < target:
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or self._failed >= target:
                 return False
             try:
                 await asyncio.wait_for(self._changed.wait(), left)
@@ -127,10 +131,20 @@ class WalCheckpointer:
         return True
 
     async def close(self, wait: float = 2.0) -> None:
-        """Give a pending checkpoint up to ``wait`` seconds, then stop retrying."""
+        """Try a pending checkpoint once more (within ``wait`` seconds), then stop retrying."""
         if self._task is None or self._task.done():
             return
-        await self._wait_for(self._requested, wait)
+        attempts = sum(self.stats.values())
+        self._kick.set()
+        deadline = time.monotonic() + wait
+        while self.pending and sum(self.stats.values()) == attempts:   # one more attempt at most
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except asyncio.TimeoutError:
+                break
         if not self._task.done():
             self._task.cancel()
             try:
@@ -146,6 +160,7 @@ class WalCheckpointer:
         attempt = 0
         while self._done < self._requested:
             target = self._requested
+            self._kick.clear()
             result = await self._checkpoint()
             self.stats[result] += 1
             if result == "ok":
@@ -155,8 +170,11 @@ class WalCheckpointer:
                              time.monotonic() - self._failing_since)
                     self._failing_since = None
                 self._done = target
-                changed, self._changed = self._changed, asyncio.Event()
-                changed.set()
+            else:
+                self._failed = target
+            changed, self._changed = self._changed, asyncio.Event()
+            changed.set()
+            if result == "ok":
                 continue
             if self._failing_since is None:
                 self._failing_since = time.monotonic()
@@ -165,7 +183,10 @@ class WalCheckpointer:
             (log.warning if attempt == 4 else log.debug)(
                 "SQLite WAL checkpoint %s (attempt %d): a reader still holds an older snapshot; deleted "
                 "data stays in the -wal file until it succeeds; retrying in %g s", result, attempt, delay)
-            await asyncio.sleep(delay)
+            try:
+                await asyncio.wait_for(self._kick.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
 
     async def _checkpoint(self) -> str:
         try:
