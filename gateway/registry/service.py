@@ -724,30 +724,45 @@ class RegistryService:
         sub = await self._db(self.store.subscriber(lst.id, addr_hash)) or sub
         return AddResult(sub, status)
 
-    async def import_subscribers(self, account_name: str, list_id: str, rows: Sequence[dict], *,
+    async def import_subscribers(self, account_name: str, list_id: str, rows: Sequence[Any], *,
                                  reoptin: bool = False, source: str = "") -> list[dict]:
-        """Bulk add: all rows are validated first (Invalid names the first bad
-        field, e.g. ``subscribers[3].address``; nothing is stored then); each new
-        address becomes pending with its confirmation mail queued (sent by the
-        outbox within outbox_interval, as far as the account's budget of
-        confirmation mails allows; the rest in later windows). Returns one result per row:
-        {"address", "result": queued|exists|suppressed|rate_limited|duplicate, "reason"}."""
+        """Bulk add. Each row is validated on its own: a bad one gets the result
+        ``invalid`` with the ``field`` (address, source, ip, user_agent,
+        requested_at) and the reason, and the good rows are imported anyway.
+        Each new address becomes pending with its confirmation mail queued (sent
+        by the outbox within outbox_interval, as far as the account's budget of
+        confirmation mails allows; the rest in later windows). Returns one
+        result per row, in order: {"address", "result":
+        queued|exists|suppressed|rate_limited|duplicate|invalid, "reason"
+        [, "field"]}, with the row's "line" if it had one (CSV files).
+        ``Invalid`` only for the request as a whole (more than max_bulk rows)."""
         lst = await self.get_list(account_name, list_id)
         keys = self._need_keys()
         if len(rows) > self.settings.max_bulk:
             raise Invalid("subscribers", f"at most {self.settings.max_bulk} per request")
         clean, seen, out, positions = [], set(), [], []
-        for i, row in enumerate(rows):
+        for row in rows:
+            res: dict = {}
+            if isinstance(row, dict) and isinstance(row.get("line"), int):
+                res["line"] = row["line"]
+            out.append(res)
             if not isinstance(row, dict):
-                raise Invalid(f"subscribers[{i}]", "must be an object")
-            ev = self._evidence(row, f"subscribers[{i}].", source)
+                res.update(address="", result="invalid", field="", reason="must be an object")
+                continue
+            try:
+                ev = self._evidence(row, "", source)
+            except Invalid as exc:
+                given = row.get("address")
+                res.update(address=given if isinstance(given, str) else "", result="invalid", field=exc.field,
+                           reason=exc.reason)
+                continue
+            res["address"] = ev["address"]
             if ev["address"] in seen:
-                out.append({"address": ev["address"], "result": "duplicate", "reason": "appears earlier in this import"})
+                res.update(result="duplicate", reason="appears earlier in this import")
                 continue
             seen.add(ev["address"])
             ev["address_hash"] = keys.address_hash(lst.id, ev["address"])
-            positions.append(len(out))
-            out.append({"address": ev["address"]})
+            positions.append(len(out) - 1)
             clean.append(ev)
         for chunk_start in range(0, len(clean), 1000):
             chunk = clean[chunk_start:chunk_start + 1000]
@@ -755,7 +770,8 @@ class RegistryService:
                 lst.id, chunk, reoptin=reoptin, reoptin_interval=self.settings.reoptin_interval), bounded=False)
             for j, (result, reason) in enumerate(results):
                 out[positions[chunk_start + j]].update(result=result, reason=reason)
-        self.kick_outbox()
+        if clean:
+            self.kick_outbox()
         return out
 
     async def subscriber(self, account_name: str, list_id: str, address: str) -> Subscriber:
