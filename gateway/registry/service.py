@@ -753,7 +753,7 @@ class RegistryService:
                 ev = self._evidence(row, "", source)
             except Invalid as exc:
                 given = row.get("address")
-                res.update(address=given if isinstance(given, str) else "", result="invalid", field=exc.field,
+                res.update(address=given[:320] if isinstance(given, str) else "", result="invalid", field=exc.field,
                            reason=exc.reason)
                 continue
             res["address"] = ev["address"]

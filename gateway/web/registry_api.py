@@ -378,8 +378,8 @@ def registry_router(gateway: "Gateway") -> APIRouter:
                 except ValidationError as exc:
                     err = exc.errors()[0]
                     rows.append(None)
-                    bad[i] = {"address": raw.get("address") if isinstance(raw, dict)
-                              and isinstance(raw.get("address"), str) else "", "result": "invalid",
+                    given = raw.get("address") if isinstance(raw, dict) else None
+                    bad[i] = {"address": given[:320] if isinstance(given, str) else "", "result": "invalid",
                               # rows are flat: the row's own field (a union's member tag is left out)
                               "field": f"subscribers[{i}]" + "".join(f".{p}" for p in err.get("loc", ())[:1]),
                               "reason": err.get("msg", "invalid")}
