@@ -249,24 +249,6 @@ async def _with_registry(config: Config, fn):
     return await _with_engine(config, run)
 
 
-def _read_subscriber_csv(path: str) -> list[dict]:
-    """CSV with a header row (address[,source,ip,user_agent,requested_at]) or one address per line."""
-    import csv
-
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
-    if not rows:
-        return []
-    header = [c.strip().lower() for c in rows[0]]
-    if "address" in header:
-        known = {"address", "source", "ip", "user_agent", "requested_at"}
-        unknown = [h for h in header if h not in known]
-        if unknown:
-            raise SystemExit(f"error: {path}: unknown column(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return [{h: (r[i].strip() if i < len(r) else "") or None for i, h in enumerate(header)} for r in rows[1:]]
-    return [{"address": r[0].strip()} for r in rows]
-
-
 def _show_list(lst, stats: dict | None = None) -> str:
     lines = [f"list {lst.id} ({lst.account})", f"  name: {lst.name}", f"  List-Id: {lst.list_id_header}",
              f"  senders: {', '.join(lst.senders)}", f"  confirmation From: {lst.confirm_from}"]
@@ -294,19 +276,46 @@ def cmd_list(args) -> int:
             await svc.delete_list(args.account, args.list)
             print(f"list {args.list} deleted with its subscribers and opt-outs")
         elif action == "import":
-            rows = _read_subscriber_csv(args.file)
-            results = await svc.import_subscribers(args.account, args.list, rows, reoptin=args.reoptin,
-                                                   source=args.source or f"import from {Path(args.file).name}")
-            counts: dict[str, int] = {}
-            for r in results:
-                counts[r["result"]] = counts.get(r["result"], 0) + 1
-                if r["result"] != "queued":
-                    print(f"  {r['address']}: {r['result']} ({r['reason']})", file=sys.stderr)
-            print(f"{counts.get('queued', 0)} subscriber(s) added as pending; the running gateway sends their "
-                  f"confirmation mails. " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()) if k != "queued"))
+            return await _import_csv(svc, args)
         return 0
 
     return _run(_with_registry(config, run))
+
+
+IMPORT_BAD_ROWS = 3   # `list import`: some rows were bad (reported with their line), the others imported
+
+
+async def _import_csv(svc, args) -> int:
+    from .registry import csvimport
+
+    try:
+        parsed = csvimport.parse(csvimport.decode(Path(args.file).read_bytes()))
+    except OSError as exc:
+        print(f"error: {args.file}: {exc.strerror}", file=sys.stderr)
+        return 1
+    except csvimport.CsvFileError as exc:
+        print(f"error: {args.file}: {exc} (nothing imported)", file=sys.stderr)
+        return 1
+    results = await svc.import_subscribers(args.account, args.list, parsed.rows, reoptin=args.reoptin,
+                                           source=args.source or f"import from {Path(args.file).name}")
+    results = sorted(results + parsed.errors, key=lambda r: r["line"])
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r["result"]] = counts.get(r["result"], 0) + 1
+        if r["result"] == "invalid":
+            what = f"{r['field']}: " if r["field"] not in ("", "line") else ""
+            print(f"{args.file}:{r['line']}: invalid: {what}{r['reason']}"
+                  + (f" ({r['address']!r})" if r["address"] else ""), file=sys.stderr)
+        elif r["result"] != "queued":
+            print(f"{args.file}:{r['line']}: {r['address']}: {r['result']} ({r['reason']})", file=sys.stderr)
+    print(f"{counts.get('queued', 0)} subscriber(s) added as pending; the running gateway sends their "
+          f"confirmation mails. " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()) if k != "queued"))
+    if counts.get("invalid"):
+        print(f"{counts['invalid']} bad row(s) not imported (listed above with their line numbers); "
+              f"fix them and import the file again: rows already imported are reported as existing",
+              file=sys.stderr)
+        return IMPORT_BAD_ROWS
+    return 0
 
 
 def cmd_apikey(args) -> int:
@@ -522,6 +531,10 @@ def build_parser() -> argparse.ArgumentParser:
     lcmd("show", "one list with its statistics")
     lcmd("delete", "delete a list with its subscribers and opt-outs")
     limp = lcmd("import", "import subscribers from a CSV file (each becomes pending; the gateway mails them)")
+    limp.epilog = (f"Bad rows are reported as FILE:LINE (the line of the file the row starts on; the header "
+                   f"is line 1) with the reason; the other rows are imported. Exit status: 0 every row was imported or "
+                   f"skipped (exists, suppressed, rate_limited, duplicate), {IMPORT_BAD_ROWS} some rows were bad (the rest imported), 1 nothing imported (unreadable "
+                   f"file or header, unknown account or list, more than registry.max_bulk rows), 2 config error.")
     limp.add_argument("file", help="CSV: header address[,source,ip,user_agent,requested_at], or one address a line")
     limp.add_argument("--source", help="where these people subscribed (consent evidence)")
     limp.add_argument("--reoptin", action="store_true",

@@ -72,6 +72,21 @@ def _registry_metrics(registry):
                               "Times an account used up its budget of confirmation mails "
                               "(once per account and window per gateway)",
                               value=st.get("confirmation_budget_exhausted", 0))
+    fam = CounterMetricFamily("gateway_registry_optouts",
+                              "Opt-outs by the way they came (one-click: RFC 8058 POST, page: the unsubscribe "
+                              "page's button, mailto, api: removed by the list owner) and result (removed: a "
+                              "subscriber record was deleted; already: none was left)", labels=["via", "result"])
+    for (via, result), value in registry.optouts.items():
+        fam.add_metric([via, result], value)
+    yield fam
+    checkpointer = registry.store.checkpointer
+    if checkpointer is not None:
+        fam = CounterMetricFamily("gateway_registry_wal_checkpoints",
+                                  "SQLite WAL checkpoints after deletions of personal data, by result (busy: a "
+                                  "reader held an older snapshot; retried)", labels=["result"])
+        for key, value in checkpointer.stats.items():
+            fam.add_metric([key], value)
+        yield fam
     cache = registry.cache
     snaps = cache.snapshots
     fam = CounterMetricFamily("gateway_registry_lookups", "RCPT subscription lookups by what answered them",

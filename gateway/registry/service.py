@@ -35,6 +35,11 @@ from .tokens import UNSUBSCRIBE_TOKEN_CHARS, Keys, api_key_hash
 
 log = logging.getLogger("gateway.registry")
 
+# How an opt-out reached the gateway: the RFC 8058 one-click POST of a mail
+# client, the button of the unsubscribe page, a mail to the mailto: address,
+# a removal through the API (the list owner on the person's behalf).
+OPTOUT_VIAS = ("one-click", "page", "mailto", "api")
+
 _TOKEN_IN_TEXT = re.compile(r"(?<![a-z2-7])([a-z2-7]{%d})(?![a-z2-7])" % UNSUBSCRIBE_TOKEN_CHARS)
 
 
@@ -187,6 +192,9 @@ class RegistryService:
         self._outbox_kick = asyncio.Event()
         self.stats = {"confirmations_sent": 0, "confirmations_failed": 0, "unsubscribes": 0,
                       "confirmations_deferred": 0, "confirmation_budget_exhausted": 0}
+        # opt-outs by the way they came (OPTOUT_VIAS) and result (removed: a subscriber record
+        # was deleted; already: none was left, e.g. a repeated one-click)
+        self.optouts: dict[tuple[str, str], int] = {(v, r): 0 for v in OPTOUT_VIAS for r in ("removed", "already")}
         # The per-account budget of confirmation mails: at most confirmations_per_account
         # per fixed confirmation_window (0: none), so a bought list imported at once does
         # not make the gateway mail thousands of strangers; the rest waits in the queue for
@@ -409,19 +417,28 @@ class RegistryService:
         return m.group(1) if m else None
 
     # ============================================================ opt-out
-    async def unsubscribe_by_token(self, token: str, *, via: str = "") -> UnsubscribeResult:
+    async def unsubscribe_by_token(self, token: str, *, via: str) -> UnsubscribeResult:
         """Opt out: delete the subscriber record and keep only the keyed hash in
         the list's suppression set. Idempotent. Raises TokenError (forged or
-        damaged token) or RegistryUnavailable. ``via`` is logged (one-click,
-        page, mailto)."""
+        damaged token) or RegistryUnavailable. ``via`` (one of OPTOUT_VIAS:
+        one-click, page, mailto) is logged and counted."""
+        if via not in OPTOUT_VIAS:
+            raise ValueError(f"unknown opt-out way {via!r}")
         claim = self._need_keys().read_unsubscribe(token)
         lst = await self._db(self.store.get_list(claim.list_id))
         if lst is None:
+            self._count_optout(via, False, "")
             return UnsubscribeResult("", False)
         removed = await self._db(self.store.unsubscribe(claim.list_id, claim.address_hash))
-        self.stats["unsubscribes"] += 1
-        log.info("opt-out list=%s removed=%s via=%s", lst.id, removed, via or "-")
+        self._count_optout(via, removed, lst.id)
+        if removed:
+            await self.store.erased()
         return UnsubscribeResult(lst.name, removed)
+
+    def _count_optout(self, via: str, removed: bool, list_id: str) -> None:
+        self.stats["unsubscribes"] += 1
+        self.optouts[(via, "removed" if removed else "already")] += 1
+        log.info("opt-out list=%s removed=%s via=%s", list_id or "-", removed, via)
 
     async def unsubscribe_view(self, token: str) -> PageInfo:
         claim = self._need_keys().read_unsubscribe(token)
@@ -469,10 +486,12 @@ class RegistryService:
         token = self._need_keys().confirm_token(lst.id, address_hash, nonce, expires)
         return f"{self.settings.base_url}/confirm/{token}", expires
 
-    def confirmation_message(self, lst: MailingList, address: str, address_hash: str, nonce: str,
-                             source: str = "") -> tuple[bytes, bool]:
+    def confirmation_message(self, lst: MailingList, address: str, address_hash: str,
+                             nonce: str) -> tuple[bytes, bool]:
         """The confirmation mail (RFC 5322, text/plain UTF-8, quoted-printable);
-        returns (bytes, needs SMTPUTF8)."""
+        returns (bytes, needs SMTPUTF8). It shows the list and the address, never
+        the consent evidence: ``source`` is the customer's internal note (a
+        form, a campaign, an import file name), kept for the API and exports."""
         from email import policy
 
         url, expires = self.confirm_url(lst, address_hash, nonce)
@@ -490,10 +509,6 @@ class RegistryService:
             "",
             f"someone, hopefully you, asked to subscribe {display_address(address)} to the",
             f"mailing list \"{lst.name}\" <{lst.list_id}>.",
-        ]
-        if source:
-            lines.append(f"Where the request came from, as the sender told us: {source}")
-        lines += [
             "",
             "To confirm, open this link and press the \"Confirm\" button:",
             "",
@@ -508,11 +523,11 @@ class RegistryService:
         msg.set_content("\n".join(lines) + "\n", charset="utf-8", cte="quoted-printable")
         return bytes(msg) if not utf8 else msg.as_bytes(policy=policy.SMTPUTF8), utf8
 
-    async def _send_confirmation(self, lst: MailingList, address: str, address_hash: str, nonce: str,
-                                 source: str = "") -> tuple[bool, str]:
+    async def _send_confirmation(self, lst: MailingList, address: str, address_hash: str,
+                                 nonce: str) -> tuple[bool, str]:
         if self.relay is None:
             return False, "no relay in this process"
-        data, utf8 = self.confirmation_message(lst, address, address_hash, nonce, source)
+        data, utf8 = self.confirmation_message(lst, address, address_hash, nonce)
         try:
             async with asyncio.timeout(self.settings.send_timeout):
                 utx, reply = await self.relay.begin(lst.confirm_from, [], utf8=utf8, eight_bit=False,
@@ -550,9 +565,8 @@ class RegistryService:
                     "mails stay queued until %s (a bought or old list being imported?)", account_name, b.limit,
                     b.window, format_datetime(datetime.fromtimestamp(window_start + b.window, timezone.utc)))
 
-    async def _deliver(self, lst: MailingList, address: str, address_hash: str, nonce: str,
-                       source: str = "") -> str:
-        ok, detail = await self._send_confirmation(lst, address, address_hash, nonce, source)
+    async def _deliver(self, lst: MailingList, address: str, address_hash: str, nonce: str) -> str:
+        ok, detail = await self._send_confirmation(lst, address, address_hash, nonce)
         status = "sent" if ok else "failed"
         self.stats["confirmations_sent" if ok else "confirmations_failed"] += 1
         if not ok:
@@ -670,6 +684,7 @@ class RegistryService:
         lst = await self.get_list(account_name, list_id)
         if not await self._db(self.store.delete_list(lst.account_id, lst.id)):
             raise NotFound("no such list")
+        await self.store.erased()
 
     # ============================================================ subscribers
     def _evidence(self, row: dict, prefix: str, default_source: str = "") -> dict:
@@ -705,34 +720,49 @@ class RegistryService:
             self._budget_exhausted(lst.account_id, lst.account, budget.start(self.clock()))
             return AddResult(sub, "queued", "the account's budget of confirmation mails for this window is used "
                                             "up; the mail is queued and goes out in a later window")
-        status = await self._deliver(lst, ev["address"], addr_hash, nonce, ev["source"])
+        status = await self._deliver(lst, ev["address"], addr_hash, nonce)
         sub = await self._db(self.store.subscriber(lst.id, addr_hash)) or sub
         return AddResult(sub, status)
 
-    async def import_subscribers(self, account_name: str, list_id: str, rows: Sequence[dict], *,
+    async def import_subscribers(self, account_name: str, list_id: str, rows: Sequence[Any], *,
                                  reoptin: bool = False, source: str = "") -> list[dict]:
-        """Bulk add: all rows are validated first (Invalid names the first bad
-        field, e.g. ``subscribers[3].address``; nothing is stored then); each new
-        address becomes pending with its confirmation mail queued (sent by the
-        outbox within outbox_interval, as far as the account's budget of
-        confirmation mails allows; the rest in later windows). Returns one result per row:
-        {"address", "result": queued|exists|suppressed|rate_limited|duplicate, "reason"}."""
+        """Bulk add. Each row is validated on its own: a bad one gets the result
+        ``invalid`` with the ``field`` (address, source, ip, user_agent,
+        requested_at) and the reason, and the good rows are imported anyway.
+        Each new address becomes pending with its confirmation mail queued (sent
+        by the outbox within outbox_interval, as far as the account's budget of
+        confirmation mails allows; the rest in later windows). Returns one
+        result per row, in order: {"address", "result":
+        queued|exists|suppressed|rate_limited|duplicate|invalid, "reason"
+        [, "field"]}, with the row's "line" if it had one (CSV files).
+        ``Invalid`` only for the request as a whole (more than max_bulk rows)."""
         lst = await self.get_list(account_name, list_id)
         keys = self._need_keys()
         if len(rows) > self.settings.max_bulk:
             raise Invalid("subscribers", f"at most {self.settings.max_bulk} per request")
         clean, seen, out, positions = [], set(), [], []
-        for i, row in enumerate(rows):
+        for row in rows:
+            res: dict = {}
+            if isinstance(row, dict) and isinstance(row.get("line"), int):
+                res["line"] = row["line"]
+            out.append(res)
             if not isinstance(row, dict):
-                raise Invalid(f"subscribers[{i}]", "must be an object")
-            ev = self._evidence(row, f"subscribers[{i}].", source)
+                res.update(address="", result="invalid", field="", reason="must be an object")
+                continue
+            try:
+                ev = self._evidence(row, "", source)
+            except Invalid as exc:
+                given = row.get("address")
+                res.update(address=given[:320] if isinstance(given, str) else "", result="invalid", field=exc.field,
+                           reason=exc.reason)
+                continue
+            res["address"] = ev["address"]
             if ev["address"] in seen:
-                out.append({"address": ev["address"], "result": "duplicate", "reason": "appears earlier in this import"})
+                res.update(result="duplicate", reason="appears earlier in this import")
                 continue
             seen.add(ev["address"])
             ev["address_hash"] = keys.address_hash(lst.id, ev["address"])
-            positions.append(len(out))
-            out.append({"address": ev["address"]})
+            positions.append(len(out) - 1)
             clean.append(ev)
         for chunk_start in range(0, len(clean), 1000):
             chunk = clean[chunk_start:chunk_start + 1000]
@@ -740,7 +770,8 @@ class RegistryService:
                 lst.id, chunk, reoptin=reoptin, reoptin_interval=self.settings.reoptin_interval), bounded=False)
             for j, (result, reason) in enumerate(results):
                 out[positions[chunk_start + j]].update(result=result, reason=reason)
-        self.kick_outbox()
+        if clean:
+            self.kick_outbox()
         return out
 
     async def subscriber(self, account_name: str, list_id: str, address: str) -> Subscriber:
@@ -777,7 +808,11 @@ class RegistryService:
         """Remove a subscriber on the person's behalf: the same permanent removal
         as an opt-out (the keyed hash stays in the suppression set)."""
         lst = await self.get_list(account_name, list_id)
-        return await self._db(self.store.unsubscribe(*self._list_and_hash(lst, address)))
+        removed = await self._db(self.store.unsubscribe(*self._list_and_hash(lst, address)))
+        self._count_optout("api", removed, lst.id)
+        if removed:
+            await self.store.erased()
+        return removed
 
     async def resend_confirmation(self, account_name: str, list_id: str, address: str) -> str:
         """Send the confirmation mail again: RateLimited within resend_interval

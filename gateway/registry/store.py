@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from ..storage.db import WalCheckpointer
 from ..storage.schema import (account_domains, accounts, api_keys, confirmation_budget, list_senders,
                               list_subscribers, list_suppressions, mailing_lists, registry_state)
 from .model import BudgetExhausted, Conflict, MailingList, NotFound, RateLimited, RecipientStatus, Subscriber
@@ -103,6 +104,10 @@ class RegistryStore:
         self.clock = clock
         self.own_versions: set[int] = set()   # change-counter values this process wrote (local mode)
         self.on_commit: Callable[[Sequence[Event]], None] | None = None
+        # SQLite: after a deletion of personal data (opt-out, subscriber or list
+        # deletion) the WAL, which still holds the earlier page versions, is
+        # checkpointed and truncated (PostgreSQL: docs/registry.md, "Erasure").
+        self.checkpointer = WalCheckpointer(engine) if engine.dialect.name == "sqlite" else None
 
     # ------------------------------------------------------------ change feed
     async def _announce(self, conn: AsyncConnection, events: Sequence[Event]) -> None:
@@ -124,7 +129,17 @@ class RegistryStore:
         if events and self.on_commit is not None:
             self.on_commit(events)
 
+    async def erased(self) -> None:
+        """Call after a deletion of personal data has committed (``unsubscribe``
+        that removed a row, ``delete_list``): empties SQLite's WAL. Waits at most
+        ~1 s (retried in the background while a reader holds the WAL); never
+        raises. Outside any timeout of the deletion itself, which is done."""
+        if self.checkpointer is not None:
+            await self.checkpointer.request()
+
     async def close(self) -> None:
+        if self.checkpointer is not None:
+            await self.checkpointer.close()
         if self.fast is not None:
             st = self.fast.stats
             if st["lookups"]:

@@ -3,7 +3,8 @@
 GET only shows a page with a button; the POST of that button acts. Mail
 scanners that follow links therefore confirm and unsubscribe nothing. The
 RFC 8058 one-click POST (body ``List-Unsubscribe=One-Click``) unsubscribes
-directly. Every value put into a page is escaped; a bad or expired link gets
+directly; the page's own button posts ``unsubscribe=page``, so the two are
+logged and counted apart. Every value put into a page is escaped; a bad or expired link gets
 a page that says so.
 """
 from __future__ import annotations
@@ -166,12 +167,15 @@ def pages_router(gateway: "Gateway") -> APIRouter:
                            f"through it again."))
         return page("Unsubscribe",
                     _p(f"Stop sending \u201c{info.list_name}\u201d to {info.masked_address}?")
-                    + _form(request.url.path, "Unsubscribe", {"List-Unsubscribe": "One-Click"})
+                    + _form(request.url.path, "Unsubscribe", {"unsubscribe": "page"})
                     + _p("Your address is then deleted from the list.", "note"))
 
     @router.post("/unsubscribe/{token}", response_class=HTMLResponse,
                  summary="Unsubscribe: RFC 8058 one-click (body List-Unsubscribe=One-Click) or the page's button")
     async def unsubscribe(token: str, request: Request):
+        # RFC 8058: a mail client's one-click POST carries exactly List-Unsubscribe=One-Click;
+        # the page's button sends unsubscribe=page instead, so the two are told apart (logs,
+        # metrics). Any other POST (no body, some other form) is a person acting on the link: page.
         body = await _small_body(request)
         one_click = parse_qs(body.decode("latin-1")).get("List-Unsubscribe") == ["One-Click"]
         try:

@@ -22,8 +22,9 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..registry import csvimport
 from ..registry.model import Conflict, Invalid, NotFound, RateLimited, RegistryUnavailable
 from .admin import is_admin_key
 from .jsonresponse import OrjsonResponse
@@ -71,8 +72,16 @@ class SubscriberAdd(Evidence):
 
 
 class SubscriberImport(_Strict):
-    subscribers: list[Evidence] = Field(..., min_length=1)
+    subscribers: list[Evidence] = Field(..., min_length=1, description="each row is checked on its own: a bad "
+                                                                       "one is reported, the others imported")
     source: str = Field("", max_length=255, description="default source for rows without one")
+    reoptin: bool = False
+
+
+class _ImportEnvelope(_Strict):
+    """SubscriberImport with the rows unchecked: each is validated on its own."""
+    subscribers: list[Any] = Field(..., min_length=1)
+    source: str = Field("", max_length=255)
     reoptin: bool = False
 
 
@@ -111,14 +120,29 @@ class AddOut(SubscriberOut):
                          "this window is used up, the gateway sends it in a later window")
 
 
+def _import_schema() -> dict:
+    """SubscriberImport's JSON schema with its row model inlined (the route reads the
+    body itself, so FastAPI does not put the model into the components)."""
+    schema = SubscriberImport.model_json_schema()
+    defs = schema.pop("$defs", {})
+    schema["properties"]["subscribers"]["items"] = defs["Evidence"]
+    return schema
+
+
 class ImportRow(BaseModel):
-    address: str
-    result: Literal["queued", "exists", "suppressed", "rate_limited", "duplicate"]
+    address: str = Field(..., description="normalized; for an invalid row the value as given")
+    result: Literal["queued", "exists", "suppressed", "rate_limited", "duplicate", "invalid"]
     reason: str
+    field: str | None = Field(None, description="invalid rows: the bad field, e.g. subscribers[3].address "
+                                                "(JSON) or address (CSV; 'line' when the row itself is bad)")
+    index: int | None = Field(None, description="JSON body: the row's position in subscribers (0-based)")
+    line: int | None = Field(None, description="CSV body: the line of the file the row starts on (1-based, the "
+                                               "header is line 1)")
 
 
 class ImportOut(BaseModel):
     queued: int
+    invalid: int = Field(..., description="rows not imported because they are bad (result invalid)")
     results: list[ImportRow]
 
 
@@ -215,6 +239,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return _error(exc.status, exc.error, exc.reason, headers=exc.headers)
 
 
+def _bulk_limit(reg, rows: int) -> None:
+    if rows > reg.settings.max_bulk:
+        raise Invalid("subscribers", f"at most {reg.settings.max_bulk} rows per import ({rows} sent)")
+
+
 # ------------------------------------------------------------------ the router
 def registry_router(gateway: "Gateway") -> APIRouter:
     router = APIRouter(prefix="/api/v1", tags=[TAG], responses=_ERRORS)
@@ -303,13 +332,71 @@ def registry_router(gateway: "Gateway") -> APIRouter:
         return out
 
     @router.post("/lists/{list_id}/subscribers/import", status_code=202, response_model=ImportOut,
+                 response_model_exclude_none=True,
                  summary="Bulk import: each new address becomes pending; confirmation mails are queued",
-                 description="The gateway sends the queued confirmation mails in the background, at most the "
-                             "account's budget of confirmation mails per window; the rest in later windows.")
-    async def import_subscribers(list_id: ListPath, body: SubscriberImport, acc: Account):
-        rows = [r.model_dump() for r in body.subscribers]
-        results = await registry().import_subscribers(acc, list_id, rows, reoptin=body.reoptin, source=body.source)
-        return {"queued": sum(1 for r in results if r["result"] == "queued"), "results": results}
+                 description="A JSON body (SubscriberImport) or a CSV file (Content-Type: text/csv; header "
+                             "address[,source,ip,user_agent,requested_at] or one address a line; `source` and "
+                             "`reoptin` as query parameters). Each row is checked on its own: a bad row gets "
+                             "`result: invalid` with `field` and `reason` (and `index`, its 0-based position in "
+                             "`subscribers`, or `line`, the 1-based line of the CSV file it starts on), the good "
+                             "rows are imported; the answer is 202 either way, `invalid` counts the bad rows. "
+                             "422 only when the request as a whole is unusable (not JSON or CSV, no rows, more "
+                             "than max_bulk rows, an unknown CSV column). The gateway sends the queued "
+                             "confirmation mails in the background, at most the account's budget of "
+                             "confirmation mails per window; the rest in later windows.",
+                 openapi_extra={"requestBody": {"required": True, "content": {
+                     "application/json": {"schema": _import_schema()},
+                     "text/csv": {"schema": {"type": "string"}}}}})
+    async def import_subscribers(list_id: ListPath, request: Request, acc: Account,
+                                 source: Annotated[str, Query(max_length=255, description="CSV body: default "
+                                                              "source for rows without one")] = "",
+                                 reoptin: Annotated[bool, Query(description="CSV body: see reoptin")] = False):
+        reg = registry()
+        await reg.get_list(acc, list_id)   # 404 before reading the body
+        ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        data = await request.body()
+        if ctype == "text/csv":
+            try:
+                parsed = csvimport.parse(csvimport.decode(data))
+            except csvimport.CsvFileError as exc:
+                raise Invalid("body", f"line {exc.line}: {exc.reason}") from None
+            _bulk_limit(reg, len(parsed.rows) + len(parsed.errors))
+            results = await reg.import_subscribers(acc, list_id, parsed.rows, reoptin=reoptin, source=source)
+            results = sorted(results + parsed.errors, key=lambda r: r["line"])
+        elif ctype in ("application/json", ""):
+            try:
+                envelope = _ImportEnvelope.model_validate_json(data)
+            except ValidationError as exc:
+                raise RequestValidationError([{**e, "loc": ("body", *e.get("loc", ()))} for e in exc.errors()]) \
+                    from None
+            _bulk_limit(reg, len(envelope.subscribers))
+            rows: list[Any] = []
+            bad: dict[int, dict] = {}
+            for i, raw in enumerate(envelope.subscribers):
+                try:
+                    rows.append(Evidence.model_validate(raw).model_dump())
+                except ValidationError as exc:
+                    err = exc.errors()[0]
+                    rows.append(None)
+                    given = raw.get("address") if isinstance(raw, dict) else None
+                    bad[i] = {"address": given[:320] if isinstance(given, str) else "", "result": "invalid",
+                              # rows are flat: the row's own field (a union's member tag is left out)
+                              "field": f"subscribers[{i}]" + "".join(f".{p}" for p in err.get("loc", ())[:1]),
+                              "reason": err.get("msg", "invalid")}
+            good = [(i, r) for i, r in enumerate(rows) if r is not None]
+            done = await reg.import_subscribers(acc, list_id, [r for _, r in good], reoptin=envelope.reoptin,
+                                                source=envelope.source)
+            results = [dict(bad[i]) if i in bad else {} for i in range(len(rows))]
+            for (i, _), res in zip(good, done):
+                results[i] = res
+                if res["result"] == "invalid":
+                    res["field"] = f"subscribers[{i}].{res['field']}"
+            for i, res in enumerate(results):
+                res["index"] = i
+        else:
+            raise ApiError(415, "unsupported_media_type", "send application/json (SubscriberImport) or text/csv")
+        return {"queued": sum(1 for r in results if r["result"] == "queued"),
+                "invalid": sum(1 for r in results if r["result"] == "invalid"), "results": results}
 
     @router.post("/lists/{list_id}/subscribers/resend", status_code=202,
                  responses={429: {"model": ErrorOut}, 409: {"model": ErrorOut}},
