@@ -36,7 +36,7 @@ from gateway.checks import data_headers, data_subject, data_trace, data_wire  # 
 from gateway.message.findings import REJECT, RULES  # noqa: E402
 from gateway.message.headers import header_end, parse_date, parse_headers  # noqa: E402
 from gateway.message.settings import HeaderSettings  # noqa: E402
-from gateway.smtp.transaction import SessionInfo, Transaction  # noqa: E402
+from gateway.core.transaction import SessionInfo, Transaction  # noqa: E402
 
 # (group, glob under the corpora directory, why it is ham). The paths are what
 # the corpora README and each folder's SOURCE.txt label as good mail.

@@ -29,12 +29,12 @@ from .relay.devsink import DevSink
 from .relay.maildir import MaildirWriter
 from .relay.pool import RelayPool, UpstreamTransaction
 from .services import Services
-from .smtp import replies
+from .core import replies
 from .smtp.limits import ConnectionTracker
-from .smtp.replies import Rendered, Reply
+from .core.replies import Rendered, Reply
 from .smtp.server import GatewaySMTP
 from .smtp.trace import trace_headers
-from .smtp.transaction import Outcome, Result, SessionInfo, Transaction
+from .core.transaction import Outcome, Result, SessionInfo, Transaction
 from .state.counters import MemoryCounters, RedisCounters
 from .storage.db import create_engine, migrate
 from .txlog import TransactionLog

@@ -20,7 +20,7 @@ from .accounts.settings import AccountSettings
 from .dns.settings import DnsblSettings, DomainSettings, ResolverSettings
 from .forwarding import ForwardingSettings
 from .message.settings import HeaderSettings
-from .smtp.transaction import Phase
+from .core.transaction import Phase
 
 __all__ = ["Config", "ConfigError", "ListenError", "load", "dev_config", "is_dev_dir"]
 
@@ -116,7 +116,7 @@ class SmtpSettings:
             raise ValueError(f"hostname: {self.hostname!r} is not a host name")
         if ":" in self.trace_header or " " in self.trace_header or not self.trace_header:
             raise ValueError(f"trace_header: {self.trace_header!r} is not a header field name")
-        from .smtp.address import AddressError, parse_mailbox
+        from .core.address import AddressError, parse_mailbox
         for mailbox in self.service_mailboxes:
             try:
                 parse_mailbox(mailbox, utf8=True)

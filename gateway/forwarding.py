@@ -25,12 +25,13 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from .smtp.address import AddressError, MAX_LOCAL, parse_domain
+from .accounts.authorize import ascii_domain, authorize
+from .core.address import AddressError, MAX_LOCAL, parse_domain
 
 if TYPE_CHECKING:  # pragma: no cover
     from .accounts.model import Account
     from .message.headers import ParsedHeaders
-    from .smtp.transaction import ForwardingDecision
+    from .core.transaction import ForwardingDecision
 
 # ----------------------------------------------------------------------- settings
 MIN_SECRET = 16
@@ -279,7 +280,6 @@ def account_scope(account: "Account") -> Callable[[str], bool]:
     """Which addresses count as the account's forwarding mailboxes: any address
     in its authorized domains when the whole account may forward, else only its
     allowed identities (whose domain must still be authorized)."""
-    from .checks.mail_sender_auth import ascii_domain, authorize
 
     identities = frozenset(account.forward_identities)
 
@@ -331,7 +331,6 @@ def forwarded(tx: Any) -> "ForwardingDecision | None":
 
 
 def _from_authorized(tx: Any, account: "Account") -> bool:
-    from .checks.mail_sender_auth import ascii_domain, authorize
     from .message.headers import parsed_address_list, parsed_for
 
     parsed = parsed_for(tx)

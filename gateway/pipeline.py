@@ -13,8 +13,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
-from .smtp import replies
-from .smtp.transaction import Outcome, Phase, Result
+from .core import replies
+from .core.transaction import Outcome, Phase, Result, Verdict
 
 log = logging.getLogger("gateway.pipeline")
 
@@ -25,18 +25,6 @@ class Check(Protocol):
 
     async def run(self, tx: Any, item: Any = None) -> Outcome:  # pragma: no cover - protocol
         ...
-
-
-@dataclass(slots=True)
-class Verdict:
-    """What the pipeline decided for one phase (and one item)."""
-
-    outcomes: list[Outcome]
-    refusal: Outcome | None = None
-
-    @property
-    def accepted(self) -> bool:
-        return self.refusal is None
 
 
 @dataclass

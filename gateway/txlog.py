@@ -8,7 +8,7 @@ from typing import IO
 
 import orjson
 
-from .smtp.transaction import Outcome, SessionInfo, Transaction
+from .core.transaction import Outcome, SessionInfo, Transaction
 
 
 def session_fields(sess: SessionInfo) -> dict:

@@ -17,7 +17,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from gateway.message.headers import HeaderSyntaxError, parse_address_list
-from gateway.smtp.address import AddressError, parse_mailbox, parse_params, parse_path
+from gateway.core.address import AddressError, parse_mailbox, parse_params, parse_path
 
 from conftest import CI, CORPORA
 ISEMAIL = CORPORA / "isemail"

@@ -19,7 +19,7 @@ from gateway.dns.dnsbl import (CLEAN, ERROR, LISTED, Dnsbl, classify_answer, cle
                                judge_probe, peer_address, query_label, ZoneResult)
 from gateway.dns.resolver import DnsAnswer, Resolver, Status
 from gateway.dns.settings import DnsblSettings, DnsblZone, ResolverSettings
-from gateway.smtp.transaction import Phase, Result, SessionInfo, Transaction
+from gateway.core.transaction import Phase, Result, SessionInfo, Transaction
 
 from conftest import CORPORA, have_binary, need
 

@@ -12,8 +12,8 @@ from gateway.dns.domain import (DomainStatus, HostAddresses, check_domain_exists
                                 reply_for, to_a_label, _networks)
 from gateway.dns.resolver import DnsAnswer, Status
 from gateway.dns.settings import DEFAULT_BOGUS_NETWORKS, DomainSettings
-from gateway.smtp.address import EnvelopeAddress
-from gateway.smtp.transaction import Result, SessionInfo, Transaction
+from gateway.core.address import EnvelopeAddress
+from gateway.core.transaction import Result, SessionInfo, Transaction
 
 from conftest import CORPORA
 

@@ -13,7 +13,7 @@ from gateway.message.findings import DEFAULT_ACTIONS, RULES
 from gateway.message.headers import (HeaderSyntaxError, check_structure, decode_words, parse_address_list,
                                      parse_content_type, parse_date, parse_headers, valid_message_id)
 from gateway.message.settings import HeaderSettings
-from gateway.smtp.transaction import Result, SessionInfo, Transaction
+from gateway.core.transaction import Result, SessionInfo, Transaction
 
 NOW = datetime(2024, 5, 6, 12, 0, 0, tzinfo=timezone.utc).timestamp()
 DATE = "Mon, 06 May 2024 13:59:00 +0200"

@@ -23,7 +23,7 @@ from gateway.message import headers as H
 from gateway.message.findings import RULES
 from gateway.message.headers import parse_date, parse_headers
 from gateway.message.settings import HeaderSettings
-from gateway.smtp.transaction import Result, SessionInfo, Transaction
+from gateway.core.transaction import Result, SessionInfo, Transaction
 
 from conftest import CI, CORPORA
 SA = CORPORA / "spamassassin-t-data"

@@ -26,7 +26,7 @@ from gateway.registry.service import RegistryService
 from gateway.registry.settings import RegistrySettings
 from gateway.registry.store import decode_events, encode_events
 from gateway.registry.tokens import Keys
-from gateway.smtp import replies
+from gateway.core import replies
 from gateway.storage.db import create_engine, migrate
 
 SECRET = "test-registry-secret-0123456789abcdef"

@@ -14,7 +14,7 @@ from gateway.accounts.proof import (DomainProofChecker, ProofStatus, lookup_proo
 from gateway.accounts.settings import AccountSettings
 from gateway.accounts.store import AccountError
 from gateway.checks.data_sender_auth import report_type
-from gateway.checks.mail_sender_auth import authorize
+from gateway.accounts.authorize import authorize
 from gateway.accounts.model import Account, AccountStatus, SenderDomain
 from gateway.message.headers import parse_headers
 

@@ -7,7 +7,7 @@ import smtplib
 import aiosmtplib
 import pytest
 
-from gateway.smtp.transaction import Outcome, Phase
+from gateway.core.transaction import Outcome, Phase
 
 from conftest import MESSAGE
 from smtp_client import cmd, proxied_session, raw_session

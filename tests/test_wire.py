@@ -9,7 +9,7 @@ import pytest
 from gateway.checks import data_wire
 from gateway.message.settings import HeaderSettings
 from gateway.message.wire import check_wire, header_end
-from gateway.smtp.transaction import Result, SessionInfo, Transaction
+from gateway.core.transaction import Result, SessionInfo, Transaction
 
 GOOD = (b"From: a@example.com\r\nTo: b@example.org\r\nDate: Mon, 31 Oct 2005 18:44:29 -0800\r\n"
         b"Subject: hi\r\n\r\nbody line\r\n.. dot-stuffed line came back unstuffed\r\n")

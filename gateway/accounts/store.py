@@ -15,9 +15,10 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ..smtp.address import AddressError, parse_domain
+from ..core.address import AddressError, parse_domain
 from ..state.background import BackgroundTask
 from ..storage.schema import account_domains, account_forwarders, account_networks, accounts
+from .authorize import authorize
 from .model import Account, AccountStatus, SenderDomain
 from .passwords import hash_password, verify_password_async
 
@@ -269,8 +270,7 @@ class AccountStore:
     def _identity(self, name: str, identity: str) -> str:
         """The comparison form of a forwarding identity: a mailbox of one of the
         account's authorized sender domains."""
-        from ..checks.mail_sender_auth import authorize
-        from ..smtp.address import parse_mailbox
+        from ..core.address import parse_mailbox
 
         try:
             box = parse_mailbox(identity.strip(), utf8=True)

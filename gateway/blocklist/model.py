@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..smtp.address import AddressError, parse_domain
+from ..core.address import AddressError, parse_domain
 
 KINDS = ("ip", "domain", "hostname")
 MAX_REASON = 255

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable
 
-from ..smtp.transaction import Phase
+from ..core.transaction import Phase
 
 CHECKS: dict[str, Phase] = {
     "connect_limits": Phase.CONNECT,

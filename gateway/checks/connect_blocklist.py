@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..blocklist.model import plain_address
-from ..smtp import replies
-from ..smtp.transaction import Outcome, Phase, SessionInfo
+from ..core import replies
+from ..core.transaction import Outcome, Phase, SessionInfo
 
 
 class ConnectBlocklist:

@@ -13,8 +13,8 @@ from typing import Any
 
 from ..dns.dnsbl import Dnsbl, DnsblVerdict, IPAddress, peer_address
 from ..dns.settings import DnsblSettings
-from ..smtp import replies
-from ..smtp.transaction import Outcome, Phase, SessionInfo
+from ..core import replies
+from ..core.transaction import Outcome, Phase, SessionInfo
 
 
 def _peer(session: SessionInfo) -> IPAddress | None:

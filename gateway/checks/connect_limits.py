@@ -4,8 +4,8 @@ The server counts the connection before the connect phase runs, so the counts
 include this one."""
 from __future__ import annotations
 
-from ..smtp import replies
-from ..smtp.transaction import Outcome, Phase
+from ..core import replies
+from ..core.transaction import Outcome, Phase
 
 
 class ConnectLimits:

@@ -12,7 +12,7 @@ from ..dns.resolver import Resolver
 from ..dns.settings import DomainSettings
 from ..forwarding import forwarded
 from ..message.headers import HeaderSyntaxError, parse_address_list, parsed_for
-from ..smtp.transaction import Outcome, Phase
+from ..core.transaction import Outcome, Phase
 
 
 class DataFromDomain:

@@ -26,7 +26,7 @@ from ..message.findings import OFF, REJECT, apply
 from ..message.headers import check_structure, parsed_for
 from ..message.settings import HeaderSettings
 from ..forwarding import forwarded
-from ..smtp.transaction import Outcome, Phase
+from ..core.transaction import Outcome, Phase
 
 ADD = "add"  # the action recorded for a finding the gateway repairs by adding a header
 

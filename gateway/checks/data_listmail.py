@@ -10,8 +10,8 @@ from typing import Any
 
 from ..forwarding import forwarded
 from ..message.headers import parsed_for
-from ..smtp import replies
-from ..smtp.transaction import Outcome, Phase
+from ..core import replies
+from ..core.transaction import Outcome, Phase
 
 _LIST_FIELDS = ("list-id", "list-unsubscribe", "list-unsubscribe-post", "list-post", "list-help")
 

@@ -35,9 +35,9 @@ from typing import Any
 from ..message.headers import (ParsedHeaders, display_domains, display_text, parse_content_type,
                                parsed_address_list, parsed_for, related_domains)
 from ..forwarding import forwarded, missing_evidence
-from ..smtp import replies
-from ..smtp.transaction import Outcome, Phase
-from .mail_sender_auth import ascii_domain, authorize
+from ..core import replies
+from ..core.transaction import Outcome, Phase
+from ..accounts.authorize import ascii_domain, authorize
 
 REPORT_TYPES = frozenset(("delivery-status", "global-delivery-status",
                           "disposition-notification", "global-disposition-notification"))

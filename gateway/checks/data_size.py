@@ -4,8 +4,8 @@ The DATA reader stops keeping bytes past the limit (and keeps reading to the
 end of data, RFC 5321 4.2.5) and records how many octets came in."""
 from __future__ import annotations
 
-from ..smtp import replies
-from ..smtp.transaction import Outcome, Phase
+from ..core import replies
+from ..core.transaction import Outcome, Phase
 
 
 class DataSize:

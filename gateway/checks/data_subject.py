@@ -25,7 +25,7 @@ from ..message.findings import apply
 from ..message.headers import check_subject, parsed_for
 from ..message.settings import HeaderSettings
 from ..forwarding import forwarded
-from ..smtp.transaction import Outcome, Phase
+from ..core.transaction import Outcome, Phase
 
 
 def own_domains(account: Any) -> tuple[str, ...]:

@@ -12,7 +12,7 @@ from typing import Any
 from ..message.findings import apply
 from ..message.headers import check_trace, parsed_for
 from ..message.settings import HeaderSettings
-from ..smtp.transaction import Outcome, Phase
+from ..core.transaction import Outcome, Phase
 
 
 class TraceCheck:

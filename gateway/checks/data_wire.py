@@ -11,7 +11,7 @@ from typing import Any
 from ..message.findings import apply
 from ..message.settings import HeaderSettings
 from ..message.wire import check_wire
-from ..smtp.transaction import Outcome, Phase
+from ..core.transaction import Outcome, Phase
 
 
 class WireCheck:

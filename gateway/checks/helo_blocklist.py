@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..smtp import replies
-from ..smtp.transaction import Outcome, Phase, SessionInfo
+from ..core import replies
+from ..core.transaction import Outcome, Phase, SessionInfo
 
 
 class HeloBlocklist:

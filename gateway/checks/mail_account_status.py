@@ -2,8 +2,8 @@
 the account snapshot, which follows the database within a second)."""
 from __future__ import annotations
 
-from ..smtp import replies
-from ..smtp.transaction import Outcome, Phase
+from ..core import replies
+from ..core.transaction import Outcome, Phase
 
 
 class MailAccountStatus:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..smtp import replies
-from ..smtp.transaction import Outcome, Phase
+from ..core import replies
+from ..core.transaction import Outcome, Phase
 
 
 class MailBlocklist:

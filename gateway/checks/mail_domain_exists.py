@@ -11,7 +11,7 @@ from typing import Any
 from ..dns.domain import DomainStatus, check_domain_exists, reply_for
 from ..dns.resolver import Resolver
 from ..dns.settings import DomainSettings
-from ..smtp.transaction import Outcome, Phase
+from ..core.transaction import Outcome, Phase
 
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..registry.model import RegistryUnavailable
-from ..smtp import replies
-from ..smtp.transaction import Outcome, Phase
+from ..core import replies
+from ..core.transaction import Outcome, Phase
 
 
 class MailList:

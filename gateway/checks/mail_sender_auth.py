@@ -19,63 +19,18 @@ through only if it is a DSN or an MDN. Sessions without an account are
 skipped: the relay check refuses their recipients anyway, and service
 mailboxes (abuse@, postmaster@) take mail from anyone.
 
-:func:`authorize` is the pure rule; the header check uses it too.
+The pure rule is :func:`gateway.accounts.authorize.authorize`; the header
+check and the forwarding rule use it too.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-from ..accounts.model import Account, SenderDomain
+from ..accounts.authorize import DomainAuth, authorize
+from ..accounts.model import Account
 from ..forwarding import Srs, SrsError, unquote_local
-from ..smtp import replies
-from ..smtp.address import AddressError, parse_domain
-from ..smtp.transaction import ForwardingDecision, Outcome, Phase
-
-
-@dataclass(frozen=True, slots=True)
-class DomainAuth:
-    allowed: bool
-    domain: str                       # the domain asked about (lower-case A-label)
-    via: SenderDomain | None = None   # the sender domain that allows it, or the pending one
-    reason: str = ""
-
-
-def ascii_domain(domain: str) -> str | None:
-    """Lower-case A-label of a header or envelope domain; None if it is not a domain name."""
-    if not domain or domain.startswith("["):
-        return None
-    try:
-        return parse_domain(domain, utf8=True)
-    except AddressError:
-        return None
-
-
-def authorize(account: Account, domain: str) -> DomainAuth:
-    """May ``account`` send as ``domain`` (a lower-case A-label)?"""
-    domain = domain.lower().rstrip(".")
-    pending: SenderDomain | None = None
-    parent: SenderDomain | None = None
-    for d in account.domains:
-        if d.domain == domain:
-            if d.authorized:
-                return DomainAuth(True, domain, d, f"{d.status} sender domain")
-            pending = pending or d
-        elif domain.endswith("." + d.domain):
-            if not account.allow_subdomains:
-                parent = parent or d
-            elif d.authorized:
-                return DomainAuth(True, domain, d, f"subdomain of {d.status} sender domain {d.domain}")
-            else:
-                pending = pending or d
-    if pending is not None:
-        return DomainAuth(False, domain, pending,
-                          f"{domain} awaits its DNS proof (TXT record at _gateway-proof.{pending.domain}, "
-                          f"then 'gateway account domain verify')")
-    if parent is not None:
-        return DomainAuth(False, domain, parent,
-                          f"{domain}: this account may not send from subdomains of {parent.domain}")
-    return DomainAuth(False, domain, None, f"{domain} is not a sender domain of this account")
+from ..core import replies
+from ..core.transaction import ForwardingDecision, Outcome, Phase
 
 
 class MailSenderAuth:

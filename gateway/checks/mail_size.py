@@ -1,8 +1,8 @@
 """P-LOAD: a declared SIZE over the limit is refused at MAIL already."""
 from __future__ import annotations
 
-from ..smtp import replies
-from ..smtp.transaction import Outcome, Phase
+from ..core import replies
+from ..core.transaction import Outcome, Phase
 
 
 class MailSize:

@@ -2,8 +2,8 @@
 rest in another transaction, RFC 5321 4.5.3.1.10)."""
 from __future__ import annotations
 
-from ..smtp import replies
-from ..smtp.transaction import Outcome, Phase
+from ..core import replies
+from ..core.transaction import Outcome, Phase
 
 
 class RcptLimit:

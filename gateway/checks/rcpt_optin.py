@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..registry.model import RegistryUnavailable
-from ..smtp import replies
-from ..smtp.transaction import Outcome, Phase
+from ..core import replies
+from ..core.transaction import Outcome, Phase
 
 _REFUSAL = {
     "pending": (replies.OPTIN_NOT_SUBSCRIBED, "subscription not confirmed yet"),

@@ -18,9 +18,9 @@ no open relay.
 from __future__ import annotations
 
 from ..forwarding import Srs, SrsError, quote_local, unquote_local
-from ..smtp import replies
-from ..smtp.address import AddressError, parse_mailbox
-from ..smtp.transaction import ForwardingDecision, Outcome, Phase
+from ..core import replies
+from ..core.address import AddressError, parse_mailbox
+from ..core.transaction import ForwardingDecision, Outcome, Phase
 
 _SRS_REPLIES = {"hash": replies.SRS_BAD_HASH, "expired": replies.SRS_EXPIRED}
 

@@ -25,8 +25,8 @@ from functools import lru_cache
 
 import idna
 
-from ..smtp import replies
-from ..smtp.replies import Reply
+from ..core import replies
+from ..core.replies import Reply
 from .resolver import DnsAnswer, Resolver, Status
 from .settings import DomainSettings
 

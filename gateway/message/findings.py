@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..smtp import replies
-from ..smtp.replies import Reply
-from ..smtp.transaction import Outcome
+from ..core import replies
+from ..core.replies import Reply
+from ..core.transaction import Outcome
 
 REJECT = "reject"
 FLAG = "flag"

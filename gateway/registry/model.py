@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from email.header import Header
 from typing import Literal
 
-from ..smtp.address import AddressError, parse_domain, parse_mailbox
+from ..core.address import AddressError, parse_domain, parse_mailbox
 
 RecipientStatus = Literal["confirmed", "pending", "unsubscribed", "unknown"]
 SubscriberState = Literal["pending", "confirmed"]

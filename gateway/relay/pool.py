@@ -20,8 +20,8 @@ import aiosmtplib
 from aiosmtplib.errors import SMTPException, SMTPResponseException
 
 from ..config import RelaySettings, UpstreamSettings
-from ..smtp import replies
-from ..smtp.replies import Rendered, Reply
+from ..core import replies
+from ..core.replies import Rendered, Reply
 
 log = logging.getLogger("gateway.relay")
 

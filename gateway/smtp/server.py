@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 from aiosmtpd.proxy_protocol import get_proxy
 from aiosmtpd.smtp import SMTP as AioSMTP
 
-from . import replies
-from .address import AddressError, EnvelopeAddress, parse_params, parse_path
-from .replies import Rendered, Reply
+from ..core import replies
+from ..core.address import AddressError, EnvelopeAddress, parse_params, parse_path
+from ..core.replies import Rendered, Reply
 
-from .transaction import Outcome, Phase, Recipient, Result, SessionInfo, TlsInfo, Transaction, session_id
+from ..core.transaction import Outcome, Phase, Recipient, Result, SessionInfo, TlsInfo, Transaction, session_id
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..app import Gateway

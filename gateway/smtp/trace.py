@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from email.utils import formatdate
 
-from .transaction import Transaction
+from ..core.transaction import Transaction
 
 
 def _protocol(tx: Transaction) -> str:

@@ -86,6 +86,18 @@ class Outcome:
         return cls(check, Result.ERROR, detail, reply)
 
 
+@dataclass(slots=True)
+class Verdict:
+    """What the pipeline decided for one phase (and one item)."""
+
+    outcomes: list[Outcome]
+    refusal: Outcome | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.refusal is None
+
+
 def new_trace_id() -> str:
     """An opaque, unguessable id: 16 random bytes, URL-safe."""
     return secrets.token_urlsafe(12)
