@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.message.headers import check_structure, check_subject, check_trace, parse_headers  # noqa: E402
+from gateway.message.parse import parse_headers  # noqa: E402
+from gateway.message.rules import check_structure, check_subject, check_trace  # noqa: E402
 from gateway.message.settings import HeaderSettings  # noqa: E402
 from gateway.message.wire import check_wire  # noqa: E402
 

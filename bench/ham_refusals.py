@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gateway.accounts.model import Account, AccountStatus  # noqa: E402
 from gateway.checks import data_headers, data_subject, data_trace, data_wire  # noqa: E402
 from gateway.message.findings import REJECT, RULES  # noqa: E402
-from gateway.message.headers import header_end, parse_date, parse_headers  # noqa: E402
+from gateway.message.parse import parse_date, parse_headers  # noqa: E402
+from gateway.message.wire import header_end  # noqa: E402
 from gateway.message.settings import HeaderSettings  # noqa: E402
 from gateway.core.transaction import SessionInfo, Transaction  # noqa: E402
 

@@ -452,7 +452,7 @@ class Gateway:
         return None
 
     async def _unsubscribe_by_mail(self, tx: Transaction) -> Reply | Rendered:
-        from .message.headers import parsed_for
+        from .message.parse import parsed_for
         from .registry.model import RegistryUnavailable, TokenError
 
         subject = parsed_for(tx).get("subject") or ""

@@ -30,7 +30,7 @@ from .core.address import AddressError, MAX_LOCAL, parse_domain
 
 if TYPE_CHECKING:  # pragma: no cover
     from .accounts.model import Account
-    from .message.headers import ParsedHeaders
+    from .message.parse import ParsedHeaders
     from .core.transaction import ForwardingDecision
 
 # ----------------------------------------------------------------------- settings
@@ -317,7 +317,7 @@ def forwarded(tx: Any) -> "ForwardingDecision | None":
     if fwd.kind == "bounce":
         return fwd
     if fwd.state == "candidate" and tx.message is not None:
-        from .message.headers import parsed_for
+        from .message.parse import parsed_for
 
         evidence = find_evidence(parsed_for(tx), account_scope(fwd.account))
         if evidence is None:
@@ -331,7 +331,7 @@ def forwarded(tx: Any) -> "ForwardingDecision | None":
 
 
 def _from_authorized(tx: Any, account: "Account") -> bool:
-    from .message.headers import parsed_address_list, parsed_for
+    from .message.parse import parsed_address_list, parsed_for
 
     parsed = parsed_for(tx)
     for header in ("from", "sender"):

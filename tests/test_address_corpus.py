@@ -16,7 +16,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from gateway.message.headers import HeaderSyntaxError, parse_address_list
+from gateway.message.parse import HeaderSyntaxError, parse_address_list
 from gateway.core.address import AddressError, parse_mailbox, parse_params, parse_path
 
 from conftest import CI, CORPORA

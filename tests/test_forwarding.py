@@ -24,7 +24,7 @@ from gateway.accounts.store import AccountError, AccountStore
 from gateway.config import ConfigError, from_mapping
 from gateway.forwarding import (RECEIVED_HOPS, Evidence, ForwardingSettings, Srs, SrsError, account_scope,
                                 find_evidence)
-from gateway.message.headers import parse_headers
+from gateway.message.parse import parse_headers
 from gateway.storage.db import create_engine, migrate
 
 from conftest import base_config, free_port, run_cli_async

@@ -10,8 +10,9 @@ import pytest
 from gateway.accounts.model import Account, AccountStatus
 from gateway.checks import data_headers
 from gateway.message.findings import DEFAULT_ACTIONS, RULES
-from gateway.message.headers import (HeaderSyntaxError, check_structure, decode_words, parse_address_list,
-                                     parse_content_type, parse_date, parse_headers, valid_message_id)
+from gateway.message.parse import (HeaderSyntaxError, decode_words, parse_address_list, parse_content_type, parse_date,
+                                   parse_headers, valid_message_id)
+from gateway.message.rules import check_structure
 from gateway.message.settings import HeaderSettings
 from gateway.core.transaction import Result, SessionInfo, Transaction
 
@@ -474,7 +475,7 @@ def test_missing_from_is_still_refused():
 
 
 def test_non_ascii_inside_encoded_word_is_a_finding_not_a_crash():
-    from gateway.message.headers import EncodedWordError, decode_words
+    from gateway.message.parse import EncodedWordError, decode_words
     with pytest.raises(EncodedWordError):
         decode_words("=?utf-8?q?caf\u00e9?=")
     with pytest.raises(EncodedWordError):

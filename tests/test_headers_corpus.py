@@ -19,9 +19,9 @@ import pytest
 
 from bench.ham_refusals import ACCOUNT, run_all, to_wire
 from gateway.checks import data_headers
-from gateway.message import headers as H
+from gateway.message import rules as H
 from gateway.message.findings import RULES
-from gateway.message.headers import parse_date, parse_headers
+from gateway.message.parse import parse_date, parse_headers
 from gateway.message.settings import HeaderSettings
 from gateway.core.transaction import Result, SessionInfo, Transaction
 

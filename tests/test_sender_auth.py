@@ -16,7 +16,7 @@ from gateway.accounts.store import AccountError
 from gateway.checks.data_sender_auth import report_type
 from gateway.accounts.authorize import authorize
 from gateway.accounts.model import Account, AccountStatus, SenderDomain
-from gateway.message.headers import parse_headers
+from gateway.message.parse import parse_headers
 
 from conftest import TEST_DNS, run_cli_async
 from dns_fixtures import live_dns

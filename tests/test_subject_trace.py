@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from gateway.checks import data_subject, data_trace
-from gateway.message.headers import (REPLY_BODY_PREFIX, check_subject, check_trace, display_domains, parse_headers,
-                                     parse_received)
+from gateway.message.parse import parse_headers, parse_received
+from gateway.message.rules import REPLY_BODY_PREFIX, check_subject, check_trace, display_domains
 from gateway.message.settings import HeaderSettings
 from gateway.core.transaction import Result, SessionInfo, Transaction
 

@@ -11,7 +11,7 @@ from ..dns.domain import DomainStatus, check_domain_exists, reply_for
 from ..dns.resolver import Resolver
 from ..dns.settings import DomainSettings
 from ..forwarding import forwarded
-from ..message.headers import HeaderSyntaxError, parse_address_list, parsed_for
+from ..message.parse import HeaderSyntaxError, parse_address_list, parsed_for
 from ..core.transaction import Outcome, Phase
 
 

@@ -23,7 +23,8 @@ from email.utils import formatdate
 from typing import Any, Callable
 
 from ..message.findings import OFF, REJECT, apply
-from ..message.headers import check_structure, parsed_for
+from ..message.parse import parsed_for
+from ..message.rules import check_structure
 from ..message.settings import HeaderSettings
 from ..forwarding import forwarded
 from ..core.transaction import Outcome, Phase

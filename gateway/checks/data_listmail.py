@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..forwarding import forwarded
-from ..message.headers import parsed_for
+from ..message.parse import parsed_for
 from ..core import replies
 from ..core.transaction import Outcome, Phase
 

@@ -32,8 +32,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..message.headers import (ParsedHeaders, display_domains, display_text, parse_content_type,
-                               parsed_address_list, parsed_for, related_domains)
+from ..message.parse import ParsedHeaders, parse_content_type, parsed_address_list, parsed_for
+from ..message.rules import display_domains, display_text, related_domains
 from ..forwarding import forwarded, missing_evidence
 from ..core import replies
 from ..core.transaction import Outcome, Phase

@@ -7,7 +7,7 @@ count), From display names that show an address of another domain (refused)
 or a bare domain-like word (flagged), configured brand names in the display
 name, Reply-To in another domain for list/bulk mail, and subjects whose
 encoded-words decode to control characters or bidi overrides. The rules are
-:func:`gateway.message.headers.check_subject`; see docs/headers.md.
+:func:`gateway.message.rules.check_subject`; see docs/headers.md.
 
 List mail is known from ``tx.extra["list"]`` (the registered list, set by
 ``mail_list``), bulk from ``tx.extra["bulk"]``, or from the message's own
@@ -22,7 +22,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..message.findings import apply
-from ..message.headers import check_subject, parsed_for
+from ..message.parse import parsed_for
+from ..message.rules import check_subject
 from ..message.settings import HeaderSettings
 from ..forwarding import forwarded
 from ..core.transaction import Outcome, Phase

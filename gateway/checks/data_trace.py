@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..message.findings import apply
-from ..message.headers import check_trace, parsed_for
+from ..message.parse import parsed_for
+from ..message.rules import check_trace
 from ..message.settings import HeaderSettings
 from ..core.transaction import Outcome, Phase
 

@@ -5,10 +5,9 @@ Nothing here does I/O or knows about SMTP sessions; the check modules in
 ledger outcomes.
 """
 from .findings import DEFAULT_ACTIONS, RULES, Finding, Rule
-from .headers import (HeaderSyntaxError, Mailbox, ParsedHeaders, check_mime, check_structure,
-                      check_subject, check_trace, decode_words, parse_address_list,
-                      parse_content_type, parse_date, parse_headers, parse_received,
-                      valid_message_id)
+from .parse import (HeaderSyntaxError, Mailbox, ParsedHeaders, check_mime, decode_words, parse_address_list,
+                    parse_content_type, parse_date, parse_headers, parse_received, valid_message_id)
+from .rules import check_structure, check_subject, check_trace
 from .settings import HeaderSettings
 from .wire import check_wire
 
