@@ -8,8 +8,6 @@ offline and behind a firewall. Their Content-Security-Policy keeps every
 request on the gateway (ReDoc's bundle would fetch its logo from outside)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from importlib.resources import files
 
 from fastapi import FastAPI
@@ -17,10 +15,8 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from .context import WebContext
 from .jsonresponse import OrjsonResponse
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..app import Gateway
 
 
 DOCS_ASSETS = "/docs-assets"   # Swagger UI and ReDoc files, served by the gateway
@@ -55,7 +51,8 @@ def _install_docs(app: FastAPI) -> None:
             with_google_fonts=False))
 
 
-def create_app(gateway: "Gateway") -> FastAPI:
+def create_app(ctx: WebContext) -> FastAPI:
+    """The HTTP app over ``ctx`` (built once the gateway's services have started)."""
     from .. import __version__
 
     app = FastAPI(title="SMTP relay gateway", version=__version__, default_response_class=OrjsonResponse,
@@ -70,19 +67,18 @@ def create_app(gateway: "Gateway") -> FastAPI:
     @app.get("/readyz", tags=["ops"])
     async def readyz() -> Response:
         """Listening and not draining (readiness for a load balancer)."""
-        if gateway.ready and not gateway.draining:
-            return OrjsonResponse({"status": "ready"})
-        return OrjsonResponse({"status": "draining" if gateway.draining else "starting"}, status_code=503)
+        state = ctx.readiness()
+        return OrjsonResponse({"status": state}, status_code=200 if state == "ready" else 503)
 
     @app.get("/metrics", tags=["ops"])
     async def metrics() -> Response:
-        return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(ctx.metrics(), media_type="text/plain; version=0.0.4")
 
-    if getattr(gateway, "registry", None) is not None:
+    if ctx.registry is not None:
         from .registry_api import install as install_registry
-        install_registry(app, gateway)   # /api/v1 (lists, subscribers), /confirm, /unsubscribe
+        install_registry(app, ctx.registry, ctx)   # /api/v1 (lists, subscribers), /confirm, /unsubscribe
 
     from .admin import admin_router
-    app.include_router(admin_router(gateway))   # /admin (block lists), admin key
+    app.include_router(admin_router(ctx))   # /admin (block lists), admin key
 
     return app
