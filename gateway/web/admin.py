@@ -47,8 +47,9 @@ def _from_block_error(exc: BlockError) -> Response:
 
 def is_admin_key(admin_key: str | None, presented: str) -> bool:
     """Is ``presented`` the operators' admin key? Compared in constant time; never with no key configured."""
-    return bool(admin_key) and hmac.compare_digest(presented.encode("utf-8", "surrogatepass"),
-                                                   admin_key.encode("utf-8", "surrogatepass"))
+    if not admin_key:
+        return False
+    return hmac.compare_digest(presented.encode("utf-8", "surrogatepass"), admin_key.encode("utf-8", "surrogatepass"))
 
 
 async def _storage_call(fn: Callable[[], Awaitable[Any]], failure: str) -> tuple[Any, Response | None]:

@@ -20,6 +20,7 @@ from .jsonresponse import OrjsonResponse
 
 
 DOCS_ASSETS = "/docs-assets"   # Swagger UI and ReDoc files, served by the gateway
+OPENAPI_URL = "/openapi.json"  # the schema both read
 # Inline script/style: Swagger UI's start-up script, ReDoc's styled components.
 DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
             "img-src 'self' data: blob:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; "
@@ -37,7 +38,7 @@ def _install_docs(app: FastAPI) -> None:
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:
         return secured(get_swagger_ui_html(
-            openapi_url=app.openapi_url, title=f"{app.title} - Swagger UI",
+            openapi_url=OPENAPI_URL, title=f"{app.title} - Swagger UI",
             swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js", swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
             swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
             # no validator badge: it would send the spec to an outside service
@@ -46,7 +47,7 @@ def _install_docs(app: FastAPI) -> None:
     @app.get("/redoc", include_in_schema=False)
     async def redoc() -> HTMLResponse:
         return secured(get_redoc_html(
-            openapi_url=app.openapi_url, title=f"{app.title} - ReDoc",
+            openapi_url=OPENAPI_URL, title=f"{app.title} - ReDoc",
             redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js", redoc_favicon_url=f"{DOCS_ASSETS}/favicon.png",
             with_google_fonts=False))
 
@@ -56,7 +57,7 @@ def create_app(ctx: WebContext) -> FastAPI:
     from .. import __version__
 
     app = FastAPI(title="SMTP relay gateway", version=__version__, default_response_class=OrjsonResponse,
-                  docs_url=None, redoc_url=None)
+                  openapi_url=OPENAPI_URL, docs_url=None, redoc_url=None)
     _install_docs(app)
 
     @app.get("/healthz", tags=["ops"])

@@ -171,8 +171,8 @@ class ErrorOut(BaseModel):
     errors: list[dict] | None = None
 
 
-_ERRORS = {401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 422: {"model": ErrorOut},
-           503: {"model": ErrorOut}}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 422: {"model": ErrorOut}, 503: {"model": ErrorOut}}
 
 
 # ------------------------------------------------------------------ errors
