@@ -354,8 +354,8 @@ ISSUE2_CHECKS = {
 # Offline DNS for configs that have a [dns] section: the benchmark never asks
 # a real name server (a variant with DNS checks sees these domains exist).
 BENCH_DNS = [
-    f"example.com MX 10 mx.example.com", "mx.example.com A 93.184.215.14",
-    f"example.org MX 10 mx.example.org", "mx.example.org A 93.184.215.15",
+    "example.com MX 10 mx.example.com", "mx.example.com A 93.184.215.14",
+    "example.org MX 10 mx.example.org", "mx.example.org A 93.184.215.15",
 ]
 
 
@@ -537,7 +537,7 @@ async def measure(args, targets, concurrencies, wire, client_cls, children, sink
         for rep in range(args.reps):
             order = targets[rep % len(targets):] + targets[:rep % len(targets)]
             for t in order:
-                for attempt in range(args.noisy_retries + 1):
+                for _attempt in range(args.noisy_retries + 1):
                     r = await run_load(t, conc, args.messages, wire, client_cls, children, sink,
                                        args.run_timeout, args.cprofile)
                     if r.foreign <= args.noisy_load:
@@ -606,7 +606,7 @@ async def main(args) -> int:
         if args.targets:
             wanted = set(args.targets.split(","))
             targets = [t for t in targets if t.key in wanted]
-        print(f"processes: " + ", ".join(f"{c.name} pid {c.pid} port {c.port}" for c in children)
+        print("processes: " + ", ".join(f"{c.name} pid {c.pid} port {c.port}" for c in children)
               + f"; driver pid {os.getpid()}; temp dir {tmp}", flush=True)
 
         try:

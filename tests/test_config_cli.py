@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import time
@@ -251,8 +252,7 @@ def test_example_config_runs_the_default_checks():
 
 
 # ------------------------------------------------------------------ start-up: ports, dev options, TLS, version
-def _listening_socket() -> "socket.socket":
-    import socket
+def _listening_socket() -> socket.socket:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     s.listen()

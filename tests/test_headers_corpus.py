@@ -211,7 +211,7 @@ async def test_date_window_at_the_first_hop_of_real_ham():
             tx.message = data
             cfg = SimpleNamespace(headers=settings, smtp=SimpleNamespace(hostname="gw.example.net",
                                                                          trace_header="X-Gateway-Trace"))
-            await data_headers.build(SimpleNamespace(config=cfg, clock=lambda: hop)).run(tx)
+            await data_headers.build(SimpleNamespace(config=cfg, clock=lambda: hop)).run(tx)  # noqa: B023 - run here
             if any(f["id"] == "hdr.date_window" for f in tx.extra.get("findings", [])):
                 into.add(key)
     assert seen == 48

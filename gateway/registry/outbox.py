@@ -141,7 +141,7 @@ class Outbox(Links):
 
                     async def one(item):
                         list_id, address, address_hash, nonce = item
-                        lst = lists[list_id]
+                        lst = lists[list_id]   # noqa: B023 - awaited below, within this iteration
                         if lst is not None:
                             async with sem:
                                 await self._deliver(lst, address, address_hash, nonce)

@@ -17,16 +17,14 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from ..blocklist.model import KINDS, BlockError, Invalid
+from .context import WebContext
 from .jsonresponse import OrjsonResponse
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..app import Gateway
 
 log = logging.getLogger("gateway.admin")
 
@@ -49,8 +47,9 @@ def _from_block_error(exc: BlockError) -> Response:
 
 def is_admin_key(admin_key: str | None, presented: str) -> bool:
     """Is ``presented`` the operators' admin key? Compared in constant time; never with no key configured."""
-    return bool(admin_key) and hmac.compare_digest(presented.encode("utf-8", "surrogatepass"),
-                                                   admin_key.encode("utf-8", "surrogatepass"))
+    if not admin_key:
+        return False
+    return hmac.compare_digest(presented.encode("utf-8", "surrogatepass"), admin_key.encode("utf-8", "surrogatepass"))
 
 
 async def _storage_call(fn: Callable[[], Awaitable[Any]], failure: str) -> tuple[Any, Response | None]:
@@ -65,11 +64,11 @@ async def _storage_call(fn: Callable[[], Awaitable[Any]], failure: str) -> tuple
         return None, _error(503, "unavailable", "storage unavailable, try again")
 
 
-def admin_router(gateway: "Gateway") -> APIRouter:
+def admin_router(ctx: WebContext) -> APIRouter:
     router = APIRouter(prefix="/admin", tags=["admin"])
 
     def denied(request: Request) -> Response | None:
-        key = gateway.config.http.admin_key
+        key = ctx.http.admin_key
         if not key:
             return _error(503, "disabled", "admin API disabled (set http.admin_key)")
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -77,12 +76,6 @@ def admin_router(gateway: "Gateway") -> APIRouter:
             return _error(401, "unauthorized", "the admin key is needed (Authorization: Bearer KEY)",
                           {"WWW-Authenticate": "Bearer"})
         return None
-
-    def blocklist():
-        bl = getattr(gateway, "blocklist", None)
-        if bl is None:
-            raise RuntimeError("block lists not loaded")
-        return bl
 
     def who(request: Request) -> str:
         return f"admin-api {request.client.host}" if request.client else "admin-api"
@@ -93,7 +86,7 @@ def admin_router(gateway: "Gateway") -> APIRouter:
             return resp
         if kind is not None and kind not in KINDS:
             return _invalid("kind", f"must be one of {', '.join(KINDS)}")
-        bl = blocklist()
+        bl = ctx.blocklist
         entries, failed = await _storage_call(lambda: bl.list(kind), "block list read failed")
         if failed is not None:
             return failed
@@ -116,7 +109,7 @@ def admin_router(gateway: "Gateway") -> APIRouter:
             if name not in body:
                 return _invalid(name, "required")
         entry, failed = await _storage_call(
-            lambda: blocklist().add(body["kind"], body["value"], body.get("reason") or "", who(request)),
+            lambda: ctx.blocklist.add(body["kind"], body["value"], body.get("reason") or "", who(request)),
             "block list change failed")
         if failed is not None:
             return failed
@@ -127,7 +120,7 @@ def admin_router(gateway: "Gateway") -> APIRouter:
     async def remove_entry(request: Request, kind: str, value: str) -> Response:
         if (resp := denied(request)) is not None:
             return resp
-        entry, failed = await _storage_call(lambda: blocklist().remove(kind, value), "block list change failed")
+        entry, failed = await _storage_call(lambda: ctx.blocklist.remove(kind, value), "block list change failed")
         if failed is not None:
             return failed
         log.info("block list: %s removed %s %s", who(request), entry.kind, entry.value)

@@ -8,8 +8,6 @@ offline and behind a firewall. Their Content-Security-Policy keeps every
 request on the gateway (ReDoc's bundle would fetch its logo from outside)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from importlib.resources import files
 
 from fastapi import FastAPI
@@ -17,13 +15,12 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from .context import WebContext
 from .jsonresponse import OrjsonResponse
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..app import Gateway
 
 
 DOCS_ASSETS = "/docs-assets"   # Swagger UI and ReDoc files, served by the gateway
+OPENAPI_URL = "/openapi.json"  # the schema both read
 # Inline script/style: Swagger UI's start-up script, ReDoc's styled components.
 DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
             "img-src 'self' data: blob:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; "
@@ -41,7 +38,7 @@ def _install_docs(app: FastAPI) -> None:
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:
         return secured(get_swagger_ui_html(
-            openapi_url=app.openapi_url, title=f"{app.title} - Swagger UI",
+            openapi_url=OPENAPI_URL, title=f"{app.title} - Swagger UI",
             swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js", swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
             swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
             # no validator badge: it would send the spec to an outside service
@@ -50,16 +47,17 @@ def _install_docs(app: FastAPI) -> None:
     @app.get("/redoc", include_in_schema=False)
     async def redoc() -> HTMLResponse:
         return secured(get_redoc_html(
-            openapi_url=app.openapi_url, title=f"{app.title} - ReDoc",
+            openapi_url=OPENAPI_URL, title=f"{app.title} - ReDoc",
             redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js", redoc_favicon_url=f"{DOCS_ASSETS}/favicon.png",
             with_google_fonts=False))
 
 
-def create_app(gateway: "Gateway") -> FastAPI:
+def create_app(ctx: WebContext) -> FastAPI:
+    """The HTTP app over ``ctx`` (built once the gateway's services have started)."""
     from .. import __version__
 
     app = FastAPI(title="SMTP relay gateway", version=__version__, default_response_class=OrjsonResponse,
-                  docs_url=None, redoc_url=None)
+                  openapi_url=OPENAPI_URL, docs_url=None, redoc_url=None)
     _install_docs(app)
 
     @app.get("/healthz", tags=["ops"])
@@ -70,19 +68,18 @@ def create_app(gateway: "Gateway") -> FastAPI:
     @app.get("/readyz", tags=["ops"])
     async def readyz() -> Response:
         """Listening and not draining (readiness for a load balancer)."""
-        if gateway.ready and not gateway.draining:
-            return OrjsonResponse({"status": "ready"})
-        return OrjsonResponse({"status": "draining" if gateway.draining else "starting"}, status_code=503)
+        state = ctx.readiness()
+        return OrjsonResponse({"status": state}, status_code=200 if state == "ready" else 503)
 
     @app.get("/metrics", tags=["ops"])
     async def metrics() -> Response:
-        return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(ctx.metrics(), media_type="text/plain; version=0.0.4")
 
-    if getattr(gateway, "registry", None) is not None:
+    if ctx.registry is not None:
         from .registry_api import install as install_registry
-        install_registry(app, gateway)   # /api/v1 (lists, subscribers), /confirm, /unsubscribe
+        install_registry(app, ctx.registry, ctx)   # /api/v1 (lists, subscribers), /confirm, /unsubscribe
 
     from .admin import admin_router
-    app.include_router(admin_router(gateway))   # /admin (block lists), admin key
+    app.include_router(admin_router(ctx))   # /admin (block lists), admin key
 
     return app

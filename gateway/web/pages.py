@@ -20,7 +20,7 @@ from fastapi.responses import HTMLResponse
 from ..registry.model import RegistryUnavailable, TokenError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..app import Gateway
+    from ..registry.service import RegistryService
 
 log = logging.getLogger("gateway.web")
 
@@ -105,13 +105,8 @@ async def _small_body(request: Request, limit: int = 4096) -> bytes:
     return body[:limit]
 
 
-def pages_router(gateway: "Gateway") -> APIRouter:
+def pages_router(registry: RegistryService) -> APIRouter:
     router = APIRouter(tags=["pages"], include_in_schema=True)
-
-    def registry():
-        if gateway.registry is None:
-            raise RegistryUnavailable("the registry is not running")
-        return gateway.registry
 
     def _client(request: Request) -> tuple[str, str]:
         ip = request.client.host if request.client else ""
@@ -121,7 +116,7 @@ def pages_router(gateway: "Gateway") -> APIRouter:
     @router.get("/confirm/{token}", response_class=HTMLResponse, summary="Confirmation page (confirms nothing)")
     async def confirm_page(token: str, request: Request):
         try:
-            info = await registry().confirmation_view(token)
+            info = await registry.confirmation_view(token)
         except TokenError as exc:
             return _bad_link(exc)
         except RegistryUnavailable:
@@ -140,7 +135,7 @@ def pages_router(gateway: "Gateway") -> APIRouter:
     async def confirm(token: str, request: Request):
         ip, ua = _client(request)
         try:
-            info = await registry().confirm(token, ip=ip, user_agent=ua)
+            info = await registry.confirm(token, ip=ip, user_agent=ua)
         except TokenError as exc:
             return _bad_link(exc)
         except RegistryUnavailable:
@@ -154,7 +149,7 @@ def pages_router(gateway: "Gateway") -> APIRouter:
                 summary="Unsubscribe page (unsubscribes nothing by itself)")
     async def unsubscribe_page(token: str, request: Request):
         try:
-            info = await registry().unsubscribe_view(token)
+            info = await registry.unsubscribe_view(token)
         except TokenError as exc:
             return _bad_link(exc)
         except RegistryUnavailable:
@@ -179,7 +174,7 @@ def pages_router(gateway: "Gateway") -> APIRouter:
         body = await _small_body(request)
         one_click = parse_qs(body.decode("latin-1")).get("List-Unsubscribe") == ["One-Click"]
         try:
-            result = await registry().unsubscribe_by_token(token, via="one-click" if one_click else "page")
+            result = await registry.unsubscribe_by_token(token, via="one-click" if one_click else "page")
         except TokenError as exc:
             return _bad_link(exc)
         except RegistryUnavailable:

@@ -27,10 +27,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..registry import csvimport
 from ..registry.model import Conflict, Invalid, NotFound, RateLimited, RegistryUnavailable
 from .admin import is_admin_key
+from .context import WebContext
 from .jsonresponse import OrjsonResponse
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..app import Gateway
+    from ..registry.service import RegistryService
 
 TAG = "registry"
 
@@ -170,8 +171,8 @@ class ErrorOut(BaseModel):
     errors: list[dict] | None = None
 
 
-_ERRORS = {401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 422: {"model": ErrorOut},
-           503: {"model": ErrorOut}}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 422: {"model": ErrorOut}, 503: {"model": ErrorOut}}
 
 
 # ------------------------------------------------------------------ errors
@@ -245,14 +246,8 @@ def _bulk_limit(reg, rows: int) -> None:
 
 
 # ------------------------------------------------------------------ the router
-def registry_router(gateway: "Gateway") -> APIRouter:
+def registry_router(reg: "RegistryService", ctx: WebContext) -> APIRouter:
     router = APIRouter(prefix="/api/v1", tags=[TAG], responses=_ERRORS)
-
-    def registry():
-        reg = gateway.registry
-        if reg is None:
-            raise ApiError(503, "unavailable", "the registry is not running")
-        return reg
 
     def _key(authorization: str | None, x_api_key: str | None) -> str:
         if authorization:
@@ -265,7 +260,7 @@ def registry_router(gateway: "Gateway") -> APIRouter:
                        {"WWW-Authenticate": "Bearer"})
 
     def _is_admin(key: str) -> bool:
-        return is_admin_key(gateway.config.http.admin_key, key)
+        return is_admin_key(ctx.http.admin_key, key)
 
     async def account(authorization: Annotated[str | None, Header()] = None,
                       x_api_key: Annotated[str | None, Header()] = None,
@@ -276,10 +271,10 @@ def registry_router(gateway: "Gateway") -> APIRouter:
             if not x_account:
                 raise Invalid("X-Account", "the admin key acts for the account named in the X-Account header")
             return x_account
-        name = await registry().account_for_api_key(key)
+        name = await reg.account_for_api_key(key)
         if name is None:
             raise ApiError(401, "unauthorized", "unknown API key", {"WWW-Authenticate": "Bearer"})
-        acc = gateway.accounts.cached(name) if gateway.accounts is not None else None
+        acc = ctx.accounts.cached(name)
         if acc is not None and acc.suspended:
             raise ApiError(403, "suspended", "this account is suspended (P-STRIKE)")
         return name
@@ -295,26 +290,26 @@ def registry_router(gateway: "Gateway") -> APIRouter:
     # --------------------------------------------------------------- lists
     @router.post("/lists", status_code=201, response_model=ListOut, summary="Register a mailing list")
     async def create_list(body: ListCreate, acc: Account):
-        lst = await registry().create_list(acc, name=body.name, list_id=body.list_id, senders=body.senders,
-                                           confirm_from=body.confirm_from)
+        lst = await reg.create_list(acc, name=body.name, list_id=body.list_id, senders=body.senders,
+                                    confirm_from=body.confirm_from)
         return lst.public()
 
     @router.get("/lists", response_model=dict[str, list[ListOut]], summary="The account's lists")
     async def get_lists(acc: Account):
-        return {"lists": [lst.public() for lst in await registry().lists(acc)]}
+        return {"lists": [lst.public() for lst in await reg.lists(acc)]}
 
     @router.get("/lists/{list_id}", response_model=ListOut, summary="One list")
     async def get_list(list_id: ListPath, acc: Account):
-        return (await registry().get_list(acc, list_id)).public()
+        return (await reg.get_list(acc, list_id)).public()
 
     @router.delete("/lists/{list_id}", status_code=204, summary="Delete a list, its subscribers and opt-outs")
     async def delete_list(list_id: ListPath, acc: Account):
-        await registry().delete_list(acc, list_id)
+        await reg.delete_list(acc, list_id)
         return Response(status_code=204)
 
     @router.get("/lists/{list_id}/stats", response_model=Stats, summary="Subscriber statistics")
     async def stats(list_id: ListPath, acc: Account):
-        return await registry().list_stats(acc, list_id)
+        return await reg.list_stats(acc, list_id)
 
     # --------------------------------------------------------------- subscribers
     @router.post("/lists/{list_id}/subscribers", status_code=202, response_model=AddOut,
@@ -324,9 +319,9 @@ def registry_router(gateway: "Gateway") -> APIRouter:
                              "when the account's budget of confirmation mails for the current window is used "
                              "up (confirmation: queued; the gateway sends it in a later window).")
     async def add_subscriber(list_id: ListPath, body: SubscriberAdd, acc: Account):
-        res = await registry().add_subscriber(acc, list_id, body.address, source=body.source, ip=body.ip,
-                                              user_agent=body.user_agent, requested_at=body.requested_at,
-                                              reoptin=body.reoptin)
+        res = await reg.add_subscriber(acc, list_id, body.address, source=body.source, ip=body.ip,
+                                       user_agent=body.user_agent, requested_at=body.requested_at,
+                                       reoptin=body.reoptin)
         out = res.subscriber.public()
         out["confirmation"] = res.confirmation
         return out
@@ -351,7 +346,6 @@ def registry_router(gateway: "Gateway") -> APIRouter:
                                  source: Annotated[str, Query(max_length=255, description="CSV body: default "
                                                               "source for rows without one")] = "",
                                  reoptin: Annotated[bool, Query(description="CSV body: see reoptin")] = False):
-        reg = registry()
         await reg.get_list(acc, list_id)   # 404 before reading the body
         ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         data = await request.body()
@@ -405,7 +399,7 @@ def registry_router(gateway: "Gateway") -> APIRouter:
                              "max_confirmation_mails, or while the account's budget of confirmation mails "
                              "for the current window is used up (Retry-After: until the next window).")
     async def resend(list_id: ListPath, body: AddressRef, acc: Account) -> dict:
-        return {"confirmation": await registry().resend_confirmation(acc, list_id, body.address)}
+        return {"confirmation": await reg.resend_confirmation(acc, list_id, body.address)}
 
     @router.get("/lists/{list_id}/subscribers", response_model=SubscriberPage,
                 summary="Subscribers with consent evidence, a page at a time")
@@ -413,14 +407,13 @@ def registry_router(gateway: "Gateway") -> APIRouter:
                                status: Literal["pending", "confirmed"] | None = None,
                                cursor: Annotated[int, Query(ge=0)] = 0,
                                limit: Annotated[int, Query(ge=1, le=1000)] = 100):
-        page, nxt = await registry().subscribers(acc, list_id, status=status, cursor=cursor, limit=limit)
+        page, nxt = await reg.subscribers(acc, list_id, status=status, cursor=cursor, limit=limit)
         return {"subscribers": [s.public() for s in page], "next_cursor": nxt}
 
     @router.get("/lists/{list_id}/subscribers/export", summary="Export all subscribers with consent evidence",
                 responses={200: {"content": {"text/csv": {}, "application/x-ndjson": {}}}})
     async def export(list_id: ListPath, acc: Account, format: Literal["csv", "ndjson"] = "csv",
                      status: Literal["pending", "confirmed"] | None = None):
-        reg = registry()
         await reg.get_list(acc, list_id)   # 404 before the stream starts
         columns = ["address", "status", "source", "requested_at", "requested_ip", "requested_user_agent",
                    "confirmed_at", "confirmed_ip", "confirmed_user_agent"]
@@ -453,14 +446,12 @@ def registry_router(gateway: "Gateway") -> APIRouter:
     @router.get("/lists/{list_id}/recipient-status", response_model=RecipientStatusOut,
                 summary="What an RCPT of this list's mail would find (served from the cache)")
     async def recipient_status(list_id: ListPath, acc: Account, address: Annotated[str, Query(max_length=320)]):
-        reg = registry()
         lst = await reg.get_list(acc, list_id)
         return {"address": address, "status": await reg.recipient_status(lst.id, address)}
 
     @router.get("/lists/{list_id}/subscribers/{address:path}", response_model=SubscriberOut,
                 summary="One subscriber with consent evidence (404 also after an opt-out)")
     async def get_subscriber(list_id: ListPath, address: str, acc: Account):
-        reg = registry()
         try:
             return (await reg.subscriber(acc, list_id, address)).public()
         except NotFound:
@@ -473,23 +464,23 @@ def registry_router(gateway: "Gateway") -> APIRouter:
                    summary="Remove a subscriber (permanent: like an opt-out, it cannot be re-added "
                            "without a fresh confirmed opt-in)")
     async def remove_subscriber(list_id: ListPath, address: str, acc: Account):
-        await registry().remove_subscriber(acc, list_id, address)
+        await reg.remove_subscriber(acc, list_id, address)
         return Response(status_code=204)
 
     # --------------------------------------------------------------- admin
     @router.post("/admin/accounts/{name}/api-keys", status_code=201, dependencies=[Depends(admin)],
                  summary="Issue an API key for an account (admin key)")
     async def issue_key(name: str, body: ApiKeyCreate | None = None) -> dict:
-        key = await registry().issue_api_key(name, body.label if body else "")
+        key = await reg.issue_api_key(name, body.label if body else "")
         return {"account": name, "api_key": key}
 
     return router
 
 
-def install(app: FastAPI, gateway: "Gateway") -> None:
-    """Mount the registry API and the confirmation/unsubscribe pages."""
+def install(app: FastAPI, registry: "RegistryService", ctx: WebContext) -> None:
+    """Mount the registry API and the confirmation/unsubscribe pages over ``registry``."""
     from .pages import pages_router
 
     install_error_handlers(app)
-    app.include_router(registry_router(gateway))
-    app.include_router(pages_router(gateway))
+    app.include_router(registry_router(registry, ctx))
+    app.include_router(pages_router(registry))
