@@ -4,17 +4,18 @@ modes and deadlines, over real SMTP where the client's reply is what matters."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import pkgutil
 import socket
-from pathlib import Path
 
 import pytest
 
 import gateway.checks
 from gateway.checks import CHECKS, PHASES, SPECS, default_order
 from gateway.config import DEFAULT_CHECKS, ConfigError, from_mapping
-from gateway.core.transaction import Outcome, Phase, Result
+from gateway.core.transaction import Outcome, Phase, Result, Transaction
+from gateway.services import Services
 from gateway.pipeline import build_pipeline
 
 from conftest import MESSAGE, run_cli
@@ -65,6 +66,11 @@ def test_every_check_module_declares_its_contract(check_kit):
         for dep in spec.requires:  # a requirement runs earlier: its phase, or its place in the same phase
             assert (PHASES.index(SPECS[dep].phase), SPECS[dep].position) < (PHASES.index(spec.phase), spec.position)
     assert [n for n, s in SPECS.items() if s.mandatory] == ["rcpt_relay"]
+    service_fields = {f.name for f in dataclasses.fields(Services)}
+    tx_fields = {f.name for f in dataclasses.fields(Transaction)} | {"session.account"}
+    for name, spec in SPECS.items():
+        assert set(spec.services) <= service_fields, name
+        assert set(spec.provides) | set(spec.reads) <= tx_fields, name
 
 
 # ------------------------------------------------------------------ mandatory checks, requirements

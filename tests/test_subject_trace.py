@@ -12,7 +12,7 @@ from gateway.checks import data_subject, data_trace
 from gateway.message.headers import (REPLY_BODY_PREFIX, check_subject, check_trace, display_domains, parse_headers,
                                      parse_received)
 from gateway.message.settings import HeaderSettings
-from gateway.core.transaction import Result, SessionInfo, Transaction
+from gateway.core.transaction import Result, Transaction
 from gateway.registry.model import MailingList
 from gateway.services import Services
 
