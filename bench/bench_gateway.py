@@ -345,7 +345,6 @@ def parse_checks(spec: str) -> dict[str, list[str]]:
 ISSUE2_CHECKS = {
     "connect": ["connect_limits"],
     "helo": [],
-    "auth": [],
     "mail": ["mail_account_status", "mail_size"],
     "rcpt": ["rcpt_relay", "rcpt_limit"],
     "data": ["data_size"],

@@ -27,7 +27,6 @@ import json
 import re
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -37,7 +36,9 @@ from gateway.message.findings import REJECT, RULES  # noqa: E402
 from gateway.message.parse import parse_date, parse_headers  # noqa: E402
 from gateway.message.wire import header_end  # noqa: E402
 from gateway.message.settings import HeaderSettings  # noqa: E402
+from gateway.config import Config, DevSettings, SmtpSettings  # noqa: E402
 from gateway.core.transaction import SessionInfo, Transaction  # noqa: E402
+from gateway.services import Services  # noqa: E402
 
 # (group, glob under the corpora directory, why it is ham). The paths are what
 # the corpora README and each folder's SOURCE.txt label as good mail.
@@ -111,9 +112,9 @@ def clock_for(data: bytes) -> float:
 
 
 def make_checks(now: float, settings: HeaderSettings | None = None) -> list:
-    cfg = SimpleNamespace(headers=settings or HeaderSettings(),
-                          smtp=SimpleNamespace(hostname="gw.example.net", trace_header="X-Gateway-Trace"))
-    services = SimpleNamespace(config=cfg, clock=lambda: now)
+    cfg = Config(dev=DevSettings(enabled=True), smtp=SmtpSettings(hostname="gw.example.net"),
+                 headers=settings or HeaderSettings())
+    services = Services(config=cfg, accounts=None, counters=None, connections=None, clock=lambda: now)
     return [m.build(services) for m in (data_wire, data_headers, data_trace, data_subject)]
 
 
@@ -135,7 +136,7 @@ async def run_all(data: bytes, params: dict | None = None, settings: HeaderSetti
             params["SMTPUTF8"] = True
     tx.mail_params = params
     outcomes = [await c.run(tx) for c in make_checks(clock_for(data), settings)]
-    refused = {f["id"] for f in tx.extra.get("findings", []) if f["action"] == REJECT}
+    refused = {f["id"] for f in (tx.findings or []) if f["action"] == REJECT}
     return tx, outcomes, refused
 
 

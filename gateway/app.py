@@ -254,7 +254,7 @@ class Gateway:
         self.services = Services(config=cfg, accounts=self.accounts, counters=self.counters, registry=self.registry,
                                  connections=self.connections, clock=self.clock,
                                  resolver=self.resolver, dnsbl=self.dnsbl, blocklist=self.blocklist)
-        self.pipeline = build_pipeline(cfg.checks.order(), factories(self.services))
+        self.pipeline = build_pipeline(cfg.checks.order(), factories(self.services), settings=cfg.checks)
         loop = asyncio.get_running_loop()
         for listener in cfg.listeners:
             if listener.tls != "none" and tls_context is None:
@@ -411,7 +411,7 @@ class Gateway:
             if all(r.local for r in tx.recipients):
                 tx.decision = "local"
                 return replies.HANDLED_LOCALLY.with_suffix(f", trace id {tx.trace_id}")
-            if tx.extra.get("list") is not None:
+            if tx.mailing_list is not None:
                 reply = await self._relay_list_copies(tx, copies)
             else:
                 assert upstream_tx is not None
@@ -436,7 +436,7 @@ class Gateway:
         cfg = self.config
         # Forwarded mail and SRS bounces get the gateway's trace on top and
         # nothing else: the author's bytes (and DKIM signatures) stay intact.
-        added = [] if forwarded(tx) is not None else (tx.extra.get("add_headers") or []) + (extra or [])
+        added = [] if forwarded(tx) is not None else tx.add_headers + (extra or [])
         return trace_headers(tx, cfg.smtp.hostname, cfg.smtp.trace_header, self.clock(), added, rcpt)
 
     async def _deliver_local(self, tx: Transaction) -> Reply | Rendered | None:
@@ -486,7 +486,7 @@ class Gateway:
         the message (a retry may duplicate copies that did go out: never a loss)."""
         from .message.edit import remove_fields
 
-        lst = tx.extra["list"]
+        lst = tx.mailing_list
         body = remove_fields(tx.message or b"", _LIST_FIELDS)
 
         async def one(r, utx) -> Reply | Rendered:

@@ -21,6 +21,7 @@ from .dns.settings import DnsblSettings, DomainSettings, ResolverSettings
 from .forwarding import ForwardingSettings
 from .message.settings import HeaderSettings
 from .core.transaction import Phase
+from .checks import PHASES, SPECS, default_order
 
 __all__ = ["Config", "ConfigError", "ListenError", "load", "dev_config", "is_dev_dir"]
 
@@ -209,29 +210,42 @@ class LogSettings:
     transactions: str = "-"           # "-" = standard output, else a file path (one JSON line per transaction)
 
 
-DEFAULT_CHECKS: dict[str, list[str]] = {
-    "connect": ["connect_limits", "connect_blocklist", "connect_dnsbl"],
-    "helo": ["helo_blocklist"],
-    "auth": [],
-    "mail": ["mail_account_status", "mail_sender_auth", "mail_size", "mail_blocklist", "mail_dnsbl",
-             "mail_domain_exists", "mail_list"],
-    "rcpt": ["rcpt_relay", "rcpt_limit", "rcpt_optin"],
-    "data": ["data_size", "data_wire", "data_headers", "data_sender_auth", "data_from_domain", "data_trace",
-             "data_listmail", "data_subject"],
-}
+# The default order of the checks per phase, from the check modules' SPECs.
+DEFAULT_CHECKS: dict[str, list[str]] = default_order()
+
+CheckMode = Literal["enforce", "warn", "off"]
 
 
 @dataclass(frozen=True)
 class CheckSettings:
+    """``[checks]``: which checks run in each phase, in order; ``[checks.modes]``:
+    ``enforce`` (default), ``warn`` (a would-be refusal is recorded, the mail
+    goes on) or ``off`` per check; ``[checks.deadlines]``: seconds per check
+    (defaults: each check's SPEC). docs/checks.md."""
+
     connect: list[str] = field(default_factory=lambda: list(DEFAULT_CHECKS["connect"]))
     helo: list[str] = field(default_factory=lambda: list(DEFAULT_CHECKS["helo"]))
-    auth: list[str] = field(default_factory=lambda: list(DEFAULT_CHECKS["auth"]))
     mail: list[str] = field(default_factory=lambda: list(DEFAULT_CHECKS["mail"]))
     rcpt: list[str] = field(default_factory=lambda: list(DEFAULT_CHECKS["rcpt"]))
     data: list[str] = field(default_factory=lambda: list(DEFAULT_CHECKS["data"]))
+    modes: dict[str, CheckMode] = field(default_factory=dict)
+    deadlines: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, seconds in self.deadlines.items():
+            if not 0 < seconds <= 3600:
+                raise ValueError(f"deadlines: {name}: must be in (0, 3600] seconds, got {seconds}")
 
     def order(self) -> dict[Phase, list[str]]:
-        return {phase: list(getattr(self, phase.value)) for phase in Phase}
+        """The checks that run, per phase, in order (``off`` ones left out)."""
+        return {phase: [n for n in getattr(self, phase.value) if self.modes.get(n) != "off"] for phase in PHASES}
+
+    def mode(self, name: str) -> str:
+        return self.modes.get(name, "enforce")
+
+    def deadline(self, name: str) -> float:
+        seconds = self.deadlines.get(name)
+        return seconds if seconds is not None else SPECS[name].deadline
 
 
 @dataclass(frozen=True)
@@ -279,27 +293,67 @@ class Config:
 
 def _validate_semantics(cfg: Config) -> None:
     """Cross-section checks that need more than one section."""
-    from .checks import known_checks  # late: checks import config types
-
-    known = known_checks()
-    for phase in Phase:
-        for name in getattr(cfg.checks, phase.value):
-            spec = known.get(name)
-            if spec is None:
-                raise ConfigError(cfg.source, f"checks.{phase.value}",
-                                  f"unknown check {name!r} (known: {', '.join(sorted(known))})")
-            if spec != phase:
-                raise ConfigError(cfg.source, f"checks.{phase.value}",
-                                  f"check {name!r} acts in phase {spec.value}, not {phase.value}")
+    _validate_checks(cfg)
     for tls_file in (cfg.tls.cert_file, cfg.tls.key_file):
         if tls_file and not Path(tls_file).is_file():
             raise ConfigError(cfg.source, "tls.cert_file" if tls_file == cfg.tls.cert_file else "tls.key_file",
                               f"file {tls_file!r} does not exist")
 
 
+def _validate_checks(cfg: Config) -> None:
+    """The configured checks against their contracts (gateway/checks/contract.py):
+    known, in their own phase, each once; mandatory ones present and enforcing;
+    every check a running check requires running before it."""
+    checks = cfg.checks
+    where: dict[str, tuple[int, int]] = {}   # name -> (phase index, position): the run order
+    for p, phase in enumerate(PHASES):
+        key = f"checks.{phase.value}"
+        for i, name in enumerate(getattr(checks, phase.value)):
+            spec = SPECS.get(name)
+            if spec is None:
+                raise ConfigError(cfg.source, key, f"unknown check {name!r} (known: {', '.join(sorted(SPECS))})")
+            if spec.phase is not phase:
+                raise ConfigError(cfg.source, key, f"check {name!r} acts in phase {spec.phase.value}, not {phase.value}")
+            if name in where:
+                raise ConfigError(cfg.source, key, f"check {name!r} is listed twice")
+            where[name] = (p, i)
+    for table in ("modes", "deadlines"):
+        for name in getattr(checks, table):
+            if name not in SPECS:
+                raise ConfigError(cfg.source, f"checks.{table}.{name}",
+                                  f"unknown check (known: {', '.join(sorted(SPECS))})")
+    for name, spec in SPECS.items():
+        if not spec.mandatory:
+            continue
+        key = f"checks.{spec.phase.value}"
+        if name not in where:
+            raise ConfigError(cfg.source, key, f"check {name!r} cannot be left out: {spec.summary}; without it "
+                                               f"the gateway would relay for anyone (an open relay)")
+        if checks.mode(name) != "enforce":
+            raise ConfigError(cfg.source, f"checks.modes.{name}",
+                              f"check {name!r} is mandatory and runs in enforce mode only, not {checks.mode(name)!r}")
+    running = {name for name in where if checks.mode(name) != "off"}
+    for name in sorted(running, key=lambda n: where[n]):
+        spec = SPECS[name]
+        for dep in spec.requires:
+            key = f"checks.{spec.phase.value}"
+            if dep not in running:
+                why = "is off in [checks.modes]" if dep in where else f"is not in checks.{SPECS[dep].phase.value}"
+                raise ConfigError(cfg.source, key, f"check {name!r} needs the result of {dep!r}, which {why}; "
+                                                   f"add {dep!r} or leave {name!r} out too")
+            if where[dep] > where[name]:
+                raise ConfigError(cfg.source, key, f"check {name!r} needs the result of {dep!r}, which runs "
+                                                   f"after it; put {dep!r} first")
+
+
 def from_mapping(data: Mapping, source: str, env: Mapping[str, str] | None = None) -> Config:
     data = dict(data)
     data.pop("source", None)
+    checks = data.get("checks")
+    if isinstance(checks, Mapping) and "auth" in checks:
+        raise ConfigError(source, "checks.auth", "no check acts in the AUTH phase (failed logins are limited by "
+                                                 "[auth], suspended accounts refused by mail_account_status): "
+                                                 "remove this key")
     cfg = load_section(Config, data, source, "", env)
     cfg = replace(cfg, source=source)
     _validate_semantics(cfg)

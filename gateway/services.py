@@ -1,8 +1,10 @@
-"""The services a check may use, composed once by the app and passed down."""
+"""The services a check may use, composed once by the app and passed down.
+
+Each check names the fields it uses in its SPEC (gateway/checks/contract.py)."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from .config import Config
@@ -19,4 +21,3 @@ class Services:
     dnsbl: Any = None                  # dns.dnsbl.Dnsbl
     registry: Any = None               # registry service (mailing lists)
     blocklist: Any = None              # blocklist.service.BlockList (operator block lists)
-    extras: dict[str, Any] = field(default_factory=dict)

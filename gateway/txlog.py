@@ -40,8 +40,8 @@ def transaction_record(tx: Transaction) -> dict:
                    **({"local": True} if r.local else {}),
                    **({"srs_to": r.relay_to} if r.relay_to else {})} for r in tx.recipients]
     d["rcpts_refused"] = tx.refused_recipients
-    if "data_octets" in tx.extra:
-        d["size"] = tx.extra["data_octets"]
+    if tx.data_octets is not None:
+        d["size"] = tx.data_octets
     d["decision"] = tx.decision
     if tx.final_reply is not None:
         d["reply"] = tx.final_reply.render()
@@ -54,11 +54,11 @@ def transaction_record(tx: Transaction) -> dict:
     if fwd is not None and (fwd.kind == "bounce" or fwd.state == "confirmed"):
         d["forwarded"] = fwd.as_log()
     d["ledger"] = [o.as_log() for o in tx.session.ledger] + [o.as_log() for o in tx.ledger]
-    if "findings" in tx.extra:
-        d["findings"] = tx.extra["findings"]
-    if tx.extra.get("add_headers") and tx.decision in ("relayed", "local"):
+    if tx.findings is not None:
+        d["findings"] = tx.findings
+    if tx.add_headers and tx.decision in ("relayed", "local"):
         # what the gateway wrote below its trace headers (a missing Date / Message-ID)
-        d["headers_added"] = [{"name": name, "value": value} for name, value in tx.extra["add_headers"]]
+        d["headers_added"] = [{"name": name, "value": value} for name, value in tx.add_headers]
     d["timings_ms"] = tx.timings
     return d
 

@@ -504,3 +504,11 @@ MESSAGE = (b"From: Alice <alice@example.com>\r\n"
            b"Message-ID: <test-1@example.com>\r\n"
            b"\r\n"
            b"Hello Bob,\r\n.leading dot line\r\nbye\r\n")
+
+
+@pytest.fixture
+def check_kit():
+    """The typed check harness (tests/checkkit.py): services, a check built through
+    its contract, and the transaction it runs on."""
+    from checkkit import CheckKit
+    return CheckKit()

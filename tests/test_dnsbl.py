@@ -8,7 +8,6 @@ import socket
 import subprocess
 import tempfile
 import time
-from types import SimpleNamespace
 
 import pytest
 
@@ -22,6 +21,7 @@ from gateway.dns.settings import DnsblSettings, DnsblZone, ResolverSettings
 from gateway.core.transaction import Phase, Result, SessionInfo, Transaction
 
 from conftest import CORPORA, have_binary, need
+import checkkit
 
 CORPUS = CORPORA / "dnsbl-rfc5782-rbldnsd"
 ZONES = CORPUS / "zones"
@@ -313,7 +313,7 @@ async def test_background_probe_start_stop(corpus_server, make_resolver):
 async def test_exemptions_and_decide_at_mail(corpus_server, make_resolver):
     s = DnsblSettings(zones=[TEST_BL], exempt_networks=["10.0.0.0/8", "2001:db8::/32"])
     bl = Dnsbl(s, make_resolver())
-    services = SimpleNamespace(config=SimpleNamespace(dnsbl=s), resolver=bl.resolver, dnsbl=bl)
+    services = checkkit.services(dnsbl_settings=s, resolver=bl.resolver, dnsbl=bl)
     check = connect_dnsbl.build(services)
     assert check.phase is Phase.CONNECT
     out = await check.run(SessionInfo("s", "l", "2001:db8:dead::1", 1))
@@ -326,7 +326,7 @@ async def test_exemptions_and_decide_at_mail(corpus_server, make_resolver):
 
     at_mail = DnsblSettings(zones=[TEST_BL], decide_at="mail")
     bl2 = Dnsbl(at_mail, make_resolver())
-    services = SimpleNamespace(config=SimpleNamespace(dnsbl=at_mail), resolver=bl2.resolver, dnsbl=bl2)
+    services = checkkit.services(dnsbl_settings=at_mail, resolver=bl2.resolver, dnsbl=bl2)
     connect, mail = connect_dnsbl.build(services), connect_dnsbl.build_mail(services)
     assert mail.phase is Phase.MAIL
     session = SessionInfo("s", "l", "127.0.0.2", 1)
@@ -347,7 +347,7 @@ async def test_decide_at_mail_counts_one_check_per_session(corpus_server, make_r
     decided, counted and logged once, at MAIL, with the same verdict."""
     s = DnsblSettings(zones=[TEST_BL], decide_at="mail")
     bl = Dnsbl(s, make_resolver())
-    made = factories(SimpleNamespace(config=SimpleNamespace(dnsbl=s), resolver=bl.resolver, dnsbl=bl))
+    made = factories(checkkit.services(dnsbl_settings=s, resolver=bl.resolver, dnsbl=bl))
     connect, mail = made["connect_dnsbl"](), made["mail_dnsbl"]()
     assert isinstance(mail, connect_dnsbl.MailDnsbl) and mail.phase is Phase.MAIL
     session = SessionInfo("s", "l", "127.0.0.2", 1)

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 
 from dns_fixtures import dns_server, make_resolver  # noqa: F401
 from gateway.checks import mail_domain_exists
-from gateway.dns.domain import (DomainStatus, HostAddresses, check_domain_exists, evaluate, is_bogus,
+from gateway.dns.domain import (DomainStatus, DomainVerdict, HostAddresses, check_domain_exists, evaluate, is_bogus,
                                 reply_for, to_a_label, _networks)
 from gateway.dns.resolver import DnsAnswer, Status
 from gateway.dns.settings import DEFAULT_BOGUS_NETWORKS, DomainSettings
@@ -16,6 +15,7 @@ from gateway.core.address import EnvelopeAddress
 from gateway.core.transaction import Result, SessionInfo, Transaction
 
 from conftest import CORPORA
+import checkkit
 
 EV = CORPORA / "python-email-validator"
 S = DomainSettings()
@@ -71,7 +71,7 @@ def test_idn_labels():
 
 
 def test_replies():
-    v = lambda st: SimpleNamespace(status=st)  # noqa: E731
+    v = lambda st: DomainVerdict("example.org", st)  # noqa: E731
     assert reply_for(v(DomainStatus.NXDOMAIN)).render() .startswith("550 5.1.8 P-DOM")
     assert reply_for(v(DomainStatus.NXDOMAIN), header=True).render().startswith("550 5.7.1 P-DOM")
     assert reply_for(v(DomainStatus.NULL_MX)).render().startswith("550 5.7.27 P-DOM")
@@ -160,7 +160,7 @@ def _tx(domain: str, literal: bool = False) -> tuple[Transaction, EnvelopeAddres
     ("slow.test", Result.ERROR, "451 4.4.3 P-DOM"),
 ])
 async def test_mail_check(zones, make_resolver, domain, result, line):
-    services = SimpleNamespace(config=SimpleNamespace(domains=S), resolver=make_resolver(timeout=0.4, tries=1))
+    services = checkkit.services(domains=S, resolver=make_resolver(timeout=0.4, tries=1))
     check = mail_domain_exists.build(services)
     tx, addr = _tx(domain)
     out = await check.run(tx, addr)
@@ -170,7 +170,7 @@ async def test_mail_check(zones, make_resolver, domain, result, line):
 
 
 async def test_mail_check_skips(make_resolver):
-    services = SimpleNamespace(config=SimpleNamespace(domains=S), resolver=make_resolver())
+    services = checkkit.services(domains=S, resolver=make_resolver())
     check = mail_domain_exists.build(services)
     tx = Transaction(SessionInfo("s", "submission", "192.0.2.1", 1))
     assert (await check.run(tx, EnvelopeAddress("", "", ""))).result is Result.SKIP

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
-from types import SimpleNamespace
 
 import pytest
 
@@ -15,6 +14,9 @@ from gateway.message.parse import (HeaderSyntaxError, decode_words, parse_addres
 from gateway.message.rules import check_structure
 from gateway.message.settings import HeaderSettings
 from gateway.core.transaction import Result, SessionInfo, Transaction
+from gateway.services import Services
+
+import checkkit
 
 NOW = datetime(2024, 5, 6, 12, 0, 0, tzinfo=timezone.utc).timestamp()
 DATE = "Mon, 06 May 2024 13:59:00 +0200"
@@ -44,9 +46,8 @@ def make_tx(message: bytes, account: Account | None = ALICE) -> Transaction:
     return tx
 
 
-def services(settings: HeaderSettings | None = None, now: float = NOW):
-    cfg = SimpleNamespace(headers=settings or HeaderSettings(), smtp=SimpleNamespace(hostname="gw.example.net", trace_header="X-Gateway-Trace"))
-    return SimpleNamespace(config=cfg, clock=lambda: now)
+def services(settings: HeaderSettings | None = None, now: float = NOW) -> Services:
+    return checkkit.services(headers=settings or HeaderSettings(), clock=lambda: now)
 
 
 # --- parsing ---------------------------------------------------------------------------------
@@ -377,7 +378,7 @@ async def test_check_records_flags_and_refuses_on_first_reject():
     tx = make_tx(msg(*[h for h in BASE if not h.startswith("Date")], "Subject: again", "Date: 1 Jan 2000 00:00 +0000"))
     out = await check.run(tx)
     assert out.result is Result.FAIL and "[hdr.date_window]" in out.detail
-    recorded = {(f["id"], f["action"]) for f in tx.extra["findings"]}
+    recorded = {(f["id"], f["action"]) for f in tx.findings}
     assert recorded == {("hdr.duplicate", "flag"), ("hdr.date_window", "reject")}
 
 
@@ -386,7 +387,7 @@ async def test_check_flag_only():
     tx = make_tx(msg(*BASE, "Subject: again"))
     out = await check.run(tx)
     assert out.result is Result.FLAG and out.detail == "duplicate Subject header [hdr.duplicate]"
-    assert tx.extra["findings"] == [{"id": "hdr.duplicate", "rule": "P-HDR", "action": "flag",
+    assert tx.findings == [{"id": "hdr.duplicate", "rule": "P-HDR", "action": "flag",
                                      "check": "data_headers", "detail": "duplicate Subject header",
                                      "reply": "550 5.6.0"}]
 
@@ -395,7 +396,7 @@ async def test_check_off_records_nothing():
     check = data_headers.build(services(HeaderSettings(actions={"hdr.duplicate": "off"})))
     tx = make_tx(msg(*BASE, "Subject: again"))
     assert (await check.run(tx)).result is Result.PASS
-    assert tx.extra["findings"] == []
+    assert tx.findings == []
 
 
 async def test_missing_message_id_add_or_refuse():
@@ -403,13 +404,13 @@ async def test_missing_message_id_add_or_refuse():
     tx = make_tx(m)
     out = await data_headers.build(services()).run(tx)
     assert out.result is Result.PASS
-    (name, value), = tx.extra["add_headers"]
+    (name, value), = tx.add_headers
     assert name == "Message-ID" and valid_message_id(value) and value.endswith("@gw.example.net>")
     assert tx.message == m
-    assert tx.extra["findings"][0]["action"] == "add"
+    assert tx.findings[0]["action"] == "add"
     tx = make_tx(m)
     out = await data_headers.build(services(HeaderSettings(message_id="refuse"))).run(tx)
-    assert out.result is Result.FAIL and "add_headers" not in tx.extra
+    assert out.result is Result.FAIL and not tx.add_headers
     assert out.reply.render(out.detail).startswith("550 5.6.0 P-HDR Message-ID header required")
 
 
@@ -420,17 +421,17 @@ async def test_missing_date_and_message_id_added_for_an_account():
     tx = make_tx(NO_DATE_NO_ID)
     out = await data_headers.build(services()).run(tx)
     assert out.result is Result.PASS
-    (dname, dvalue), (mname, mvalue) = tx.extra["add_headers"]
+    (dname, dvalue), (mname, mvalue) = tx.add_headers
     # the gateway clock's time (the injected one), RFC 5322 form, UTC as +0000
     assert (dname, dvalue) == ("Date", "Mon, 06 May 2024 12:00:00 +0000")
     assert parse_date(dvalue).timestamp() == NOW
     assert mname == "Message-ID" and valid_message_id(mvalue) and mvalue.startswith("<20240506120000.")
     assert tx.message == NO_DATE_NO_ID
-    assert [(f["id"], f["action"]) for f in tx.extra["findings"]] == [
+    assert [(f["id"], f["action"]) for f in tx.findings] == [
         ("hdr.date_missing", "add"), ("hdr.message_id_missing", "add")]
     # a second run over the same transaction adds nothing twice
     await data_headers.build(services()).run(tx)
-    assert [n for n, _ in tx.extra["add_headers"]] == ["Date", "Message-ID"]
+    assert [n for n, _ in tx.add_headers] == ["Date", "Message-ID"]
 
 
 async def test_missing_date_refused_for_an_account_with_date_refuse():
@@ -439,24 +440,24 @@ async def test_missing_date_refused_for_an_account_with_date_refuse():
     assert out.result is Result.FAIL
     assert out.reply.render(out.detail) == "550 5.6.0 P-HDR Date header required: no Date header [hdr.date_missing]"
     # the Message-ID would still have been added (a refused message is never relayed)
-    assert [n for n, _ in tx.extra["add_headers"]] == ["Message-ID"]
+    assert [n for n, _ in tx.add_headers] == ["Message-ID"]
 
 
 async def test_without_an_account_nothing_is_added():
     # Date is required (RFC 5322 3.6): refused; a missing Message-ID is only flagged
     tx = make_tx(NO_DATE_NO_ID, account=None)
     out = await data_headers.build(services()).run(tx)
-    assert out.result is Result.FAIL and "add_headers" not in tx.extra
+    assert out.result is Result.FAIL and not tx.add_headers
     assert out.reply.render(out.detail) == "550 5.6.0 P-HDR Date header required: no Date header [hdr.date_missing]"
     tx = make_tx(msg(*[h for h in BASE if not h.startswith("Message-ID")]), account=None)
     out = await data_headers.build(services()).run(tx)
     assert out.result is Result.FLAG and out.detail == "no Message-ID header [hdr.message_id_missing]"
-    assert "add_headers" not in tx.extra
+    assert not tx.add_headers
     # the operator may let such mail through to the service mailboxes: still nothing added
     flag = HeaderSettings(actions={"hdr.date_missing": "flag"})
     tx = make_tx(NO_DATE_NO_ID, account=None)
     out = await data_headers.build(services(flag)).run(tx)
-    assert out.result is Result.FLAG and "add_headers" not in tx.extra
+    assert out.result is Result.FLAG and not tx.add_headers
 
 
 async def test_date_missing_off_adds_nothing():
@@ -464,8 +465,8 @@ async def test_date_missing_off_adds_nothing():
     off = HeaderSettings(actions={"hdr.date_missing": "off"})
     out = await data_headers.build(services(off)).run(tx)
     assert out.result is Result.PASS
-    assert [n for n, _ in tx.extra["add_headers"]] == ["Message-ID"]
-    assert [f["id"] for f in tx.extra["findings"]] == ["hdr.message_id_missing"]
+    assert [n for n, _ in tx.add_headers] == ["Message-ID"]
+    assert [f["id"] for f in tx.findings] == ["hdr.message_id_missing"]
 
 
 def test_missing_from_is_still_refused():

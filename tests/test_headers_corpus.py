@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from bench.ham_refusals import ACCOUNT, run_all, to_wire
-from gateway.checks import data_headers
 from gateway.message import rules as H
 from gateway.message.findings import RULES
 from gateway.message.parse import parse_date, parse_headers
 from gateway.message.settings import HeaderSettings
 from gateway.core.transaction import Result, SessionInfo, Transaction
+
+import checkkit
 
 from conftest import CI, CORPORA
 SA = CORPORA / "spamassassin-t-data"
@@ -73,10 +73,10 @@ async def test_ham_not_refused_for_syntax_it_does_not_break(path, account):
     key = str(path.relative_to(SA / "t" / "data"))
     tx, outcomes, refused = await run_all(load(path), account=account)
     expected = (HAM_REFUSED if account is not None else HAM_REFUSED_WITHOUT_ACCOUNT).get(key, (set(), ""))[0]
-    assert refused == expected, [f for f in tx.extra["findings"] if f["action"] == "reject"]
+    assert refused == expected, [f for f in tx.findings if f["action"] == "reject"]
     for o in outcomes:
         assert o.result is not Result.ERROR
-    added = [name for name, _ in tx.extra.get("add_headers", [])]
+    added = [name for name, _ in tx.add_headers]
     assert ("Date" in added) is (key in NO_DATE and account is not None)
 
 
@@ -84,7 +84,7 @@ async def test_ham_not_refused_for_syntax_it_does_not_break(path, account):
 async def test_spam_never_crashes(path):
     tx, outcomes, refused = await run_all(load(path))
     assert all(o.result in (Result.PASS, Result.FLAG, Result.FAIL, Result.SKIP) for o in outcomes)
-    for f in tx.extra.get("findings", []):
+    for f in (tx.findings or []):
         assert f["id"] in RULES
 
 
@@ -96,7 +96,7 @@ async def test_spam_corpus_catches_known_defects():
     }
     for name, fid in cases.items():
         tx, _, _ = await run_all(load(SA / "t" / "data" / name))
-        assert fid in {f["id"] for f in tx.extra["findings"]}, name
+        assert fid in {f["id"] for f in tx.findings}, name
 
 
 async def test_raw_file_line_endings_are_bare_lf():
@@ -112,7 +112,7 @@ async def test_raw_file_line_endings_are_bare_lf():
 async def test_mail_parser_expectations():
     async def found(name: str, **kw) -> set[str]:
         tx, _, _ = await run_all(load(MP / name), **kw)
-        return {f["id"] for f in tx.extra["findings"]}
+        return {f["id"] for f in tx.findings}
 
     # StartBoundaryNotFoundDefect + MultipartInvariantViolationDefect upstream
     assert "hdr.mime" in await found("mail_malformed_3.eml")
@@ -165,14 +165,12 @@ async def test_date_window_refuses_old_corpus_mail_with_real_clock():
     data = load(SA / "t" / "data" / "nice" / "001")
     tx = Transaction(SessionInfo("s", "submission", "192.0.2.1", 1))
     tx.message = data
-    cfg = SimpleNamespace(headers=HeaderSettings(), smtp=SimpleNamespace(hostname="gw.example.net", trace_header="X-Gateway-Trace"))
-    check = data_headers.build(SimpleNamespace(config=cfg, clock=lambda: 1_800_000_000.0))
+    check = checkkit.build("data_headers", checkkit.services(clock=lambda: 1_800_000_000.0))
     out = await check.run(tx)
     assert out.result is Result.FAIL and "[hdr.date_window]" in out.detail
     off = HeaderSettings(actions={"hdr.date_window": "off"})
-    check = data_headers.build(SimpleNamespace(config=SimpleNamespace(headers=off, smtp=cfg.smtp),
-                                               clock=lambda: 1_800_000_000.0))
-    tx.extra.clear()
+    check = checkkit.build("data_headers", checkkit.services(headers=off, clock=lambda: 1_800_000_000.0))
+    tx.findings, tx.add_headers, tx.parsed_headers = None, [], None
     assert (await check.run(tx)).result is not Result.FAIL
 
 
@@ -209,10 +207,9 @@ async def test_date_window_at_the_first_hop_of_real_ham():
         for settings, into in ((HeaderSettings(), late), (HeaderSettings(date_past_seconds=2 * 86400), days)):
             tx = Transaction(SessionInfo("s", "submission", "192.0.2.1", 1, account=ACCOUNT))
             tx.message = data
-            cfg = SimpleNamespace(headers=settings, smtp=SimpleNamespace(hostname="gw.example.net",
-                                                                         trace_header="X-Gateway-Trace"))
-            await data_headers.build(SimpleNamespace(config=cfg, clock=lambda: hop)).run(tx)  # noqa: B023 - run here
-            if any(f["id"] == "hdr.date_window" for f in tx.extra.get("findings", [])):
+            svc = checkkit.services(headers=settings, clock=lambda hop=hop: hop)
+            await checkkit.build("data_headers", svc).run(tx)
+            if any(f["id"] == "hdr.date_window" for f in (tx.findings or [])):
                 into.add(key)
     assert seen == 48
     assert late == FIRST_HOP_LATE

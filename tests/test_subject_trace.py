@@ -5,7 +5,6 @@ import base64
 import email.utils
 import json
 import time
-from types import SimpleNamespace
 
 import pytest
 
@@ -13,7 +12,11 @@ from gateway.checks import data_subject, data_trace
 from gateway.message.parse import parse_headers, parse_received
 from gateway.message.rules import REPLY_BODY_PREFIX, check_subject, check_trace, display_domains
 from gateway.message.settings import HeaderSettings
-from gateway.core.transaction import Result, SessionInfo, Transaction
+from gateway.core.transaction import Result, Transaction
+from gateway.registry.model import MailingList
+from gateway.services import Services
+
+import checkkit
 
 from conftest import CI, CORPORA
 from smtp_client import send
@@ -26,16 +29,12 @@ def msg(*headers: str, body: str = "hi\r\n") -> bytes:
     return ("\r\n".join(headers) + "\r\n\r\n" + body).encode("utf-8")
 
 
-def make_tx(message: bytes, **extra) -> Transaction:
-    tx = Transaction(SessionInfo("s1", "submission", "192.0.2.1", 40000))
-    tx.message = message
-    tx.extra.update(extra)
-    return tx
+def make_tx(message: bytes, list: MailingList | None = None) -> Transaction:
+    return checkkit.transaction(message, mailing_list=list)
 
 
-def services(settings: HeaderSettings | None = None, hostname: str = "gw.example.net"):
-    cfg = SimpleNamespace(headers=settings or HeaderSettings(), smtp=SimpleNamespace(hostname=hostname, trace_header="X-Gateway-Trace"))
-    return SimpleNamespace(config=cfg, clock=lambda: 0.0)
+def services(settings: HeaderSettings | None = None, hostname: str = "gw.example.net") -> Services:
+    return checkkit.services(headers=settings or HeaderSettings(), hostname=hostname, clock=lambda: 0.0)
 
 
 def subj_ids(*headers: str, settings: HeaderSettings | None = None, body: str = "hi\r\n",
@@ -80,7 +79,7 @@ async def test_trace_check_refuses_with_p_path():
     out = await check.run(tx)
     assert out.result is Result.FAIL
     assert out.reply.render(out.detail).startswith("550 5.7.1 P-PATH Forged trace header: ")
-    assert tx.extra["findings"][0]["id"] == "trace.forged_received"
+    assert tx.findings[0]["id"] == "trace.forged_received"
     assert (await check.run(make_tx(msg(*BASE)))).result is Result.PASS
 
 
@@ -137,7 +136,7 @@ def test_real_replies_pass():
     assert subj_ids(*BASE, "Subject: Re: hi", "References: <0@example.com>") == []
 
 
-@pytest.mark.parametrize("how", [{"list": SimpleNamespace(id="0123456789abcdef", list_id="news.example.com")},
+@pytest.mark.parametrize("how", [{"list": checkkit.mailing_list()},
                                  {"bulk": True}])
 def test_fake_reply_refused_for_list_and_bulk(how):
     assert subj_ids(*BASE, "Subject: Re: offer", **how) == ["subj.fake_reply_bulk"]
@@ -239,9 +238,9 @@ async def test_subject_check_outcomes():
     tx = make_tx(msg(*BASE, "Subject: Re: offer"))
     out = await check.run(tx)
     assert out.result is Result.FLAG and "[subj.fake_reply]" in out.detail
-    assert tx.extra["findings"][0]["action"] == "flag"
+    assert tx.findings[0]["action"] == "flag"
     tx = make_tx(msg(*BASE, "Subject: Re: offer"),
-                 list=SimpleNamespace(id="0123456789abcdef", list_id="news.example.com"))
+                 list=checkkit.mailing_list())
     out = await check.run(tx)
     assert out.result is Result.FAIL
     assert out.reply.render(out.detail) == (
@@ -312,7 +311,7 @@ async def test_subject_check_takes_the_sessions_account_domains():
             return self.account if name == self.account.name else None
 
     def account(*domains):
-        return SimpleNamespace(name="alice", domains=[SimpleNamespace(domain=d, authorized=ok) for d, ok in domains])
+        return checkkit.account("alice", *domains)
 
     data = msg('From: "billing@example.net" <alice@example.com>', *BASE[1:])
     stale = account(("example.com", True))

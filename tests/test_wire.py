@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 
 import pytest
 
@@ -10,6 +9,9 @@ from gateway.checks import data_wire
 from gateway.message.settings import HeaderSettings
 from gateway.message.wire import check_wire, header_end
 from gateway.core.transaction import Result, SessionInfo, Transaction
+from gateway.services import Services
+
+import checkkit
 
 GOOD = (b"From: a@example.com\r\nTo: b@example.org\r\nDate: Mon, 31 Oct 2005 18:44:29 -0800\r\n"
         b"Subject: hi\r\n\r\nbody line\r\n.. dot-stuffed line came back unstuffed\r\n")
@@ -26,9 +28,8 @@ def make_tx(message: bytes, **params) -> Transaction:
     return tx
 
 
-def services(settings: HeaderSettings | None = None):
-    cfg = SimpleNamespace(headers=settings or HeaderSettings(), smtp=SimpleNamespace(hostname="gw.example.net", trace_header="X-Gateway-Trace"))
-    return SimpleNamespace(config=cfg, clock=time.time)
+def services(settings: HeaderSettings | None = None) -> Services:
+    return checkkit.services(headers=settings or HeaderSettings(), clock=time.time)
 
 
 def test_clean_message_has_no_findings():
@@ -97,8 +98,8 @@ async def test_check_refuses_with_rule_id_and_records_finding():
     assert out.result is Result.FAIL
     line = out.reply.render(out.detail)
     assert line.startswith("550 5.6.0 P-HDR ") and "bare LF" in line and "[wire.bare_lf]" in line
-    assert tx.extra["findings"][0]["id"] == "wire.bare_lf"
-    assert tx.extra["findings"][0]["action"] == "reject"
+    assert tx.findings[0]["id"] == "wire.bare_lf"
+    assert tx.findings[0]["action"] == "reject"
 
 
 async def test_check_8bit_reply_and_flag_mode():
@@ -109,7 +110,7 @@ async def test_check_8bit_reply_and_flag_mode():
     tx = make_tx(GOOD + b"\xff\r\n")
     out = await flagged.run(tx)
     assert out.result is Result.FLAG and "[wire.8bit]" in out.detail
-    assert tx.extra["findings"][0]["action"] == "flag"
+    assert tx.findings[0]["action"] == "flag"
 
 
 async def test_check_passes_clean_and_declared_8bit():

@@ -1,40 +1,56 @@
 """Checks, one module per check, named by the SMTP phase they act in.
 
-Each module defines a check class (``name``, ``phase``, ``async run(tx, item)``)
-and ``build(services)``. The table below is the one list of checks a config
-may name; ``[checks]`` in the config orders them per phase.
+Each module defines a check class (``name``, ``phase``, ``async run(tx,
+item)``), ``build(services)`` and its contract, ``SPEC`` (see
+:mod:`gateway.checks.contract`). The table below is read from those
+declarations: adding a check is adding one module (and its tests); the
+config's ``[checks]`` orders the checks per phase, ``DEFAULT_CHECKS`` (the
+default order) comes from the modules' ``position``.
 """
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import Any, Callable
 
 from ..core.transaction import Phase
+from .contract import CheckSpec
 
-CHECKS: dict[str, Phase] = {
-    "connect_limits": Phase.CONNECT,
-    "connect_dnsbl": Phase.CONNECT,
-    "connect_blocklist": Phase.CONNECT,
-    "helo_blocklist": Phase.HELO,
-    "mail_account_status": Phase.MAIL,
-    "mail_sender_auth": Phase.MAIL,
-    "mail_size": Phase.MAIL,
-    "mail_dnsbl": Phase.MAIL,
-    "mail_blocklist": Phase.MAIL,
-    "mail_domain_exists": Phase.MAIL,
-    "mail_list": Phase.MAIL,
-    "rcpt_relay": Phase.RCPT,
-    "rcpt_limit": Phase.RCPT,
-    "rcpt_optin": Phase.RCPT,
-    "data_size": Phase.DATA,
-    "data_wire": Phase.DATA,
-    "data_headers": Phase.DATA,
-    "data_sender_auth": Phase.DATA,
-    "data_from_domain": Phase.DATA,
-    "data_listmail": Phase.DATA,
-    "data_trace": Phase.DATA,
-    "data_subject": Phase.DATA,
-}
+# The phases the server runs checks in. AUTH has none: failed logins are
+# limited by [auth] (smtp/server.py), a suspended account by mail_account_status.
+PHASES: tuple[Phase, ...] = (Phase.CONNECT, Phase.HELO, Phase.MAIL, Phase.RCPT, Phase.DATA)
+_PREFIXES = tuple(f"{phase.value}_" for phase in PHASES)
+
+
+def _discover() -> dict[str, CheckSpec]:
+    specs: list[CheckSpec] = []
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith(_PREFIXES):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        spec = getattr(module, "SPEC", None)
+        if not isinstance(spec, CheckSpec) or spec.name != info.name:
+            raise ImportError(f"{module.__name__} declares no SPEC named {info.name!r} (gateway/checks/contract.py)")
+        specs.append(spec)
+    order = {phase: i for i, phase in enumerate(Phase)}
+    specs.sort(key=lambda s: (order[s.phase], s.position, s.name))
+    table = {s.name: s for s in specs}
+    for s in specs:
+        for dep in s.requires:
+            if dep not in table:
+                raise ImportError(f"check {s.name!r} requires {dep!r}, which is no check")
+    return table
+
+
+SPECS: dict[str, CheckSpec] = _discover()
+
+# name -> phase: the one list of checks a config may name
+CHECKS: dict[str, Phase] = {name: spec.phase for name, spec in SPECS.items()}
+
+
+def default_order() -> dict[str, list[str]]:
+    """phase name -> the checks it runs by default, in order."""
+    return {phase.value: [s.name for s in SPECS.values() if s.phase is phase] for phase in PHASES}
 
 
 def known_checks() -> dict[str, Phase]:
@@ -43,8 +59,6 @@ def known_checks() -> dict[str, Phase]:
 
 def factories(services: Any) -> dict[str, Callable[[], Any]]:
     """name -> zero-argument constructor bound to the services."""
-    def make(name: str) -> Callable[[], Any]:
-        def build() -> Any:
-            return importlib.import_module(f"{__name__}.{name}").build(services)
-        return build
-    return {name: make(name) for name in CHECKS}
+    def make(spec: CheckSpec) -> Callable[[], Any]:
+        return lambda: spec.build(services)
+    return {name: make(spec) for name, spec in SPECS.items()}

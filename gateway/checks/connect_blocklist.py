@@ -14,6 +14,8 @@ from typing import Any
 from ..blocklist.model import plain_address
 from ..core import replies
 from ..core.transaction import Outcome, Phase, SessionInfo
+from . import contract
+from .contract import CheckSpec
 
 
 class ConnectBlocklist:
@@ -55,3 +57,11 @@ class ConnectBlocklist:
 
 def build(services: Any) -> ConnectBlocklist:
     return ConnectBlocklist(getattr(services, "blocklist", None), getattr(services, "resolver", None))
+
+
+SPEC = CheckSpec(
+    name='connect_blocklist', phase=Phase.CONNECT, build=build,
+    summary='P-BLOCK: operator block lists on the client address and its reverse DNS',
+    position=20,
+    services=('blocklist', 'resolver'),
+    deadline=contract.DNS)

@@ -15,6 +15,8 @@ from ..dns.dnsbl import Dnsbl, DnsblVerdict, IPAddress, peer_address
 from ..dns.settings import DnsblSettings
 from ..core import replies
 from ..core.transaction import Outcome, Phase, SessionInfo
+from . import contract
+from .contract import CheckSpec
 
 
 def _peer(session: SessionInfo) -> IPAddress | None:
@@ -106,3 +108,12 @@ def build(services: Any) -> ConnectDnsbl:
 def build_mail(services: Any) -> MailDnsbl:
     """The MAIL-phase half (register it as "mail_dnsbl" in the MAIL phase)."""
     return MailDnsbl(_dnsbl(services), services.config.dnsbl)
+
+
+SPEC = CheckSpec(
+    name='connect_dnsbl', phase=Phase.CONNECT, build=build,
+    summary='P-BLOCK: DNSBL/DNSWL verdict on the client address ([dnsbl] decide_at = "connect")',
+    position=30,
+    settings=('dnsbl',),
+    services=('dnsbl', 'resolver'),
+    deadline=contract.DNS)

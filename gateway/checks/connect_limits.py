@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from ..core import replies
 from ..core.transaction import Outcome, Phase
+from .contract import CheckSpec
 
 
 class ConnectLimits:
@@ -31,3 +32,11 @@ class ConnectLimits:
 def build(services) -> ConnectLimits:
     s = services.config.smtp
     return ConnectLimits(services.connections, s.max_connections, s.max_connections_per_ip)
+
+
+SPEC = CheckSpec(
+    name='connect_limits', phase=Phase.CONNECT, build=build,
+    summary='P-LOAD: global and per-IP connection caps',
+    position=10,
+    settings=('smtp.max_connections', 'smtp.max_connections_per_ip'),
+    services=('connections',))

@@ -13,6 +13,8 @@ from ..dns.settings import DomainSettings
 from ..forwarding import forwarded
 from ..message.parse import HeaderSyntaxError, parse_address_list, parsed_for
 from ..core.transaction import Outcome, Phase
+from . import contract
+from .contract import CheckSpec
 
 
 class DataFromDomain:
@@ -56,3 +58,14 @@ class DataFromDomain:
 
 def build(services: Any) -> DataFromDomain:
     return DataFromDomain(services.resolver, services.config.domains)
+
+
+SPEC = CheckSpec(
+    name='data_from_domain', phase=Phase.DATA, build=build,
+    summary='P-DOM: the header From domain exists in DNS',
+    position=50,
+    settings=('domains',),
+    services=('resolver',),
+    reads=('forwarding', 'parsed_headers'),
+    requires=('data_headers',),
+    deadline=contract.DNS)

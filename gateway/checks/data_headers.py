@@ -8,7 +8,7 @@ structure and encoded-words.
 A missing Date or Message-ID in a session with an account (SMTP AUTH or a
 client network: message submission) is added, as RFC 6409 8 allows a
 submission server, or refused, as ``headers.date`` / ``headers.message_id``
-say. This check only puts the header to add into ``tx.extra["add_headers"]``
+say. This check only puts the header to add into ``tx.add_headers``
 (the relay writes it below the gateway's trace headers) and never changes
 ``tx.message``. A session without an account (it can reach the gateway's
 service mailboxes only) never gets a header added: the finding's action in
@@ -28,6 +28,7 @@ from ..message.rules import check_structure
 from ..message.settings import HeaderSettings
 from ..forwarding import forwarded
 from ..core.transaction import Outcome, Phase
+from .contract import CheckSpec
 
 ADD = "add"  # the action recorded for a finding the gateway repairs by adding a header
 
@@ -62,7 +63,7 @@ class HeadersCheck:
             found = {f.id for f in findings}
             for fid, header, mode, make in self._repairs:
                 if mode == "add" and fid in found:
-                    added = tx.extra.setdefault("add_headers", [])
+                    added = tx.add_headers
                     if not any(name == header for name, _ in added):
                         added.append((header, make(tx)))
         return apply(self.name, tx, findings, self.settings.actions, self._submission_overrides)
@@ -81,3 +82,12 @@ class HeadersCheck:
 def build(services: Any) -> HeadersCheck:
     settings = getattr(services.config, "headers", None) or HeaderSettings()
     return HeadersCheck(settings, services.config.smtp.hostname, services.clock)
+
+
+SPEC = CheckSpec(
+    name='data_headers', phase=Phase.DATA, build=build,
+    summary='P-HDR: RFC 5322 structure of the header block',
+    position=30,
+    settings=('headers', 'smtp.hostname'),
+    services=('clock',),
+    provides=('findings', 'add_headers', 'parsed_headers'))

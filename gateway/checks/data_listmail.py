@@ -12,6 +12,7 @@ from ..forwarding import forwarded
 from ..message.parse import parsed_for
 from ..core import replies
 from ..core.transaction import Outcome, Phase
+from .contract import CheckSpec
 
 _LIST_FIELDS = ("list-id", "list-unsubscribe", "list-unsubscribe-post", "list-post", "list-help")
 
@@ -23,7 +24,7 @@ class DataListmail:
     async def run(self, tx: Any, item: Any = None) -> Outcome:
         if tx.message is None:
             return Outcome.skip(self.name, "no message")
-        if tx.extra.get("list") is not None:
+        if tx.mailing_list is not None:
             return Outcome.ok(self.name, "registered list mail")
         if forwarded(tx) is not None:
             return Outcome.skip(self.name, "forwarded: the list headers are the author's")
@@ -39,3 +40,11 @@ class DataListmail:
 
 def build(services) -> DataListmail:
     return DataListmail()
+
+
+SPEC = CheckSpec(
+    name='data_listmail', phase=Phase.DATA, build=build,
+    summary='P-OPTIN: list mail that is not of a registered list',
+    position=70,
+    reads=('mailing_list', 'forwarding', 'parsed_headers'),
+    requires=('mail_list',))

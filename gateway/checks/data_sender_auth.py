@@ -37,6 +37,7 @@ from ..message.rules import display_domains, display_text, related_domains
 from ..forwarding import forwarded, missing_evidence
 from ..core import replies
 from ..core.transaction import Outcome, Phase
+from .contract import CheckSpec
 from ..accounts.authorize import ascii_domain, authorize
 
 REPORT_TYPES = frozenset(("delivery-status", "global-delivery-status",
@@ -86,7 +87,7 @@ class DataSenderAuth:
                                   + missing_evidence(tx.forwarding.account or account))
         parsed = parsed_for(tx)
         notes: list[str] = []
-        if tx.extra.get("null_sender"):
+        if tx.null_sender:
             kind = report_type(tx.message, parsed)
             if kind is None:
                 ct = (parsed.get("content-type") or "text/plain (none given)").split(";")[0].strip()
@@ -130,3 +131,12 @@ class DataSenderAuth:
 
 def build(services: Any) -> DataSenderAuth:
     return DataSenderAuth(services.accounts)
+
+
+SPEC = CheckSpec(
+    name='data_sender_auth', phase=Phase.DATA, build=build,
+    summary="P-FORGE: From/Sender in the account's domains; null sender only for DSN/MDN",
+    position=40,
+    services=('accounts',),
+    reads=('null_sender', 'forwarding', 'parsed_headers'),
+    requires=('mail_sender_auth', 'data_headers'))

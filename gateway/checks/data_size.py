@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from ..core import replies
 from ..core.transaction import Outcome, Phase
+from .contract import CheckSpec
 
 
 class DataSize:
@@ -16,7 +17,7 @@ class DataSize:
         self.limit = limit
 
     async def run(self, tx, item=None) -> Outcome:
-        received = tx.extra.get("data_octets", len(tx.message or b""))
+        received = tx.data_octets if tx.data_octets is not None else len(tx.message or b"")
         if received > self.limit:
             return Outcome.refuse(self.name, replies.MESSAGE_TOO_BIG, f"{received} octets > {self.limit}")
         return Outcome.ok(self.name, f"{received} octets")
@@ -24,3 +25,11 @@ class DataSize:
 
 def build(services) -> DataSize:
     return DataSize(services.config.smtp.max_message_size)
+
+
+SPEC = CheckSpec(
+    name='data_size', phase=Phase.DATA, build=build,
+    summary='P-LOAD: message size',
+    position=10,
+    settings=('smtp.max_message_size',),
+    reads=('data_octets',))

@@ -9,9 +9,9 @@ name, Reply-To in another domain for list/bulk mail, and subjects whose
 encoded-words decode to control characters or bidi overrides. The rules are
 :func:`gateway.message.rules.check_subject`; see docs/headers.md.
 
-List mail is known from ``tx.extra["list"]`` (the registered list, set by
-``mail_list``), bulk from ``tx.extra["bulk"]``, or from the message's own
-List-Id / List-Unsubscribe / Precedence: bulk|list headers.
+List mail is known from ``tx.mailing_list`` (the registered list, set by
+``mail_list``), or from the message's own List-Id / List-Unsubscribe /
+Precedence: bulk|list headers.
 
 The session's account (``tx.session.account``, refreshed from the account
 cache as ``data_sender_auth`` does) gives the sender domains that never count
@@ -27,6 +27,7 @@ from ..message.rules import check_subject
 from ..message.settings import HeaderSettings
 from ..forwarding import forwarded
 from ..core.transaction import Outcome, Phase
+from .contract import CheckSpec
 
 
 def own_domains(account: Any) -> tuple[str, ...]:
@@ -52,10 +53,21 @@ class SubjectCheck:
         account = tx.session.account
         if account is not None and self.accounts is not None:
             account = self.accounts.cached(account.name) or account
-        findings = check_subject(tx.message, parsed_for(tx), self.settings, tx.extra, own_domains(account))
+        findings = check_subject(tx.message, parsed_for(tx), self.settings, {"list": tx.mailing_list},
+                                 own_domains(account))
         return apply(self.name, tx, findings, self.settings.actions)
 
 
 def build(services: Any) -> SubjectCheck:
     return SubjectCheck(getattr(services.config, "headers", None) or HeaderSettings(),
                         getattr(services, "accounts", None))
+
+
+SPEC = CheckSpec(
+    name='data_subject', phase=Phase.DATA, build=build,
+    summary='P-SUBJ: fake replies, spoofed display names, obfuscation',
+    position=80,
+    settings=('headers',),
+    services=('accounts',),
+    provides=('findings',),
+    reads=('mailing_list', 'forwarding', 'parsed_headers'))

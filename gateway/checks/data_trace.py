@@ -14,6 +14,7 @@ from ..message.parse import parsed_for
 from ..message.rules import check_trace
 from ..message.settings import HeaderSettings
 from ..core.transaction import Outcome, Phase
+from .contract import CheckSpec
 
 
 class TraceCheck:
@@ -35,3 +36,12 @@ class TraceCheck:
 def build(services: Any) -> TraceCheck:
     settings = getattr(services.config, "headers", None) or HeaderSettings()
     return TraceCheck(settings, services.config.smtp.hostname, services.config.smtp.trace_header)
+
+
+SPEC = CheckSpec(
+    name='data_trace', phase=Phase.DATA, build=build,
+    summary='P-PATH: forged trace headers',
+    position=60,
+    settings=('headers', 'smtp.hostname', 'smtp.trace_header'),
+    provides=('findings',),
+    reads=('parsed_headers',))

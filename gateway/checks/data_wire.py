@@ -12,6 +12,7 @@ from ..message.findings import apply
 from ..message.settings import HeaderSettings
 from ..message.wire import check_wire
 from ..core.transaction import Outcome, Phase
+from .contract import CheckSpec
 
 
 class WireCheck:
@@ -31,3 +32,11 @@ class WireCheck:
 
 def build(services: Any) -> WireCheck:
     return WireCheck(getattr(services.config, "headers", None) or HeaderSettings())
+
+
+SPEC = CheckSpec(
+    name='data_wire', phase=Phase.DATA, build=build,
+    summary='P-HDR/P-STD: bare CR/LF, NUL, long lines, undeclared 8-bit',
+    position=20,
+    settings=('headers.actions',),
+    provides=('findings',))

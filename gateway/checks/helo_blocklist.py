@@ -6,6 +6,7 @@ from typing import Any
 
 from ..core import replies
 from ..core.transaction import Outcome, Phase, SessionInfo
+from .contract import CheckSpec
 
 
 class HeloBlocklist:
@@ -30,3 +31,10 @@ class HeloBlocklist:
 
 def build(services: Any) -> HeloBlocklist:
     return HeloBlocklist(getattr(services, "blocklist", None))
+
+
+SPEC = CheckSpec(
+    name='helo_blocklist', phase=Phase.HELO, build=build,
+    summary='P-BLOCK: operator block lists on the HELO name',
+    position=10,
+    services=('blocklist',))

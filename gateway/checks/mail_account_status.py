@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..core import replies
 from ..core.transaction import Outcome, Phase
+from .contract import CheckSpec
 
 
 class MailAccountStatus:
@@ -26,3 +27,11 @@ class MailAccountStatus:
 
 def build(services) -> MailAccountStatus:
     return MailAccountStatus(services.accounts)
+
+
+SPEC = CheckSpec(
+    name='mail_account_status', phase=Phase.MAIL, build=build,
+    summary='P-ACCOUNT: a suspended account sends nothing',
+    position=10,
+    services=('accounts',),
+    provides=('session.account',))

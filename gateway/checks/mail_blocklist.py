@@ -7,6 +7,7 @@ from typing import Any
 
 from ..core import replies
 from ..core.transaction import Outcome, Phase
+from .contract import CheckSpec
 
 
 class MailBlocklist:
@@ -34,3 +35,10 @@ class MailBlocklist:
 
 def build(services: Any) -> MailBlocklist:
     return MailBlocklist(getattr(services, "blocklist", None))
+
+
+SPEC = CheckSpec(
+    name='mail_blocklist', phase=Phase.MAIL, build=build,
+    summary='P-BLOCK: operator block lists on the MAIL FROM domain',
+    position=40,
+    services=('blocklist',))

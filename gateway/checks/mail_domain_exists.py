@@ -12,6 +12,8 @@ from ..dns.domain import DomainStatus, check_domain_exists, reply_for
 from ..dns.resolver import Resolver
 from ..dns.settings import DomainSettings
 from ..core.transaction import Outcome, Phase
+from . import contract
+from .contract import CheckSpec
 
 
 
@@ -44,3 +46,12 @@ class MailDomainExists:
 
 def build(services: Any) -> MailDomainExists:
     return MailDomainExists(services.resolver, services.config.domains)
+
+
+SPEC = CheckSpec(
+    name='mail_domain_exists', phase=Phase.MAIL, build=build,
+    summary='P-DOM: the MAIL FROM domain exists in DNS',
+    position=60,
+    settings=('domains',),
+    services=('resolver',),
+    deadline=contract.DNS)

@@ -11,6 +11,8 @@ from typing import Any
 from ..registry.model import RegistryUnavailable
 from ..core import replies
 from ..core.transaction import Outcome, Phase
+from . import contract
+from .contract import CheckSpec
 
 
 class MailList:
@@ -30,9 +32,18 @@ class MailList:
             return Outcome.error(self.name, f"registry unavailable: {exc}", replies.REGISTRY_UNAVAILABLE)
         if lst is None:
             return Outcome.ok(self.name, "not list mail")
-        tx.extra["list"] = lst
+        tx.mailing_list = lst
         return Outcome.ok(self.name, f"list {lst.id} ({lst.list_id})")
 
 
 def build(services) -> MailList:
     return MailList(services.registry)
+
+
+SPEC = CheckSpec(
+    name='mail_list', phase=Phase.MAIL, build=build,
+    summary='P-OPTIN: is this mail of a registered mailing list',
+    position=70,
+    services=('registry',),
+    provides=('mailing_list',),
+    deadline=contract.STORE)

@@ -14,7 +14,7 @@ mailboxes and sent on, or it is refused like any foreign sender
 (``data_sender_auth``; gateway/forwarding.py, docs/forwarding.md).
 
 The null reverse-path passes here but marks the transaction
-(``tx.extra["null_sender"]``): ``data_sender_auth`` then lets the message
+(``tx.null_sender``): ``data_sender_auth`` then lets the message
 through only if it is a DSN or an MDN. Sessions without an account are
 skipped: the relay check refuses their recipients anyway, and service
 mailboxes (abuse@, postmaster@) take mail from anyone.
@@ -31,6 +31,7 @@ from ..accounts.model import Account
 from ..forwarding import Srs, SrsError, unquote_local
 from ..core import replies
 from ..core.transaction import ForwardingDecision, Outcome, Phase
+from .contract import CheckSpec
 
 
 class MailSenderAuth:
@@ -52,7 +53,7 @@ class MailSenderAuth:
         # counts from the next MAIL on, not from the next login.
         account = self.accounts.cached(acc.name) or acc
         if addr.is_null:
-            tx.extra["null_sender"] = True
+            tx.null_sender = True
             return Outcome.ok(self.name, "null sender: the message must be a DSN or MDN")
         if addr.is_literal:
             detail = f"{addr.domain}: an address literal is not a sender domain"
@@ -91,3 +92,12 @@ class MailSenderAuth:
 
 def build(services: Any) -> MailSenderAuth:
     return MailSenderAuth(services.accounts, Srs.from_settings(services.config.forwarding, services.clock))
+
+
+SPEC = CheckSpec(
+    name='mail_sender_auth', phase=Phase.MAIL, build=build,
+    summary="P-FORGE: MAIL FROM in the account's authorized sender domains",
+    position=20,
+    settings=('forwarding',),
+    services=('accounts', 'clock'),
+    provides=('null_sender', 'forwarding',))

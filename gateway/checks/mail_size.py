@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..core import replies
 from ..core.transaction import Outcome, Phase
+from .contract import CheckSpec
 
 
 class MailSize:
@@ -23,3 +24,10 @@ class MailSize:
 
 def build(services) -> MailSize:
     return MailSize(services.config.smtp.max_message_size)
+
+
+SPEC = CheckSpec(
+    name='mail_size', phase=Phase.MAIL, build=build,
+    summary='P-LOAD: a declared SIZE over the limit',
+    position=30,
+    settings=('smtp.max_message_size',))

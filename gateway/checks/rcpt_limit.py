@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..core import replies
 from ..core.transaction import Outcome, Phase
+from .contract import CheckSpec
 
 
 class RcptLimit:
@@ -21,3 +22,10 @@ class RcptLimit:
 
 def build(services) -> RcptLimit:
     return RcptLimit(services.config.smtp.max_recipients)
+
+
+SPEC = CheckSpec(
+    name='rcpt_limit', phase=Phase.RCPT, build=build,
+    summary='P-LOAD: recipients per message',
+    position=20,
+    settings=('smtp.max_recipients',))

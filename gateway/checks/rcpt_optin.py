@@ -9,6 +9,8 @@ from typing import Any
 from ..registry.model import RegistryUnavailable
 from ..core import replies
 from ..core.transaction import Outcome, Phase
+from . import contract
+from .contract import CheckSpec
 
 _REFUSAL = {
     "pending": (replies.OPTIN_NOT_SUBSCRIBED, "subscription not confirmed yet"),
@@ -25,7 +27,7 @@ class RcptOptin:
         self.registry = registry
 
     async def run(self, tx: Any, item: Any = None) -> Outcome:
-        lst = tx.extra.get("list")
+        lst = tx.mailing_list
         if lst is None:
             return Outcome.skip(self.name, "not list mail")
         try:
@@ -40,3 +42,13 @@ class RcptOptin:
 
 def build(services) -> RcptOptin:
     return RcptOptin(services.registry)
+
+
+SPEC = CheckSpec(
+    name='rcpt_optin', phase=Phase.RCPT, build=build,
+    summary='P-OPTIN/P-OPTOUT: list mail only to confirmed subscribers',
+    position=30,
+    services=('registry',),
+    reads=('mailing_list',),
+    requires=('mail_list',),
+    deadline=contract.STORE)

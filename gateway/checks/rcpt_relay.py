@@ -21,6 +21,7 @@ from ..forwarding import Srs, SrsError, quote_local, unquote_local
 from ..core import replies
 from ..core.address import AddressError, parse_mailbox
 from ..core.transaction import ForwardingDecision, Outcome, Phase
+from .contract import CheckSpec
 
 _SRS_REPLIES = {"hash": replies.SRS_BAD_HASH, "expired": replies.SRS_EXPIRED}
 
@@ -46,12 +47,12 @@ class RcptRelay:
             return Outcome.refuse(self.name, replies.RELAY_TRICK, "address literal")
         key = address.normalized.lower()
         if key in self.service_mailboxes:
-            tx.extra.setdefault("local_rcpts", {})[key] = "service"
+            tx.local_rcpts[key] = "service"
             return Outcome.ok(self.name, "gateway service mailbox")
         if self.unsubscribe is not None and not address.is_literal:
             base, plus, _token = address.local.lower().partition("+")
             if (base, address.domain_ascii) == self.unsubscribe:
-                tx.extra.setdefault("local_rcpts", {})[key] = "unsubscribe"
+                tx.local_rcpts[key] = "unsubscribe"
                 return Outcome.ok(self.name, "list unsubscribe address")
         if self.srs is not None and not address.is_literal and self.srs.owns(address.domain_ascii):
             return self._srs_bounce(tx, address, key)
@@ -76,7 +77,7 @@ class RcptRelay:
             return Outcome.refuse(self.name, replies.SRS_BOUNCES_ONLY, f"MAIL FROM <{tx.mail_from.addr}>")
         if any(not r.local and r.relay_to is None for r in tx.recipients):
             return Outcome.refuse(self.name, replies.SRS_SEPARATE, "this transaction has other recipients")
-        tx.extra.setdefault("srs_rcpts", {})[key] = target.addr
+        tx.srs_rcpts[key] = target.addr
         if tx.forwarding is None or tx.forwarding.kind != "bounce":
             # Also replaces an account's own-envelope forwarding decision: the
             # message is a bounce to the original sender, nothing else.
@@ -96,3 +97,14 @@ def build(services) -> RcptRelay:
     return RcptRelay(normalize_service_mailboxes(s.service_mailboxes), s.allow_address_literals,
                      services.config.registry.mailto_address, Srs.from_settings(fwd, services.clock),
                      fwd.accept_non_null_bounces)
+
+
+SPEC = CheckSpec(
+    name='rcpt_relay', phase=Phase.RCPT, build=build,
+    summary='P-RELAY: no open relay',
+    position=10,
+    settings=('smtp.service_mailboxes', 'smtp.allow_address_literals', 'registry.mailto_address', 'forwarding'),
+    services=('clock',),
+    provides=('local_rcpts', 'srs_rcpts', 'forwarding'),
+    reads=('forwarding',),
+    mandatory=True)

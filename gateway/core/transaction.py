@@ -18,6 +18,7 @@ from .replies import Rendered, Reply
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..accounts.model import Account
+    from ..registry.model import MailingList
     from .address import EnvelopeAddress
 
 
@@ -33,6 +34,7 @@ class Phase(str, enum.Enum):
 class Result(str, enum.Enum):
     PASS = "pass"      # the check ran and found nothing wrong
     FAIL = "fail"      # the check refuses (reject or defer, see reply)
+    WARN = "warn"      # a check in warn mode would have refused (reply): recorded, mail goes on
     FLAG = "flag"      # a finding recorded for review, mail goes on
     SKIP = "skip"      # the check does not apply here
     ERROR = "error"    # the check could not decide (its reply says what follows)
@@ -60,7 +62,7 @@ class Outcome:
         if self.detail:
             d["detail"] = self.detail
         if self.reply is not None:
-            d["reply"] = f"{self.reply.code} {self.reply.enhanced}"
+            d["would_reply" if self.result is Result.WARN else "reply"] = f"{self.reply.code} {self.reply.enhanced}"
         return d
 
     # Constructors used by checks ------------------------------------------------
@@ -200,7 +202,18 @@ class Transaction:
     final_reply: Reply | Rendered | None = None
     upstream: str | None = None
     forwarding: ForwardingDecision | None = None   # forwarded mail / SRS bounce (gateway/forwarding.py)
-    extra: dict[str, Any] = field(default_factory=dict)  # check-specific state
+    # What checks provide to later checks and to delivery (each check's SPEC
+    # names the fields it provides and reads; docs/checks.md).
+    null_sender: bool = False                       # mail_sender_auth: MAIL FROM:<>, must be a DSN/MDN
+    mailing_list: "MailingList | None" = None       # mail_list: the registered list this mail is of
+    local_rcpts: dict[str, str] = field(default_factory=dict)  # rcpt_relay: address -> "service" | "unsubscribe"
+    srs_rcpts: dict[str, str] = field(default_factory=dict)    # rcpt_relay: SRS address -> decoded original sender
+    add_headers: list[tuple[str, str]] = field(default_factory=list)  # data_headers: (name, value) the relay adds
+    findings: list[dict[str, Any]] | None = None    # data_* checks (message/findings.py); None: none ran
+    parsed_headers: Any = None      # (message bytes, ParsedHeaders): message.headers.parsed_for's cache
+    # What the SMTP server records for the checks and itself.
+    data_octets: int | None = None                  # octets received in DATA (data_size)
+    prefetched_rcpt_lines: set[bytes] = field(default_factory=set)  # list mail: RCPT lines answered ahead
 
     @property
     def smtputf8(self) -> bool:

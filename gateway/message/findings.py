@@ -104,7 +104,7 @@ class Finding:
 
 def apply(check: str, tx: Any, findings: list[Finding], actions: dict[str, str],
           overrides: dict[str, str] | None = None) -> Outcome:
-    """Record ``findings`` in ``tx.extra["findings"]`` and make the check's Outcome.
+    """Record ``findings`` in ``tx.findings`` and make the check's Outcome.
 
     Every finding whose action is not ``off`` is recorded, flag-only ones
     included. The first ``reject`` finding becomes the refusal (its detail is
@@ -113,7 +113,9 @@ def apply(check: str, tx: Any, findings: list[Finding], actions: dict[str, str],
     an action that wins over ``actions`` (e.g. ``"add"`` for a Message-ID the
     relay will add: recorded, neither refusing nor flagging).
     """
-    ledger = tx.extra.setdefault("findings", [])
+    if tx.findings is None:
+        tx.findings = []
+    ledger = tx.findings
     if not findings:
         return Outcome.ok(check, "")
     refusal: Finding | None = None

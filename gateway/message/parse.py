@@ -1013,15 +1013,12 @@ def parse_received(value: str) -> dict[str, str]:
 # Shared by the check modules: parse the header block once per message
 # --------------------------------------------------------------------------------------
 
-_CACHE_KEY = "_parsed_headers"
-
-
 def parsed_for(tx) -> ParsedHeaders:  # type: ignore[no-untyped-def]
-    """The parsed header block of ``tx.message``, cached in ``tx.extra``."""
+    """The parsed header block of ``tx.message``, cached in ``tx.parsed_headers``."""
     data = tx.message or b""
-    hit = tx.extra.get(_CACHE_KEY)
+    hit = tx.parsed_headers
     if hit is not None and hit[0] is data:
         return hit[1]
     parsed = parse_headers(data)
-    tx.extra[_CACHE_KEY] = (data, parsed)
+    tx.parsed_headers = (data, parsed)
     return parsed

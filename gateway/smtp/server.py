@@ -597,7 +597,7 @@ class GatewaySMTP(AioSMTP):
             await self._refuse_rcpt(tx, "rcpt_syntax", replies.PARAM_UNKNOWN, ", ".join(params), address.addr)
             return
         label = address.addr
-        if tx.extra.get("list") is not None and self._reader._buffer:  # type: ignore[attr-defined]
+        if tx.mailing_list is not None and self._reader._buffer:  # type: ignore[attr-defined]
             self._prefetch_pipelined_rcpts(tx)
         verdict = await self.gw.pipeline.run(Phase.RCPT, tx, tx.ledger, address, item_label=label)
         if not verdict.accepted:
@@ -605,11 +605,11 @@ class GatewaySMTP(AioSMTP):
             await self.gw.on_recipient_refused(tx, verdict.refusal)
             await self.reply(verdict.refusal.reply, verdict.refusal.detail or None)
             return
-        local = tx.extra.get("local_rcpts", {}).get(address.normalized.lower())
+        local = tx.local_rcpts.get(address.normalized.lower())
         upstream = None
         if local:
             reply: Reply | Rendered = replies.RECIPIENT_OK
-        elif tx.extra.get("list") is not None:
+        elif tx.mailing_list is not None:
             # List mail: one copy per recipient (its own unsubscribe link),
             # so each recipient gets its own upstream transaction.
             upstream, reply = await self._begin_upstream(tx)
@@ -622,7 +622,7 @@ class GatewaySMTP(AioSMTP):
             reply = await self._relay_rcpt(tx, address)
         tx.mark("rcpt")
         if reply.is_positive:
-            relay_to = tx.extra.get("srs_rcpts", {}).get(address.normalized.lower())
+            relay_to = tx.srs_rcpts.get(address.normalized.lower())
             tx.recipients.append(Recipient(address, params, reply, local, upstream, relay_to))
         else:
             tx.refused_recipients += 1
@@ -643,8 +643,8 @@ class GatewaySMTP(AioSMTP):
         parsed and looked up here at most once, not once per RCPT before it.
         Only the lines now in the buffer are remembered (bounded memory)."""
         registry = self.gw.registry
-        list_id = tx.extra["list"].id
-        done: set[bytes] = tx.extra.get("prefetched_rcpt_lines") or set()
+        list_id = tx.mailing_list.id
+        done: set[bytes] = tx.prefetched_rcpt_lines
         waiting: set[bytes] = set()
         for line in bytes(self._reader._buffer).split(b"\r\n"):  # type: ignore[attr-defined]
             if line[:8].upper() != b"RCPT TO:":
@@ -658,7 +658,7 @@ class GatewaySMTP(AioSMTP):
                 continue
             task = self.loop.create_task(registry.recipient_status(list_id, address.addr))
             task.add_done_callback(_ignore_result)
-        tx.extra["prefetched_rcpt_lines"] = waiting
+        tx.prefetched_rcpt_lines = waiting
 
     async def _refuse_rcpt(self, tx: Transaction, check: str, reply: Reply, detail: str, label: str) -> None:
         tx.refused_recipients += 1
@@ -688,7 +688,7 @@ class GatewaySMTP(AioSMTP):
                 return reply
             self.upstream_tx = utx
         # An SRS bounce goes to the original sender its address decodes to.
-        target = tx.extra.get("srs_rcpts", {}).get(address.normalized.lower(), address.addr)
+        target = tx.srs_rcpts.get(address.normalized.lower(), address.addr)
         return await self.upstream_tx.rcpt(target, [])
 
     async def smtp_DATA(self, arg: str | None) -> None:
@@ -716,7 +716,7 @@ class GatewaySMTP(AioSMTP):
             return
         self._reset_timeout()
         tx.mark("data_received")
-        tx.extra["data_octets"] = octets
+        tx.data_octets = octets
         tx.message = message
         verdict = await self.gw.pipeline.run(Phase.DATA, tx, tx.ledger)
         tx.mark("checked")

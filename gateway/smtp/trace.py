@@ -64,7 +64,7 @@ def trace_headers(tx: Transaction, hostname: str, trace_header: str, now: float 
                   extra: list[tuple[str, str]] | None = None, rcpt: str | None = None) -> bytes:
     """What the relay writes in front of the message as sent: the Received,
     the trace header, then ``extra`` (headers the gateway adds, e.g. a missing
-    Date / Message-ID from ``tx.extra["add_headers"]``), in that order."""
+    Date / Message-ID from ``tx.add_headers``), in that order."""
     out = received_header(tx, hostname, now, rcpt)
     out += f"{trace_header}: {tx.trace_id}\r\n".encode("ascii")
     for name, value in extra or ():

@@ -1,0 +1,216 @@
+"""The check contract (gateway/checks/contract.py): the table of checks read from the
+modules, mandatory checks and requirements refused by the config check, per-check
+modes and deadlines, over real SMTP where the client's reply is what matters."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import pkgutil
+import socket
+
+import pytest
+
+import gateway.checks
+from gateway.checks import CHECKS, PHASES, SPECS, default_order
+from gateway.config import DEFAULT_CHECKS, ConfigError, from_mapping
+from gateway.core.transaction import Outcome, Phase, Result, Transaction
+from gateway.services import Services
+from gateway.pipeline import build_pipeline
+
+from conftest import MESSAGE, run_cli
+from smtp_client import send
+
+BASE = """
+[[listeners]]
+name = "smtp"
+address = "127.0.0.1"
+port = 0
+tls = "none"
+
+[[relay.upstreams]]
+host = "127.0.0.1"
+port = 2526
+
+[storage]
+url = "sqlite+aiosqlite:///{db}"
+
+[http]
+enabled = false
+
+[registry]
+secret = "0123456789abcdef0123456789abcdef"
+"""
+
+MINIMAL = {"relay": {"upstreams": [{"host": "127.0.0.1", "port": 25}]},
+           "listeners": [{"name": "smtp", "address": "127.0.0.1", "port": 2525, "tls": "none"}]}
+
+
+def refused(checks: dict) -> ConfigError:
+    with pytest.raises(ConfigError) as err:
+        from_mapping({**MINIMAL, "checks": checks}, "gw.toml")
+    return err.value
+
+
+# ------------------------------------------------------------------ the table, from the modules
+def test_every_check_module_declares_its_contract(check_kit):
+    modules = sorted(m.name for m in pkgutil.iter_modules(gateway.checks.__path__)
+                     if m.name.startswith(tuple(f"{p.value}_" for p in PHASES)))
+    assert sorted(CHECKS) == modules == sorted(SPECS)
+    assert DEFAULT_CHECKS == default_order() and "auth" not in DEFAULT_CHECKS
+    assert [n for names in DEFAULT_CHECKS.values() for n in names] == list(SPECS)  # all run by default
+    svc = check_kit.services()
+    for name, spec in SPECS.items():
+        check = check_kit.build(name, svc)
+        assert (check.name, check.phase) == (name, spec.phase), name
+        for dep in spec.requires:  # a requirement runs earlier: its phase, or its place in the same phase
+            assert (PHASES.index(SPECS[dep].phase), SPECS[dep].position) < (PHASES.index(spec.phase), spec.position)
+    assert [n for n, s in SPECS.items() if s.mandatory] == ["rcpt_relay"]
+    service_fields = {f.name for f in dataclasses.fields(Services)}
+    tx_fields = {f.name for f in dataclasses.fields(Transaction)} | {"session.account"}
+    for name, spec in SPECS.items():
+        assert set(spec.services) <= service_fields, name
+        assert set(spec.provides) | set(spec.reads) <= tx_fields, name
+
+
+# ------------------------------------------------------------------ mandatory checks, requirements
+def test_config_without_relay_authorization_is_refused(tmp_path):
+    path = tmp_path / "gateway.toml"
+    path.write_text(BASE.replace("{db}", str(tmp_path / "gw.db")) + '[checks]\nrcpt = ["rcpt_limit"]\n')
+    for args in (("check-config", str(path)), ("serve", "--config", str(path))):
+        r = run_cli(*args, cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        line, = r.stderr.strip().splitlines()
+        assert str(path) in line and "checks.rcpt" in line and "'rcpt_relay' cannot be left out" in line, line
+        assert "open relay" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gateway.toml"]  # serve bound and wrote nothing
+
+
+@pytest.mark.parametrize("mode", ["warn", "off"])
+def test_relay_authorization_runs_in_enforce_mode_only(mode):
+    err = refused({"modes": {"rcpt_relay": mode}})
+    assert err.source == "gw.toml" and err.key == "checks.modes.rcpt_relay"
+    assert "mandatory" in err.problem and repr(mode) in err.problem
+
+
+@pytest.mark.parametrize("checks, key, problem", [
+    # rcpt_optin needs mail_list's tx.mailing_list: list mail would go unchecked
+    ({"mail": ["mail_account_status", "mail_sender_auth"]}, "checks.rcpt",
+     "'rcpt_optin' needs the result of 'mail_list', which is not in checks.mail"),
+    # data_sender_auth needs mail_sender_auth (null sender, forwarding candidate)
+    ({"modes": {"mail_sender_auth": "off"}}, "checks.data",
+     "'data_sender_auth' needs the result of 'mail_sender_auth', which is off in [checks.modes]"),
+    # ... and data_headers, which refuses a From that does not parse, before it
+    ({"data": ["data_size", "data_sender_auth", "data_headers"]}, "checks.data",
+     "'data_sender_auth' needs the result of 'data_headers', which runs after it"),
+    ({"data": ["data_from_domain"]}, "checks.data", "'data_from_domain' needs the result of 'data_headers'"),
+    ({"rcpt": ["rcpt_relay", "rcpt_relay"]}, "checks.rcpt", "'rcpt_relay' is listed twice"),
+    ({"mail": ["rcpt_relay"]}, "checks.mail", "'rcpt_relay' acts in phase rcpt, not mail"),
+    ({"modes": {"data_nonsense": "warn"}}, "checks.modes.data_nonsense", "unknown check"),
+    ({"modes": {"data_subject": "loud"}}, "checks.modes.data_subject", "must be one of"),
+    ({"deadlines": {"data_subject": 0}}, "checks.deadlines", "must be in (0, 3600] seconds"),
+    ({"auth": []}, "checks.auth", "no check acts in the AUTH phase"),
+])
+def test_an_order_that_breaks_a_contract_is_refused(checks, key, problem):
+    err = refused(checks)
+    assert (err.source, err.key) == ("gw.toml", key) and problem in err.problem, err
+
+
+def test_leaving_out_a_check_with_its_dependents_is_accepted():
+    cfg = from_mapping({**MINIMAL, "checks": {
+        "mail": ["mail_account_status", "mail_size"], "rcpt": ["rcpt_relay", "rcpt_limit"],
+        "data": ["data_size", "data_wire", "data_trace", "data_subject"],
+        "modes": {"data_subject": "warn", "connect_dnsbl": "off"}, "deadlines": {"mail_size": 1.5}}}, "gw.toml")
+    assert cfg.checks.order()[Phase.CONNECT] == ["connect_limits", "connect_blocklist"]
+    assert cfg.checks.mode("data_subject") == "warn" and cfg.checks.mode("data_size") == "enforce"
+    assert cfg.checks.deadline("mail_size") == 1.5
+    assert cfg.checks.deadline("mail_domain_exists") == SPECS["mail_domain_exists"].deadline > \
+        cfg.checks.deadline("data_wire") == SPECS["data_wire"].deadline
+
+
+# ------------------------------------------------------------------ the pipeline: warn, deadline
+class _Refuses:
+    name, phase = "data_listmail", Phase.DATA
+
+    async def run(self, tx, item=None):
+        from gateway.core import replies
+        return Outcome.refuse(self.name, replies.OPTIN_UNREGISTERED_LIST, "Precedence: bulk")
+
+
+class _Hangs:
+    name, phase = "data_subject", Phase.DATA
+
+    async def run(self, tx, item=None):
+        await asyncio.Event().wait()  # never set: only the deadline ends it
+
+
+async def test_pipeline_warn_mode_records_and_goes_on_and_a_hung_check_overruns(check_kit):
+    cfg = from_mapping({**MINIMAL, "checks": {"modes": {"data_listmail": "warn"},
+                                              "deadlines": {"data_subject": 0.05}}}, "gw.toml")
+    seen: list[Outcome] = []
+    pipeline = build_pipeline({Phase.DATA: ["data_listmail", "data_subject"]},
+                              {"data_listmail": _Refuses, "data_subject": _Hangs}, seen.append, settings=cfg.checks)
+    tx = check_kit.transaction(MESSAGE)
+    verdict = await pipeline.run(Phase.DATA, tx, tx.ledger)
+    warned, overran = tx.ledger
+    assert warned.result is Result.WARN and warned.detail == "warn mode, would refuse: Precedence: bulk"
+    assert warned.as_log()["would_reply"] == "550 5.7.1" and "reply" not in warned.as_log()
+    assert overran.result is Result.ERROR and overran.detail == "overran its deadline of 0.05 s"
+    assert verdict.refusal is overran and overran.reply.render().startswith("451 4.3.0")
+    assert seen == [warned, overran]  # on_outcome sees every outcome, the warn one too
+
+
+# ------------------------------------------------------------------ over real SMTP
+BULK = MESSAGE.replace(b"Subject: test message\r\n", b"Subject: test message\r\nPrecedence: bulk\r\n")
+
+
+async def test_warn_mode_relays_and_records(sink, gateway_factory, caplog):
+    """data_listmail refuses bulk mail of an unregistered list (550 5.7.1 P-OPTIN); in warn
+    mode the message reaches the upstream and the ledger, the log and the metrics say
+    what would have been refused."""
+    h = await gateway_factory(sink)
+    await h.add_account()
+    assert (await send(h.port(), BULK)).startswith(b"550 5.7.1 P-OPTIN")
+    assert sink.messages == []
+    await h.gw.stop(grace=0.5)
+
+    h = await gateway_factory(sink, checks={"modes": {"data_listmail": "warn"}})  # the same database
+    with caplog.at_level(logging.WARNING, logger="gateway.pipeline"):
+        reply = await send(h.port(), BULK)
+    assert reply.startswith(b"250 "), reply
+    await sink.wait_for(1)
+    assert b"Precedence: bulk" in sink.messages[0].data
+    record = h.log_records()[-1]
+    assert record["decision"] == "relayed"
+    warned = [c for c in record["ledger"] if c["check"] == "data_listmail"]
+    assert warned == [{"check": "data_listmail", "result": "warn", "phase": "data",
+                       "detail": "warn mode, would refuse: Precedence: bulk", "would_reply": "550 5.7.1"}]
+    assert any("data_listmail in warn mode would refuse" in r.getMessage() for r in caplog.records)
+    metrics = h.gw.metrics.render().decode()
+    assert 'gateway_check_outcomes_total{check="data_listmail",result="warn"} 1.0' in metrics
+
+
+def _blackhole() -> socket.socket:
+    """A name server that never answers."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    return s
+
+
+async def test_a_check_that_overruns_its_deadline_defers(sink, gateway_factory):
+    """mail_domain_exists waits for a name server that never answers (its own timeout:
+    60 s); past its 0.2 s deadline the client gets 451 4.3.0 and the ledger says why."""
+    with _blackhole() as ns:
+        h = await gateway_factory(sink, dns={"static_only": False, "static": [], "timeout": 60.0, "tries": 1,
+                                             "nameservers": [f"127.0.0.1:{ns.getsockname()[1]}"]},
+                                  checks={"deadlines": {"mail_domain_exists": 0.2}})
+        await h.add_account(domains=("silent.example",))
+        reply = await send(h.port(), MESSAGE, mail_from="alice@silent.example")
+        assert reply.startswith(b"451 4.3.0"), reply
+        assert sink.messages == []
+        record = h.log_records()[-1]
+        assert record["decision"] == "deferred"
+        last = record["ledger"][-1]
+        assert last == {"check": "mail_domain_exists", "result": "error", "phase": "mail",
+                        "detail": "overran its deadline of 0.2 s", "reply": "451 4.3.0"}
+        await h.gw.stop(grace=0.5)
