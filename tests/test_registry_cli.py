@@ -4,8 +4,9 @@ confirmation mail from the running gateway."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import re
+import subprocess
+import time
 from pathlib import Path
 
 
@@ -111,8 +112,10 @@ async def test_list_cli_and_import(tmp_path, sink, gateway_factory):
 
     # import: a CSV with a header and consent evidence
     csv1 = tmp_path / "subs.csv"
+    # The consent time comes from the clock (a fixed day lies in the future when the suite runs a year back).
+    asked = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 30 * 86400))
     csv1.write_text("address,source,ip,user_agent,requested_at\n"
-                    "Bob@Example.ORG,form on example.com,198.51.100.7,Mozilla/5.0,2026-01-05T10:00:00Z\n"
+                    f"Bob@Example.ORG,form on example.com,198.51.100.7,Mozilla/5.0,{asked}\n"
                     "carol@example.org,,,,\n"
                     "Bob@EXAMPLE.org,again,,,\n"           # the same address (domains compare case-free)
 
