@@ -8,7 +8,7 @@ checks passed, ``release`` (or ``release_soon``) whenever the transaction
 ends otherwise. Where each recipient goes:
 
 - a recipient the gateway handles itself (local.py): nothing upstream;
-- list mail (``tx.extra["list"]``, set by ``rcpt_optin``): each recipient
+- list mail (``tx.extra["list"]``, set by ``mail_list``): each recipient
   gets its own upstream transaction and, at DATA, its own copy with its own
   List-Unsubscribe (RFC 8058);
 - any other: one upstream transaction shared by the recipients, opened at
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..core import replies
 from ..core.address import AddressError, EnvelopeAddress, parse_path
-from ..core.events import EventBus, Refusal
+from ..core.events import EventBus, OutcomeRecorded, Refusal
 from ..core.replies import Rendered, Reply
 from ..core.transaction import Outcome, Phase, Recipient, Result, Transaction
 from ..forwarding import forwarded
@@ -111,6 +111,14 @@ class Handover:
     async def rcpt(self, address: EnvelopeAddress, params: dict[str, str | bool]) -> Reply | Rendered:
         """Hand over one recipient that passed the rcpt checks; the reply for the client."""
         tx = self.tx
+        recorded = len(tx.ledger)
+        try:
+            return await self._rcpt(address, params)
+        finally:
+            self._published(recorded)
+
+    async def _rcpt(self, address: EnvelopeAddress, params: dict[str, str | bool]) -> Reply | Rendered:
+        tx = self.tx
         local = local_kind(tx, address)
         upstream = None
         if local:
@@ -138,6 +146,7 @@ class Handover:
 
     async def _begin(self) -> tuple["UpstreamTransaction | None", Reply | Rendered]:
         tx = self.tx
+        assert tx.mail_from is not None          # a handover opens at an accepted MAIL
         size = tx.mail_params.get("SIZE")
         fwd = tx.forwarding
         mail_from = fwd.rewrite if fwd is not None and fwd.kind == "forward" and fwd.rewrite else tx.mail_from.addr
@@ -163,6 +172,20 @@ class Handover:
         upstream (the shared transaction, or one copy per list recipient).
         250 only when every copy is safely handed over; every upstream
         transaction is released, whatever happens."""
+        recorded = len(self.tx.ledger)
+        try:
+            return await self._deliver()
+        finally:
+            self._published(recorded)
+
+    def _published(self, recorded: int) -> None:
+        """Publish the outcomes delivery added to the ledger since ``recorded``."""
+        events = self._d.events
+        if events.wants(OutcomeRecorded):
+            for outcome in self.tx.ledger[recorded:]:
+                events.outcome(outcome)
+
+    async def _deliver(self) -> Reply | Rendered:
         tx = self.tx
         copies = [(r, r.upstream) for r in tx.recipients if r.upstream is not None]
         shared = self._shared

@@ -99,7 +99,7 @@ class GatewaySMTP(AioSMTP):
             self._counted_ip = None
         if self.tx is not None and self.tx.decision == "open":
             self.tx.decision = "aborted"
-            self.tx.ledger.append(Outcome("session", Result.ERROR, "client disconnected"))
+            self._record(self.tx.ledger, Outcome("session", Result.ERROR, "client disconnected"))
             self._ended(self.tx)
         # Nothing is relayed: the upstream transactions are reset and their
         # connections go back to the pool.
@@ -146,7 +146,7 @@ class GatewaySMTP(AioSMTP):
         # A bug on our side must never bounce a customer's mail: defer it.
         log.exception("session %s: unexpected error", self.gsession.id if self.gsession else "?")
         if self.tx is not None:
-            self.tx.ledger.append(Outcome("session", Result.ERROR, f"internal error: {type(error).__name__}"))
+            self._record(self.tx.ledger, Outcome("session", Result.ERROR, f"internal error: {type(error).__name__}"))
         return replies.INTERNAL_ERROR.render()
 
     async def close_with(self, reply: Reply) -> None:
@@ -643,7 +643,7 @@ class GatewaySMTP(AioSMTP):
                 message, octets = await self._read_data(cfg.max_message_size)
         except TimeoutError:
             tx.decision = "aborted"
-            tx.ledger.append(Outcome("session", Result.ERROR, "DATA timeout"))
+            self._record(tx.ledger, Outcome("session", Result.ERROR, "DATA timeout"))
             self._ended(tx)
             await self.close_with(replies.COMMAND_TIMEOUT)
             return
