@@ -6,7 +6,8 @@ and the upstream transactions opened at RCPT for it.
 - finalize.py: the outgoing bytes of each copy, built in one place;
 - local.py: the table of recipients the gateway handles itself (service
   mailboxes, the unsubscribe mailto) and the SRS bounce target;
-- reply.py: how one client reply is derived from several upstream answers.
+- reply.py: how one client reply is derived from several upstream answers;
+- trace.py: the Received: and trace header every copy begins with.
 """
 from .finalize import Finalizer
 from .handover import Delivery, Handover

@@ -3,7 +3,7 @@
 Every copy that leaves the gateway (the shared upstream copy, each list
 recipient's own copy, what a service mailbox stores) is built by
 :meth:`Finalizer.finalize`: the gateway's trace headers (``Received:`` and
-the trace id, smtp/trace.py), then the header fields the gateway adds (a
+the trace id, trace.py), then the header fields the gateway adds (a
 missing Date / Message-ID from the data checks, ``tx.extra["add_headers"]``;
 on list mail the recipient's List-Unsubscribe fields), then the message as
 received. A DKIM signature will be computed here, over exactly these bytes.
@@ -19,7 +19,7 @@ from typing import Callable
 from ..core.transaction import Transaction
 from ..forwarding import forwarded
 from ..message.edit import remove_fields
-from ..smtp.trace import trace_headers
+from .trace import trace_headers
 
 # Header fields the gateway sets itself on registered list mail.
 LIST_FIELDS = frozenset({"list-id", "list-unsubscribe", "list-unsubscribe-post"})
