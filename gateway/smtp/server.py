@@ -6,8 +6,12 @@ connect-phase checks before the greeting, enhanced status codes on every
 reply, command and bogus-command budgets, 451 4.3.0 instead of 500 on our own
 bugs, quiet client disconnects), STARTTLS through ``StreamWriter.start_tls``
 (works the same under uvloop), AUTH with async password checks and failure
-limits, and MAIL/RCPT/DATA driven through the check pipeline and the upstream
-relay.
+limits, and MAIL/RCPT/DATA driven through the check pipeline. Where an
+accepted recipient and message go is delivery's business (gateway/delivery/:
+the server opens a Handover at MAIL and drives it). What happens is
+published on the event bus (gateway/core/events.py); the server writes no
+log line and counts nothing but AUTH attempts itself. It sees only its
+SmtpContext (smtp/context.py), never the Gateway.
 """
 from __future__ import annotations
 
