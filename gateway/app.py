@@ -19,22 +19,20 @@ from .accounts.proof import DomainProofChecker
 from .accounts.store import AccountError, AccountStore
 from .blocklist.service import BlockList
 from .checks import factories
-from .config import Config, ConfigError, ListenError, ListenerSettings, UpstreamSettings
+from .config import Config, ConfigError, ListenError, UpstreamSettings
+from .core.events import EventBus
+from .delivery import Delivery, Finalizer, local_handlers
 from .dns.dnsbl import Dnsbl
 from .dns.resolver import Resolver
-from .forwarding import forwarded
 from .metrics import Metrics
 from .pipeline import build_pipeline
 from .relay.devsink import DevSink
 from .relay.maildir import MaildirWriter
-from .relay.pool import RelayPool, UpstreamTransaction
+from .relay.pool import RelayPool
 from .services import Services
-from .core import replies
+from .smtp.context import Network, Session, SmtpContext
 from .smtp.limits import ConnectionTracker
-from .core.replies import Rendered, Reply
 from .smtp.server import GatewaySMTP
-from .smtp.trace import trace_headers
-from .core.transaction import Outcome, Result, SessionInfo, Transaction
 from .state.counters import MemoryCounters, RedisCounters
 from .storage.db import create_engine, migrate
 from .txlog import TransactionLog
@@ -120,7 +118,8 @@ class Gateway:
         self.metrics = Metrics(lambda: self)
         self.txlog = txlog      # made in start(), after the ports are bound, when not given
         self.connections = ConnectionTracker()
-        self.sessions: set[GatewaySMTP] = set()
+        self.events = EventBus()     # outcomes, refusals, ends of transactions and sessions
+        self.sessions: set[Session] = set()
         self.draining = False
         self.ready = False
         self.ports: dict[str, int] = {}
@@ -129,7 +128,7 @@ class Gateway:
         self._http = None
         self._http_task: asyncio.Task | None = None
         self._devsink: DevSink | None = None
-        self._proxy_nets: dict[str, list] = {}
+        self._proxy_nets: dict[str, list[Network]] = {}
         self.engine = None
         self.accounts: AccountStore | None = None
         self.blocklist: BlockList | None = None
@@ -143,6 +142,8 @@ class Gateway:
         self.proof_checker: DomainProofChecker | None = None
         self.auth_limiter: AuthLimiter | None = None
         self.service_mail: MaildirWriter | None = None
+        self.delivery: Delivery | None = None
+        self.smtp_context: SmtpContext | None = None   # what the SMTP sessions see, built in start()
         self._sockets: dict[str, socket.socket] = {}    # bound first, served later
         self._http_socket: socket.socket | None = None
         self.dev_certificate_made = False
@@ -209,6 +210,9 @@ class Gateway:
         cfg = self.config
         if self.txlog is None:
             self.txlog = TransactionLog(cfg.log.transactions)
+        # Metrics first: a transaction is counted before its line is written.
+        self.metrics.subscribe(self.events)
+        self.txlog.subscribe(self.events)
         if cfg.smtp.service_mailboxes:
             self.service_mail = MaildirWriter(cfg.smtp.service_maildir)
         if cfg.dev.enabled and cfg.tls.cert_file:
@@ -254,16 +258,24 @@ class Gateway:
         self.services = Services(config=cfg, accounts=self.accounts, counters=self.counters, registry=self.registry,
                                  connections=self.connections, clock=self.clock,
                                  resolver=self.resolver, dnsbl=self.dnsbl, blocklist=self.blocklist)
-        self.pipeline = build_pipeline(cfg.checks.order(), factories(self.services), settings=cfg.checks)
+        self.pipeline = build_pipeline(cfg.checks.order(), factories(self.services),
+                                       on_outcome=self.events.outcome, settings=cfg.checks)
+        self.delivery = Delivery(self.relay, Finalizer(cfg.smtp.hostname, cfg.smtp.trace_header, self.clock),
+                                 local_handlers(self.service_mail, self.registry), self.events, self.registry)
+        for listener in cfg.listeners:
+            self._proxy_nets[listener.name] = [ipaddress.ip_network(n, strict=False)
+                                               for n in listener.proxy_trusted]
+        ctx = self.smtp_context = SmtpContext(
+            config=cfg, pipeline=self.pipeline, accounts=self.accounts, auth_limiter=self.auth_limiter,
+            connections=self.connections, delivery=self.delivery, events=self.events, metrics=self.metrics,
+            draining=lambda: self.draining, proxy_networks=self._proxy_nets, sessions=self.sessions)
         loop = asyncio.get_running_loop()
         for listener in cfg.listeners:
             if listener.tls != "none" and tls_context is None:
                 raise ConfigError(cfg.source, "tls.cert_file", f"listener {listener.name} needs a certificate")
-            self._proxy_nets[listener.name] = [ipaddress.ip_network(n, strict=False)
-                                               for n in listener.proxy_trusted]
             implicit = listener.tls == "implicit"
             server = await loop.create_server(
-                (lambda lst=listener: GatewaySMTP(self, lst, tls_context)),
+                (lambda lst=listener: GatewaySMTP(ctx, lst, tls_context)),
                 sock=self._sockets.pop(listener.name),
                 ssl=tls_context if implicit else None,
                 ssl_handshake_timeout=cfg.tls.handshake_timeout if implicit else None,
@@ -371,140 +383,6 @@ class Gateway:
         if self.txlog is not None:
             self.txlog.close()
         self.stopped.set()
-
-    # ------------------------------------------------------- used by sessions
-    def proxy_networks(self, listener: ListenerSettings) -> list:
-        return self._proxy_nets.get(listener.name, [])
-
-    def log_transaction(self, tx: Transaction) -> None:
-        self.metrics.observe_transaction(tx)
-        self.txlog.transaction(tx)
-
-    def log_session_refusal(self, sess: SessionInfo, outcome: Outcome) -> None:
-        self.metrics.sessions_refused.labels(outcome.check).inc()
-        self.txlog.session_refused(sess, outcome)
-
-    def log_session_end(self, sess: SessionInfo) -> None:
-        """Every session leaves at least one line (failed AUTH, refused HELO,
-        a client that only connected); a fault here never reaches the protocol."""
-        try:
-            self.txlog.session_end(sess)
-        except Exception:
-            log.exception("session %s: cannot write its log line", sess.id)
-
-    async def on_recipient_refused(self, tx: Transaction, outcome: Outcome) -> None:
-        """Hook for harvest protection (P-HARVEST) and metrics."""
-
-    async def deliver(self, tx: Transaction, upstream_tx: UpstreamTransaction | None) -> Reply | Rendered:
-        """Hand the message over: to the gateway's own mailboxes, and to the
-        upstream (one shared transaction, or one copy per recipient for list
-        mail). The reply is 250 only when every copy is safely handed over;
-        every upstream transaction is released, whatever happens."""
-        copies = [(r, r.upstream) for r in tx.recipients if r.upstream is not None]
-        owned = ([upstream_tx] if upstream_tx is not None else []) + [utx for _, utx in copies]
-        for r, _ in copies:
-            r.upstream = None
-        try:
-            local_reply = await self._deliver_local(tx)
-            if local_reply is not None and not local_reply.is_positive:
-                return local_reply
-            if all(r.local for r in tx.recipients):
-                tx.decision = "local"
-                return replies.HANDLED_LOCALLY.with_suffix(f", trace id {tx.trace_id}")
-            if tx.mailing_list is not None:
-                reply = await self._relay_list_copies(tx, copies)
-            else:
-                assert upstream_tx is not None
-                data = self._trace(tx) + (tx.message or b"")
-                reply = await upstream_tx.data(data)
-        finally:
-            for utx in owned:
-                await utx.close()
-        tx.mark("relayed")
-        if reply.is_positive:
-            fwd = forwarded(tx)
-            if fwd is not None:
-                what = (f"SRS bounce of {fwd.original} to {fwd.rewrite}" if fwd.kind == "bounce" else
-                        f"forwarded ({fwd.evidence}), envelope sender {fwd.rewrite or fwd.original}")
-                tx.ledger.append(Outcome("forwarding", Result.PASS, what + ", relayed unchanged under the trace"))
-            tx.ledger.append(Outcome("relay", Result.PASS, f"upstream {tx.upstream}"))
-            return replies.RELAYED.with_suffix(f", trace id {tx.trace_id} ({reply.text})")
-        tx.ledger.append(Outcome("relay", Result.FAIL, reply.render(), reply))
-        return reply
-
-    def _trace(self, tx: Transaction, rcpt: str | None = None, extra: list | None = None) -> bytes:
-        cfg = self.config
-        # Forwarded mail and SRS bounces get the gateway's trace on top and
-        # nothing else: the author's bytes (and DKIM signatures) stay intact.
-        added = [] if forwarded(tx) is not None else tx.add_headers + (extra or [])
-        return trace_headers(tx, cfg.smtp.hostname, cfg.smtp.trace_header, self.clock(), added, rcpt)
-
-    async def _deliver_local(self, tx: Transaction) -> Reply | Rendered | None:
-        """Service mailboxes (stored as a maildir) and list unsubscribe mails."""
-        kinds = {r.local for r in tx.recipients if r.local}
-        if "unsubscribe" in kinds:
-            reply = await self._unsubscribe_by_mail(tx)
-            if not reply.is_positive:
-                return reply
-        if "service" in kinds:
-            try:
-                await self.service_mail.store(self._trace(tx) + (tx.message or b""))
-            except OSError:
-                log.exception("cannot store service mail")
-                tx.ledger.append(Outcome("deliver_local", Result.ERROR, "maildir write failed",
-                                         replies.SERVICE_MAILBOX_FAILED))
-                return replies.SERVICE_MAILBOX_FAILED
-            tx.ledger.append(Outcome("deliver_local", Result.PASS, "service mailbox"))
-        return None
-
-    async def _unsubscribe_by_mail(self, tx: Transaction) -> Reply | Rendered:
-        from .message.parse import parsed_for
-        from .registry.model import RegistryUnavailable, TokenError
-
-        subject = parsed_for(tx).get("subject") or ""
-        for r in tx.recipients:
-            if r.local != "unsubscribe":
-                continue
-            token = self.registry.token_from_mailto(r.address.local, subject)
-            try:
-                if token is None:
-                    raise TokenError("no unsubscribe token in the address or the subject")
-                result = await self.registry.unsubscribe_by_token(token, via="mailto")
-            except TokenError as exc:
-                tx.ledger.append(Outcome("unsubscribe", Result.FAIL, str(exc), replies.UNSUBSCRIBE_BAD_TOKEN))
-                return replies.UNSUBSCRIBE_BAD_TOKEN
-            except RegistryUnavailable as exc:
-                tx.ledger.append(Outcome("unsubscribe", Result.ERROR, str(exc), replies.REGISTRY_UNAVAILABLE))
-                return replies.REGISTRY_UNAVAILABLE
-            tx.ledger.append(Outcome("unsubscribe", Result.PASS, f"opt-out from list {result.list_name!r}"))
-        return replies.OK
-
-    async def _relay_list_copies(self, tx: Transaction, copies: list) -> Reply | Rendered:
-        """One copy per recipient, each with its own List-Unsubscribe (RFC 8058)
-        replacing whatever the customer set. All copies must be taken for a
-        250; otherwise the client gets the worst answer and retries or bounces
-        the message (a retry may duplicate copies that did go out: never a loss)."""
-        from .message.edit import remove_fields
-
-        lst = tx.mailing_list
-        body = remove_fields(tx.message or b"", _LIST_FIELDS)
-
-        async def one(r, utx) -> Reply | Rendered:
-            copy = self._trace(tx, r.address.addr, self.registry.list_headers(lst, r.address.addr)) + body
-            return await utx.data(copy)
-
-        results = await asyncio.gather(*(one(r, utx) for r, utx in copies))
-        failed = [rep for rep in results if not rep.is_positive]
-        tx.ledger.append(Outcome("relay_list", Result.PASS if not failed else Result.FAIL,
-                                 f"{len(results) - len(failed)}/{len(results)} copies taken"))
-        if not failed:
-            return results[0]
-        transient = [rep for rep in failed if rep.is_transient]
-        return transient[0] if transient else failed[0]
-
-
-# Header fields the gateway sets itself on registered list mail.
-_LIST_FIELDS = {"list-id", "list-unsubscribe", "list-unsubscribe-post"}
 
 
 async def _bounded(what: str, awaitable, seconds: float = 5.0) -> None:

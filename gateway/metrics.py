@@ -1,11 +1,15 @@
 """Prometheus metrics, written from the transaction ledger (never from
-scattered call sites), served at /metrics."""
+scattered call sites), served at /metrics. A subscriber of the event bus
+(core/events.py) for transactions and refused connections."""
 from __future__ import annotations
 
 from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from .core.events import EventBus, Refusal, TransactionEnded
+from .core.transaction import Phase
 
 
 class _StatsCollector:
@@ -145,6 +149,17 @@ class Metrics:
         if child is None:
             child = self._children[key] = metric.labels(*labels)
         return child
+
+    def subscribe(self, events: EventBus) -> None:
+        events.subscribe(TransactionEnded, self._on_transaction_ended)
+        events.subscribe(Refusal, self._on_refusal)
+
+    def _on_transaction_ended(self, event: TransactionEnded) -> None:
+        self.observe_transaction(event.tx)
+
+    def _on_refusal(self, event: Refusal) -> None:
+        if event.tx is None and event.outcome.phase is Phase.CONNECT:
+            self._child(self.sessions_refused, event.outcome.check).inc()
 
     def observe_transaction(self, tx) -> None:
         child = self._child

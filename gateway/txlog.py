@@ -1,4 +1,8 @@
-"""One JSON line per transaction (orjson), written from the ledger."""
+"""One JSON line per transaction (orjson), written from the ledger.
+
+A subscriber of the event bus (core/events.py): a line per ended
+transaction, per session refused at connect, and per ended session whose
+outcomes no line carried yet."""
 from __future__ import annotations
 
 import asyncio
@@ -8,7 +12,8 @@ from typing import IO
 
 import orjson
 
-from .core.transaction import Outcome, SessionInfo, Transaction
+from .core.events import EventBus, Refusal, SessionEnded, TransactionEnded
+from .core.transaction import Outcome, Phase, SessionInfo, Transaction
 
 
 def session_fields(sess: SessionInfo) -> dict:
@@ -97,6 +102,21 @@ class TransactionLog:
         self._fh.write(data)
         if not self._own:
             self._fh.flush()
+
+    def subscribe(self, events: EventBus) -> None:
+        events.subscribe(TransactionEnded, self._on_transaction_ended)
+        events.subscribe(Refusal, self._on_refusal)
+        events.subscribe(SessionEnded, self._on_session_ended)
+
+    def _on_transaction_ended(self, event: TransactionEnded) -> None:
+        self.transaction(event.tx)
+
+    def _on_refusal(self, event: Refusal) -> None:
+        if event.tx is None and event.outcome.phase is Phase.CONNECT:
+            self.session_refused(event.session, event.outcome)
+
+    def _on_session_ended(self, event: SessionEnded) -> None:
+        self.session_end(event.session)
 
     def transaction(self, tx: Transaction) -> None:
         self.write(transaction_record(tx))

@@ -210,10 +210,9 @@ class Transaction:
     srs_rcpts: dict[str, str] = field(default_factory=dict)    # rcpt_relay: SRS address -> decoded original sender
     add_headers: list[tuple[str, str]] = field(default_factory=list)  # data_headers: (name, value) the relay adds
     findings: list[dict[str, Any]] | None = None    # data_* checks (message/findings.py); None: none ran
-    parsed_headers: Any = None      # (message bytes, ParsedHeaders): message.headers.parsed_for's cache
+    parsed_headers: Any = None      # (message bytes, ParsedHeaders): message.parse.parsed_for's cache
     # What the SMTP server records for the checks and itself.
     data_octets: int | None = None                  # octets received in DATA (data_size)
-    prefetched_rcpt_lines: set[bytes] = field(default_factory=set)  # list mail: RCPT lines answered ahead
 
     @property
     def smtputf8(self) -> bool:

@@ -6,8 +6,12 @@ connect-phase checks before the greeting, enhanced status codes on every
 reply, command and bogus-command budgets, 451 4.3.0 instead of 500 on our own
 bugs, quiet client disconnects), STARTTLS through ``StreamWriter.start_tls``
 (works the same under uvloop), AUTH with async password checks and failure
-limits, and MAIL/RCPT/DATA driven through the check pipeline and the upstream
-relay.
+limits, and MAIL/RCPT/DATA driven through the check pipeline. Where an
+accepted recipient and message go is delivery's business (gateway/delivery/:
+the server opens a Handover at MAIL and drives it). What happens is
+published on the event bus (gateway/core/events.py); the server writes no
+log line and counts nothing but AUTH attempts itself. It sees only its
+SmtpContext (smtp/context.py), never the Gateway.
 """
 from __future__ import annotations
 
@@ -26,13 +30,14 @@ from aiosmtpd.smtp import SMTP as AioSMTP
 
 from ..core import replies
 from ..core.address import AddressError, EnvelopeAddress, parse_params, parse_path
+from ..core.events import Refusal, SessionEnded, TransactionEnded
 from ..core.replies import Rendered, Reply
-
-from ..core.transaction import Outcome, Phase, Recipient, Result, SessionInfo, TlsInfo, Transaction, session_id
+from ..core.transaction import Outcome, Phase, Result, SessionInfo, TlsInfo, Transaction, session_id
+from .context import SmtpContext
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..app import Gateway
     from ..config import ListenerSettings
+    from ..delivery import Handover
 
 log = logging.getLogger("gateway.smtp")
 
@@ -52,9 +57,9 @@ class _NoHooks:
 
 
 class GatewaySMTP(AioSMTP):
-    def __init__(self, gateway: "Gateway", listener: "ListenerSettings", tls_context: ssl.SSLContext | None):
-        cfg = gateway.config
-        self.gw = gateway
+    def __init__(self, ctx: SmtpContext, listener: "ListenerSettings", tls_context: ssl.SSLContext | None):
+        cfg = ctx.config
+        self.ctx = ctx
         self.listener = listener
         self._starttls_context = tls_context if listener.tls == "starttls" else None
         super().__init__(
@@ -70,7 +75,7 @@ class GatewaySMTP(AioSMTP):
         )
         self.gsession: SessionInfo | None = None
         self.tx: Transaction | None = None
-        self.upstream_tx = None
+        self.handover: Handover | None = None   # the open transaction's way out (delivery/)
         self._busy = False
         self._counted_ip: str | None = None
         self._closing = False
@@ -88,25 +93,26 @@ class GatewaySMTP(AioSMTP):
         ssl_obj = transport.get_extra_info("ssl_object")
         if ssl_obj is not None:  # implicit TLS listener
             self.gsession.tls = _tls_info(ssl_obj)
-        self.gw.sessions.add(self)
+        self.ctx.sessions.add(self)
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
-        self.gw.sessions.discard(self)
+        self.ctx.sessions.discard(self)
         if self._counted_ip is not None:
-            self.gw.connections.closed(self._counted_ip)
+            self.ctx.connections.closed(self._counted_ip)
             self._counted_ip = None
         if self.tx is not None and self.tx.decision == "open":
             self.tx.decision = "aborted"
-            self.tx.ledger.append(Outcome("session", Result.ERROR, "client disconnected"))
-            self.gw.log_transaction(self.tx)
+            self._record(self.tx.ledger, Outcome("session", Result.ERROR, "client disconnected"))
+            self._ended(self.tx)
         # Nothing is relayed: the upstream transactions are reset and their
         # connections go back to the pool.
-        for utx in self._take_upstreams():
-            self.loop.create_task(utx.close())
+        if self.handover is not None:
+            self.handover.release_soon()
+            self.handover = None
         self.tx = None
         if self.gsession is not None:
-            self.gw.log_session_end(self.gsession)
+            self.ctx.events.publish(SessionEnded(self.gsession))
         super().connection_lost(error)
 
     def eof_received(self) -> bool | None:
@@ -117,7 +123,7 @@ class GatewaySMTP(AioSMTP):
         # Inside a transaction the client holds an upstream transaction open:
         # it gets the command timeout; between transactions the idle timeout.
         if duration is None and self.tx is not None:
-            duration = self.gw.config.smtp.command_timeout
+            duration = self.ctx.config.smtp.command_timeout
         super()._reset_timeout(duration)
 
     def _timeout_cb(self) -> None:
@@ -144,7 +150,7 @@ class GatewaySMTP(AioSMTP):
         # A bug on our side must never bounce a customer's mail: defer it.
         log.exception("session %s: unexpected error", self.gsession.id if self.gsession else "?")
         if self.tx is not None:
-            self.tx.ledger.append(Outcome("session", Result.ERROR, f"internal error: {type(error).__name__}"))
+            self._record(self.tx.ledger, Outcome("session", Result.ERROR, f"internal error: {type(error).__name__}"))
         return replies.INTERNAL_ERROR.render()
 
     async def close_with(self, reply: Reply) -> None:
@@ -167,19 +173,19 @@ class GatewaySMTP(AioSMTP):
                 if not await self._read_proxy_header():
                     self.transport.close()
                     return
-            self.gw.connections.opened(sess.peer_ip)
+            self.ctx.connections.opened(sess.peer_ip)
             self._counted_ip = sess.peer_ip
-            if self.gw.draining:
+            if self.ctx.draining():
                 await self.close_with(replies.SHUTTING_DOWN)
                 return
             sess.account = None
-            net_account = self.gw.accounts.account_for_ip(sess.peer_ip)
+            net_account = self.ctx.accounts.account_for_ip(sess.peer_ip)
             if net_account is not None:
                 sess.account = net_account
                 sess.auth_method = "client-network"
-            verdict = await self.gw.pipeline.run(Phase.CONNECT, sess, sess.ledger)
+            verdict = await self.ctx.pipeline.run(Phase.CONNECT, sess, sess.ledger)
             if not verdict.accepted:
-                self.gw.log_session_refusal(sess, verdict.refusal)
+                self.ctx.events.publish(Refusal(sess, verdict.refusal))
                 await self.close_with(verdict.refusal.reply)
                 return
             await self.push(f"220 {self.hostname} {self.__ident__}")
@@ -191,7 +197,7 @@ class GatewaySMTP(AioSMTP):
 
     async def _read_proxy_header(self) -> bool:
         sess = self.gsession
-        trusted = self.gw.proxy_networks(self.listener)
+        trusted = self.ctx.proxy_networks.get(self.listener.name, ())
         peer = ipaddress.ip_address(sess.peer_ip or "0.0.0.0")
         if not any(peer in net for net in trusted if net.version == peer.version):
             log.warning("PROXY header expected from untrusted peer %s: closing", sess.peer_ip)
@@ -210,12 +216,12 @@ class GatewaySMTP(AioSMTP):
         return True
 
     async def _command_loop(self) -> None:
-        cfg = self.gw.config.smtp
+        cfg = self.ctx.config.smtp
         commands = 0
         bogus = 0
         reader = self._reader
         while self.transport is not None and not self._closing:
-            if self.gw.draining and self.tx is None:
+            if self.tx is None and self.ctx.draining():
                 await self.close_with(replies.SHUTTING_DOWN)
                 return
             try:
@@ -288,8 +294,9 @@ class GatewaySMTP(AioSMTP):
         sess.esmtp = esmtp
         self.session.host_name = sess.helo
         self.session.extended_smtp = esmtp
-        verdict = await self.gw.pipeline.run(Phase.HELO, sess, sess.ledger)
+        verdict = await self.ctx.pipeline.run(Phase.HELO, sess, sess.ledger)
         if not verdict.accepted:
+            self.ctx.events.publish(Refusal(sess, verdict.refusal))
             # A refused greeting is no greeting: MAIL must still answer 503 "send EHLO/HELO first".
             sess.helo = None
             self.session.host_name = None
@@ -304,7 +311,7 @@ class GatewaySMTP(AioSMTP):
     async def smtp_EHLO(self, hostname: str | None) -> None:
         if not await self._greet(hostname, esmtp=True):
             return
-        lines = [self.hostname, f"SIZE {self.gw.config.smtp.max_message_size}", "8BITMIME", "SMTPUTF8",
+        lines = [self.hostname, f"SIZE {self.ctx.config.smtp.max_message_size}", "8BITMIME", "SMTPUTF8",
                  "PIPELINING", "ENHANCEDSTATUSCODES"]
         if self._starttls_context is not None and not self.tls_active:
             lines.append("STARTTLS")
@@ -337,7 +344,7 @@ class GatewaySMTP(AioSMTP):
         await self.push(replies.START_TLS)
         try:
             await self._writer.start_tls(self._starttls_context,
-                                         ssl_handshake_timeout=self.gw.config.tls.handshake_timeout)
+                                         ssl_handshake_timeout=self.ctx.config.tls.handshake_timeout)
         except (ssl.SSLError, OSError, asyncio.TimeoutError, ConnectionError) as exc:
             log.info("session %s: TLS handshake failed: %s", self.gsession.id, exc)
             if self.transport is not None:
@@ -375,11 +382,10 @@ class GatewaySMTP(AioSMTP):
         if mechanism not in _AUTH_MECHANISMS or len(args) > 2:
             await self.reply(replies.AUTH_MECHANISM)
             return
-        limiter = self.gw.auth_limiter
+        limiter = self.ctx.auth_limiter
         if await limiter.ip_blocked(sess.peer_ip):
-            sess.ledger.append(Outcome("auth", Result.FAIL, "too many failures from this IP",
-                                       replies.AUTH_TOO_MANY_FAILURES, Phase.AUTH))
-            await self.reply(replies.AUTH_TOO_MANY_FAILURES)
+            await self._refuse_auth(Outcome("auth", Result.FAIL, "too many failures from this IP",
+                                            replies.AUTH_TOO_MANY_FAILURES, Phase.AUTH))
             return
         creds = await (self._auth_plain(args) if mechanism == "PLAIN" else self._auth_login(args))
         if creds is None:
@@ -387,37 +393,40 @@ class GatewaySMTP(AioSMTP):
         login, password = creds
         login_text = login.decode("utf-8", "replace")
         if await limiter.account_blocked(login_text):
-            sess.ledger.append(Outcome("auth", Result.FAIL, f"too many failures for {login_text}",
-                                       replies.AUTH_TOO_MANY_FAILURES, Phase.AUTH, login_text))
-            await self.reply(replies.AUTH_TOO_MANY_FAILURES)
+            await self._refuse_auth(Outcome("auth", Result.FAIL, f"too many failures for {login_text}",
+                                            replies.AUTH_TOO_MANY_FAILURES, Phase.AUTH, login_text))
             return
         try:
-            account = await self.gw.accounts.authenticate(login_text, password)
+            account = await self.ctx.accounts.authenticate(login_text, password)
         except Exception:
             log.exception("account store unavailable during AUTH")
             await self.reply(replies.AUTH_TEMP_FAILURE)
             return
         if account is None:
             await limiter.failed(sess.peer_ip, login_text)
-            sess.ledger.append(Outcome("auth", Result.FAIL, f"bad credentials for {login_text}",
-                                       replies.AUTH_INVALID, Phase.AUTH, login_text))
-            self.gw.metrics.auth.labels("failure").inc()
-            await self.reply(replies.AUTH_INVALID)
+            self.ctx.metrics.auth.labels("failure").inc()
+            await self._refuse_auth(Outcome("auth", Result.FAIL, f"bad credentials for {login_text}",
+                                            replies.AUTH_INVALID, Phase.AUTH, login_text))
             return
         if account.suspended:
-            sess.ledger.append(Outcome("auth", Result.FAIL, f"account {account.name} suspended",
-                                       replies.AUTH_SUSPENDED, Phase.AUTH, login_text))
-            self.gw.metrics.auth.labels("suspended").inc()
-            await self.reply(replies.AUTH_SUSPENDED)
+            self.ctx.metrics.auth.labels("suspended").inc()
+            await self._refuse_auth(Outcome("auth", Result.FAIL, f"account {account.name} suspended",
+                                            replies.AUTH_SUSPENDED, Phase.AUTH, login_text))
             return
         sess.account = account
         sess.auth_method = "smtp-auth"
         sess.auth_login = login_text
         self.session.authenticated = True
-        sess.ledger.append(Outcome("auth", Result.PASS, f"account {account.name} via {mechanism}",
-                                   phase=Phase.AUTH, item=login_text))
-        self.gw.metrics.auth.labels("success").inc()
+        self._record(sess.ledger, Outcome("auth", Result.PASS, f"account {account.name} via {mechanism}",
+                                          phase=Phase.AUTH, item=login_text))
+        self.ctx.metrics.auth.labels("success").inc()
         await self.reply(replies.AUTH_OK)
+
+    async def _refuse_auth(self, outcome: Outcome) -> None:
+        sess = self.gsession
+        self._record(sess.ledger, outcome)
+        self.ctx.events.publish(Refusal(sess, outcome))
+        await self.reply(outcome.reply)
 
     async def _challenge(self, prompt: bytes) -> bytes | None:
         await self.push(b"334 " + base64.b64encode(prompt))
@@ -475,22 +484,26 @@ class GatewaySMTP(AioSMTP):
             # Given up by the client: after every recipient was refused it is
             # a refusal, otherwise an abort (nothing was relayed either way).
             self.tx.decision = "refused" if not self.tx.recipients and self.tx.refused_recipients else "aborted"
-            self.gw.log_transaction(self.tx)
-        for utx in self._take_upstreams():
-            await utx.close()
+            self._ended(self.tx)
+        handover, self.handover = self.handover, None
+        if handover is not None:
+            await handover.release()
         self.tx = None
 
-    def _take_upstreams(self) -> list:
-        """Every upstream transaction still open (shared one, per-recipient
-        ones of list mail), handed to the caller to close."""
-        out = [self.upstream_tx] if self.upstream_tx is not None else []
-        self.upstream_tx = None
-        if self.tx is not None:
-            for r in self.tx.recipients:
-                if r.upstream is not None:
-                    out.append(r.upstream)
-                    r.upstream = None
-        return out
+    def _ended(self, tx: Transaction) -> None:
+        self.ctx.events.publish(TransactionEnded(tx))
+
+    def _record(self, ledger: list[Outcome], outcome: Outcome) -> None:
+        """An outcome decided here rather than by a check (syntax, AUTH)."""
+        ledger.append(outcome)
+        self.ctx.events.outcome(outcome)
+
+    def _refuse_tx(self, tx: Transaction, outcome: Outcome) -> None:
+        """A transaction refused at MAIL: logged, told, over."""
+        tx.decision = "deferred" if outcome.reply.is_transient else "refused"
+        tx.final_reply = outcome.reply
+        self.ctx.events.publish(Refusal(tx.session, outcome, tx))
+        self._ended(tx)
 
     async def smtp_RSET(self, arg: str | None) -> None:
         if arg:
@@ -526,7 +539,7 @@ class GatewaySMTP(AioSMTP):
         if not arg or arg[:5].upper() != "FROM:":
             await self.reply(replies.ARG_SYNTAX, "MAIL FROM:<address>")
             return
-        if sess.transactions >= self.gw.config.smtp.max_transactions:
+        if sess.transactions >= self.ctx.config.smtp.max_transactions:
             await self.close_with(replies.TOO_MANY_COMMANDS)
             return
         if self.listener.require_auth and sess.account is None:
@@ -542,34 +555,31 @@ class GatewaySMTP(AioSMTP):
                 raise AddressError("syntax", "parameters need EHLO")
         except AddressError as exc:
             reply = replies.RELAY_TRICK if exc.kind == "trick" else replies.BAD_SENDER_SYNTAX
-            tx.ledger.append(Outcome("mail_syntax", Result.FAIL, exc.detail, reply, Phase.MAIL))
-            tx.decision = "refused"
-            tx.final_reply = reply
-            self.gw.log_transaction(tx)
+            outcome = Outcome("mail_syntax", Result.FAIL, exc.detail, reply, Phase.MAIL)
+            self._record(tx.ledger, outcome)
+            self._refuse_tx(tx, outcome)
             await self.reply(reply, exc.detail)
             return
         problem = _check_mail_params(params, address)
         if problem is not None:
             reply, detail = problem
-            tx.ledger.append(Outcome("mail_syntax", Result.FAIL, detail, reply, Phase.MAIL))
-            tx.decision = "refused"
-            tx.final_reply = reply
-            self.gw.log_transaction(tx)
+            outcome = Outcome("mail_syntax", Result.FAIL, detail, reply, Phase.MAIL)
+            self._record(tx.ledger, outcome)
+            self._refuse_tx(tx, outcome)
             await self.reply(reply, detail)
             return
         tx.mail_from = address
         tx.mail_params = params
-        tx.ledger.append(Outcome("mail_syntax", Result.PASS, phase=Phase.MAIL))
-        verdict = await self.gw.pipeline.run(Phase.MAIL, tx, tx.ledger, address)
+        self._record(tx.ledger, Outcome("mail_syntax", Result.PASS, phase=Phase.MAIL))
+        verdict = await self.ctx.pipeline.run(Phase.MAIL, tx, tx.ledger, address)
         tx.mark("mail")
         if not verdict.accepted:
-            tx.decision = "deferred" if verdict.refusal.reply.is_transient else "refused"
-            tx.final_reply = verdict.refusal.reply
-            self.gw.log_transaction(tx)
+            self._refuse_tx(tx, verdict.refusal)
             await self.reply(verdict.refusal.reply, verdict.refusal.detail or None)
             return
         sess.transactions += 1
         self.tx = tx
+        self.handover = self.ctx.delivery.open(tx)
         await self.reply(replies.SENDER_OK)
 
     async def smtp_RCPT(self, arg: str | None) -> None:
@@ -597,99 +607,26 @@ class GatewaySMTP(AioSMTP):
             await self._refuse_rcpt(tx, "rcpt_syntax", replies.PARAM_UNKNOWN, ", ".join(params), address.addr)
             return
         label = address.addr
-        if tx.mailing_list is not None and self._reader._buffer:  # type: ignore[attr-defined]
-            self._prefetch_pipelined_rcpts(tx)
-        verdict = await self.gw.pipeline.run(Phase.RCPT, tx, tx.ledger, address, item_label=label)
+        handover = self.handover
+        assert handover is not None
+        if handover.wants_prefetch and self._reader._buffer:  # type: ignore[attr-defined]
+            handover.prefetch(bytes(self._reader._buffer))  # type: ignore[attr-defined]
+        verdict = await self.ctx.pipeline.run(Phase.RCPT, tx, tx.ledger, address, item_label=label)
         if not verdict.accepted:
             tx.refused_recipients += 1
-            await self.gw.on_recipient_refused(tx, verdict.refusal)
+            self.ctx.events.publish(Refusal(tx.session, verdict.refusal, tx, label))
             await self.reply(verdict.refusal.reply, verdict.refusal.detail or None)
             return
-        local = tx.local_rcpts.get(address.normalized.lower())
-        upstream = None
-        if local:
-            reply: Reply | Rendered = replies.RECIPIENT_OK
-        elif tx.mailing_list is not None:
-            # List mail: one copy per recipient (its own unsubscribe link),
-            # so each recipient gets its own upstream transaction.
-            upstream, reply = await self._begin_upstream(tx)
-            if upstream is not None:
-                reply = await upstream.rcpt(address.addr, [])
-                if not reply.is_positive:
-                    await upstream.close()
-                    upstream = None
-        else:
-            reply = await self._relay_rcpt(tx, address)
-        tx.mark("rcpt")
-        if reply.is_positive:
-            relay_to = tx.srs_rcpts.get(address.normalized.lower())
-            tx.recipients.append(Recipient(address, params, reply, local, upstream, relay_to))
-        else:
-            tx.refused_recipients += 1
-            tx.ledger.append(Outcome("relay_rcpt", Result.FAIL, reply.render(), reply, Phase.RCPT, label))
-        await self.reply(reply)
-
-    def _prefetch_pipelined_rcpts(self, tx: Transaction) -> None:
-        """A PIPELINING client sends all RCPTs of a list message at once: start
-        the registry lookups of the ones still waiting in the input buffer now,
-        so they are answered together (one batched query on PostgreSQL) instead
-        of one database round trip per command. The real check of each RCPT
-        joins its lookup (the registry coalesces identical lookups); an error
-        here is seen again there.
-
-        Runs on every RCPT while more input waits: the RCPT lines already
-        prefetched by an earlier run (still waiting in the buffer) are
-        remembered in the transaction and skipped, so each pipelined RCPT is
-        parsed and looked up here at most once, not once per RCPT before it.
-        Only the lines now in the buffer are remembered (bounded memory)."""
-        registry = self.gw.registry
-        list_id = tx.mailing_list.id
-        done: set[bytes] = tx.prefetched_rcpt_lines
-        waiting: set[bytes] = set()
-        for line in bytes(self._reader._buffer).split(b"\r\n"):  # type: ignore[attr-defined]
-            if line[:8].upper() != b"RCPT TO:":
-                continue
-            waiting.add(line)
-            if line in done:
-                continue
-            try:
-                address, _ = parse_path(line[8:].decode("utf-8", "surrogateescape"), utf8=True, allow_null=False)
-            except AddressError:
-                continue
-            task = self.loop.create_task(registry.recipient_status(list_id, address.addr))
-            task.add_done_callback(_ignore_result)
-        tx.prefetched_rcpt_lines = waiting
+        # Where the recipient goes (upstream, list copy, the gateway's own
+        # mailboxes) is delivery's business; the client gets its answer.
+        await self.reply(await handover.rcpt(address, params))
 
     async def _refuse_rcpt(self, tx: Transaction, check: str, reply: Reply, detail: str, label: str) -> None:
         tx.refused_recipients += 1
         outcome = Outcome(check, Result.FAIL, detail, reply, Phase.RCPT, label)
-        tx.ledger.append(outcome)
-        await self.gw.on_recipient_refused(tx, outcome)
+        self._record(tx.ledger, outcome)
+        self.ctx.events.publish(Refusal(tx.session, outcome, tx, label))
         await self.reply(reply, detail)
-
-    async def _begin_upstream(self, tx: Transaction):
-        size = tx.mail_params.get("SIZE")
-        # Forwarded mail goes upstream with its SRS envelope sender (decided at
-        # MAIL: this runs at the first RCPT, before the message is seen). A
-        # candidate without evidence is refused at DATA and never relayed.
-        fwd = tx.forwarding
-        mail_from = fwd.rewrite if fwd is not None and fwd.kind == "forward" and fwd.rewrite else tx.mail_from.addr
-        utx, reply = await self.gw.relay.begin(
-            mail_from, [], utf8=tx.smtputf8, eight_bit=tx.body_8bit,
-            size=int(size) if isinstance(size, str) else None)
-        if utx is not None:
-            tx.upstream = utx.upstream
-        return utx, reply
-
-    async def _relay_rcpt(self, tx: Transaction, address: EnvelopeAddress) -> Reply | Rendered:
-        if self.upstream_tx is None:
-            utx, reply = await self._begin_upstream(tx)
-            if utx is None:
-                return reply
-            self.upstream_tx = utx
-        # An SRS bounce goes to the original sender its address decodes to.
-        target = tx.srs_rcpts.get(address.normalized.lower(), address.addr)
-        return await self.upstream_tx.rcpt(target, [])
 
     async def smtp_DATA(self, arg: str | None) -> None:
         tx = self.tx
@@ -703,28 +640,30 @@ class GatewaySMTP(AioSMTP):
             await self.reply(replies.ARG_SYNTAX, "DATA takes no argument")
             return
         await self.push(replies.START_DATA.render().replace("354  ", "354 "))
-        cfg = self.gw.config.smtp
+        cfg = self.ctx.config.smtp
         self._reset_timeout(cfg.data_timeout)
         try:
             async with asyncio.timeout(cfg.data_timeout):
                 message, octets = await self._read_data(cfg.max_message_size)
         except TimeoutError:
             tx.decision = "aborted"
-            tx.ledger.append(Outcome("session", Result.ERROR, "DATA timeout"))
-            self.gw.log_transaction(tx)
+            self._record(tx.ledger, Outcome("session", Result.ERROR, "DATA timeout"))
+            self._ended(tx)
             await self.close_with(replies.COMMAND_TIMEOUT)
             return
         self._reset_timeout()
         tx.mark("data_received")
         tx.data_octets = octets
         tx.message = message
-        verdict = await self.gw.pipeline.run(Phase.DATA, tx, tx.ledger)
+        verdict = await self.ctx.pipeline.run(Phase.DATA, tx, tx.ledger)
         tx.mark("checked")
         if not verdict.accepted:
+            self.ctx.events.publish(Refusal(tx.session, verdict.refusal, tx))
             await self._finish(verdict.refusal.reply, verdict.refusal.detail or None)
             return
-        utx, self.upstream_tx = self.upstream_tx, None
-        final = await self.gw.deliver(tx, utx)  # releases every upstream transaction
+        handover, self.handover = self.handover, None
+        assert handover is not None
+        final = await handover.deliver()  # releases every upstream transaction
         await self._finish(final)
 
     async def _finish(self, reply: Reply | Rendered, detail: str | None = None) -> None:
@@ -733,7 +672,7 @@ class GatewaySMTP(AioSMTP):
         if tx.decision == "open":
             tx.decision = "relayed" if reply.is_positive else ("deferred" if reply.is_transient else "refused")
         tx.mark("done")
-        self.gw.log_transaction(tx)
+        self._ended(tx)
         tx.message = None
         await self._reset_transaction()
         await self.reply(reply, detail)
@@ -793,11 +732,6 @@ class GatewaySMTP(AioSMTP):
             except Exception:
                 pass
             self.transport.close()
-
-
-def _ignore_result(task: asyncio.Task) -> None:
-    if not task.cancelled():
-        task.exception()
 
 
 def _check_mail_params(params: dict[str, str | bool], address: EnvelopeAddress) -> tuple[Reply, str] | None:

@@ -1,0 +1,296 @@
+"""Handing a transaction over: its upstream transactions from the first RCPT
+on, and everything from "the data checks passed" to the client's reply.
+
+The SMTP server calls :meth:`Delivery.open` once a MAIL is accepted and then
+drives the returned :class:`Handover` with the client's commands: ``rcpt``
+for each recipient that passed the rcpt checks, ``deliver`` once the data
+checks passed, ``release`` (or ``release_soon``) whenever the transaction
+ends otherwise. Where each recipient goes:
+
+- a recipient the gateway handles itself (local.py): nothing upstream;
+- list mail (``tx.mailing_list``, set by ``mail_list``): each recipient
+  gets its own upstream transaction and, at DATA, its own copy with its own
+  List-Unsubscribe (RFC 8058);
+- any other: one upstream transaction shared by the recipients, opened at
+  the first of them (MAIL FROM at the first upstream that takes it), the
+  RCPT sent to the decoded original sender for an SRS bounce. The MAIL FROM
+  of forwarded mail goes upstream SRS-rewritten (decided at MAIL, before
+  the message is seen; a candidate without evidence is refused at DATA and
+  never relayed).
+
+The client gets the upstream's own answer to each RCPT, and after DATA the
+reply :func:`reply.combine` derives from the answers to every copy.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from ..core import replies
+from ..core.address import AddressError, EnvelopeAddress, parse_path
+from ..core.events import EventBus, OutcomeRecorded, Refusal
+from ..core.replies import Rendered, Reply
+from ..core.transaction import Outcome, Phase, Recipient, Result, Transaction
+from ..forwarding import forwarded
+from .finalize import Finalizer, list_body
+from .local import LocalHandler, local_kind, relay_target
+from .reply import combine
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..registry.service import RegistryService
+    from ..relay.pool import RelayPool, UpstreamTransaction
+
+log = logging.getLogger("gateway.delivery")
+
+
+class Delivery:
+    def __init__(self, relay: "RelayPool", finalizer: Finalizer, local: dict[str, LocalHandler],
+                 events: EventBus, registry: "RegistryService | None" = None):
+        self.relay = relay
+        self.finalizer = finalizer
+        self.local = local
+        self.events = events
+        self.registry = registry
+
+    def open(self, tx: Transaction) -> "Handover":
+        return Handover(self, tx)
+
+
+class Handover:
+    __slots__ = ("_d", "tx", "_shared", "_prefetched")
+
+    def __init__(self, delivery: Delivery, tx: Transaction):
+        self._d = delivery
+        self.tx = tx
+        self._shared: UpstreamTransaction | None = None
+        self._prefetched: set[bytes] = set()
+
+    # ------------------------------------------------------------------ RCPT
+    @property
+    def wants_prefetch(self) -> bool:
+        return self.tx.mailing_list is not None
+
+    def prefetch(self, buffered: bytes) -> None:
+        """A PIPELINING client sends all RCPTs of a list message at once: start
+        the registry lookups of the ones still waiting in the input buffer now,
+        so they are answered together (one batched query on PostgreSQL) instead
+        of one database round trip per command. The real check of each RCPT
+        joins its lookup (the registry coalesces identical lookups); an error
+        here is seen again there.
+
+        Runs on every RCPT while more input waits: the RCPT lines already
+        prefetched by an earlier run (still waiting in the buffer) are
+        remembered and skipped, so each pipelined RCPT is parsed and looked up
+        here at most once. Only the lines now in the buffer are remembered
+        (bounded memory)."""
+        self._prefetch_pipelined_rcpts(buffered)
+
+    def _prefetch_pipelined_rcpts(self, buffered: bytes) -> None:
+        registry = self._d.registry
+        lst = self.tx.mailing_list
+        if registry is None or lst is None:
+            return
+        loop = asyncio.get_running_loop()
+        done = self._prefetched
+        waiting: set[bytes] = set()
+        for line in buffered.split(b"\r\n"):
+            if line[:8].upper() != b"RCPT TO:":
+                continue
+            waiting.add(line)
+            if line in done:
+                continue
+            try:
+                address, _ = parse_path(line[8:].decode("utf-8", "surrogateescape"), utf8=True, allow_null=False)
+            except AddressError:
+                continue
+            task = loop.create_task(registry.recipient_status(lst.id, address.addr))
+            task.add_done_callback(_ignore_result)
+        self._prefetched = waiting
+
+    async def rcpt(self, address: EnvelopeAddress, params: dict[str, str | bool]) -> Reply | Rendered:
+        """Hand over one recipient that passed the rcpt checks; the reply for the client."""
+        tx = self.tx
+        recorded = len(tx.ledger)
+        try:
+            return await self._rcpt(address, params)
+        finally:
+            self._published(recorded)
+
+    async def _rcpt(self, address: EnvelopeAddress, params: dict[str, str | bool]) -> Reply | Rendered:
+        tx = self.tx
+        local = local_kind(tx, address)
+        upstream = None
+        if local:
+            reply: Reply | Rendered = replies.RECIPIENT_OK
+        elif tx.mailing_list is not None:
+            # List mail: one copy per recipient (its own unsubscribe link),
+            # so each recipient gets its own upstream transaction.
+            upstream, reply = await self._begin()
+            if upstream is not None:
+                reply = await upstream.rcpt(address.addr, [])
+                if not reply.is_positive:
+                    await upstream.close()
+                    upstream = None
+        else:
+            reply = await self._shared_rcpt(address)
+        tx.mark("rcpt")
+        if reply.is_positive:
+            tx.recipients.append(Recipient(address, params, reply, local, upstream, relay_target(tx, address)))
+        else:
+            tx.refused_recipients += 1
+            outcome = Outcome("relay_rcpt", Result.FAIL, reply.render(), reply, Phase.RCPT, address.addr)
+            tx.ledger.append(outcome)
+            self._d.events.publish(Refusal(tx.session, outcome, tx, address.addr, "upstream"))
+        return reply
+
+    async def _begin(self) -> tuple["UpstreamTransaction | None", Reply | Rendered]:
+        tx = self.tx
+        assert tx.mail_from is not None          # a handover opens at an accepted MAIL
+        size = tx.mail_params.get("SIZE")
+        fwd = tx.forwarding
+        mail_from = fwd.rewrite if fwd is not None and fwd.kind == "forward" and fwd.rewrite else tx.mail_from.addr
+        utx, reply = await self._d.relay.begin(
+            mail_from, [], utf8=tx.smtputf8, eight_bit=tx.body_8bit,
+            size=int(size) if isinstance(size, str) else None)
+        if utx is not None:
+            tx.upstream = utx.upstream
+        return utx, reply
+
+    async def _shared_rcpt(self, address: EnvelopeAddress) -> Reply | Rendered:
+        if self._shared is None:
+            utx, reply = await self._begin()
+            if utx is None:
+                return reply
+            self._shared = utx
+        # An SRS bounce goes to the original sender its address decodes to.
+        return await self._shared.rcpt(relay_target(self.tx, address) or address.addr, [])
+
+    # ------------------------------------------------------------------ DATA
+    async def deliver(self) -> Reply | Rendered:
+        """Hand the message over: to the gateway's own handlers, and to the
+        upstream (the shared transaction, or one copy per list recipient).
+        250 only when every copy is safely handed over; every upstream
+        transaction is released, whatever happens."""
+        recorded = len(self.tx.ledger)
+        try:
+            return await self._deliver()
+        finally:
+            self._published(recorded)
+
+    def _published(self, recorded: int) -> None:
+        """Publish the outcomes delivery added to the ledger since ``recorded``."""
+        events = self._d.events
+        if events.wants(OutcomeRecorded):
+            for outcome in self.tx.ledger[recorded:]:
+                events.outcome(outcome)
+
+    async def _deliver(self) -> Reply | Rendered:
+        tx = self.tx
+        copies = [(r, r.upstream) for r in tx.recipients if r.upstream is not None]
+        shared = self._shared
+        owned = self.take_upstreams()
+        try:
+            local_reply = await self._deliver_local()
+            if local_reply is not None:
+                self._refused(local_reply, "deliver_local", "gateway")
+                return local_reply
+            if all(r.local for r in tx.recipients):
+                tx.decision = "local"
+                return replies.HANDLED_LOCALLY.with_suffix(f", trace id {tx.trace_id}")
+            if tx.mailing_list is not None:
+                reply = await self._relay_list_copies(copies)
+            else:
+                assert shared is not None   # a relayed recipient opened it
+                reply = await shared.data(self._d.finalizer.finalize(tx))
+                if not reply.is_positive:
+                    self._refused(reply, "relay", "upstream")
+        finally:
+            for utx in owned:
+                await utx.close()
+        tx.mark("relayed")
+        if reply.is_positive:
+            fwd = forwarded(tx)
+            if fwd is not None:
+                what = (f"SRS bounce of {fwd.original} to {fwd.rewrite}" if fwd.kind == "bounce" else
+                        f"forwarded ({fwd.evidence}), envelope sender {fwd.rewrite or fwd.original}")
+                tx.ledger.append(Outcome("forwarding", Result.PASS, what + ", relayed unchanged under the trace"))
+            tx.ledger.append(Outcome("relay", Result.PASS, f"upstream {tx.upstream}"))
+            return replies.RELAYED.with_suffix(f", trace id {tx.trace_id} ({reply.text})")
+        tx.ledger.append(Outcome("relay", Result.FAIL, reply.render(), reply))
+        return reply
+
+    async def _deliver_local(self) -> Reply | Rendered | None:
+        tx = self.tx
+        by_kind: dict[str, list[Recipient]] = {}
+        for r in tx.recipients:
+            if r.local:
+                by_kind.setdefault(r.local, []).append(r)
+        if not by_kind:
+            return None
+        for kind, handler in self._d.local.items():
+            if kind in by_kind:
+                reply = await handler.deliver(tx, by_kind[kind], lambda: self._d.finalizer.finalize(tx))
+                if reply is not None and not reply.is_positive:
+                    return reply
+        return None
+
+    async def _relay_list_copies(self, copies: list) -> Reply | Rendered:
+        """One copy per recipient, each with its own List-Unsubscribe (RFC 8058)
+        replacing whatever the customer set; the reply is reply.combine()'s."""
+        tx = self.tx
+        lst = tx.mailing_list
+        registry = self._d.registry
+        assert registry is not None
+        body = list_body(tx.message or b"")
+        finalize = self._d.finalizer.finalize
+
+        async def one(r: Recipient, utx: Any) -> Reply | Rendered:
+            addr = r.address.addr
+            return await utx.data(finalize(tx, addr, registry.list_headers(lst, addr), body))
+
+        results = await asyncio.gather(*(one(r, utx) for r, utx in copies))
+        failed = 0
+        for (r, _), answer in zip(copies, results):
+            if not answer.is_positive:
+                failed += 1
+                outcome = Outcome("relay_list", Result.FAIL, answer.render(), answer, Phase.DATA, r.address.addr)
+                self._d.events.publish(Refusal(tx.session, outcome, tx, r.address.addr, "upstream"))
+        tx.ledger.append(Outcome("relay_list", Result.PASS if not failed else Result.FAIL,
+                                 f"{len(results) - failed}/{len(results)} copies taken"))
+        return combine(results)
+
+    def _refused(self, reply: Reply | Rendered, check: str, by: str) -> None:
+        tx = self.tx
+        outcome = Outcome(check, Result.FAIL if not reply.is_transient else Result.ERROR,
+                          reply.render(), reply, Phase.DATA)
+        self._d.events.publish(Refusal(tx.session, outcome, tx, None, by))
+
+    # --------------------------------------------------------------- release
+    def take_upstreams(self) -> list["UpstreamTransaction"]:
+        """Every upstream transaction still open (the shared one first, then
+        the per-recipient ones of list mail), handed to the caller to close."""
+        out = [self._shared] if self._shared is not None else []
+        self._shared = None
+        for r in self.tx.recipients:
+            if r.upstream is not None:
+                out.append(r.upstream)
+                r.upstream = None
+        return out
+
+    async def release(self) -> None:
+        """Nothing is relayed: the upstream transactions are reset (RSET) and
+        their connections go back to the pool."""
+        for utx in self.take_upstreams():
+            await utx.close()
+
+    def release_soon(self) -> None:
+        """``release`` from a synchronous callback (the client is gone)."""
+        loop = asyncio.get_running_loop()
+        for utx in self.take_upstreams():
+            loop.create_task(utx.close())
+
+
+def _ignore_result(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()
