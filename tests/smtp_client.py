@@ -71,10 +71,11 @@ def dot_stuff(data: bytes) -> bytes:
 
 
 async def send(port: int, data: bytes, mail_from: str = "alice@example.com", rcpt: str = "bob@example.org",
-               params: str = "") -> bytes:
-    """One authenticated transaction (``params`` follow MAIL FROM:<...>): the
-    first refusal of MAIL or RCPT, else the reply to the end of DATA, stripped."""
-    reader, writer = await session(port)
+               params: str = "", auth: bool = True) -> bytes:
+    """One transaction, authenticated as alice unless ``auth`` is false
+    (``params`` follow MAIL FROM:<...>): the first refusal of MAIL or RCPT,
+    else the reply to the end of DATA, stripped."""
+    reader, writer = await session(port, auth=auth)
     try:
         for line in (f"MAIL FROM:<{mail_from}>{params}", f"RCPT TO:<{rcpt}>"):
             r = await cmd(reader, writer, line.encode())

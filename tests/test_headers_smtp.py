@@ -23,7 +23,7 @@ import pytest
 
 from gateway.config import DEFAULT_CHECKS
 from gateway.message.findings import RULES
-from smtp_client import cmd, dot_stuff, reply, send, session
+from smtp_client import send
 
 _ids = itertools.count(1)
 
@@ -360,28 +360,12 @@ async def test_missing_date_and_message_id_added_below_the_trace_for_an_account(
                                                                   ("hdr.message_id_missing", "add")]
 
 
-async def _send_unauthenticated(port: int, data: bytes, rcpt: str, mail_from: str = "someone@example.net") -> bytes:
-    """One transaction without AUTH; the reply to the end of DATA, stripped."""
-    reader, writer = await session(port, auth=False)
-    try:
-        for line in (f"MAIL FROM:<{mail_from}>".encode(), f"RCPT TO:<{rcpt}>".encode()):
-            assert (await cmd(reader, writer, line)).startswith(b"250")
-        assert (await cmd(reader, writer, b"DATA")).startswith(b"354")
-        writer.write(dot_stuff(data) + b".\r\n")
-        await writer.drain()
-        r = (await reply(reader)).strip()
-        await cmd(reader, writer, b"QUIT")
-        return r
-    finally:
-        writer.close()
-
-
 async def test_missing_date_added_for_a_client_network_account(sink, gateway_factory):
     """A client network is an account too (no AUTH): its mail is submission."""
     h = await gateway_factory(sink)
     await h.add_account("webhost", domains=("example.com",), networks=("127.0.0.0/8",))
     sent = build(replace={b"Date": None})
-    r = await _send_unauthenticated(h.port(), sent, "bob@example.org", mail_from="alice@example.com")
+    r = await send(h.port(), sent, mail_from="alice@example.com", rcpt="bob@example.org", auth=False)
     assert _RELAYED.match(r), r
     await sink.wait_for(1)
     got = sink.messages[0].data
@@ -415,10 +399,10 @@ async def test_without_an_account_nothing_is_added_and_a_missing_date_refused(si
 
     box = tmp_path / "svc"
     h = await gateway_factory(sink, smtp={"service_mailboxes": ["postmaster@gw.test"], "service_maildir": str(box)})
-    r = await _send_unauthenticated(h.port(), build(replace={b"Date": None}), "postmaster@gw.test")
+    r = await send(h.port(), build(replace={b"Date": None}), mail_from="someone@example.net", rcpt="postmaster@gw.test", auth=False)
     assert r.decode() == "550 5.6.0 P-HDR Date header required: no Date header [hdr.date_missing]"
     sent = build(replace={b"Message-ID": None})
-    r = await _send_unauthenticated(h.port(), sent, "postmaster@gw.test")
+    r = await send(h.port(), sent, mail_from="someone@example.net", rcpt="postmaster@gw.test", auth=False)
     assert r.startswith(b"250 "), r
     stored = MaildirWriter(box)
     data, = [stored.get_bytes(k) for k in stored.keys()]
