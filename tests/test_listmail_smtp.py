@@ -594,7 +594,7 @@ async def test_pipelined_rcpts_are_prefetched_at_most_once_each(gateway_factory,
 
     def counting(list_id, address):
         calls["all"] += 1
-        if sys._getframe(1).f_code.co_name == "_prefetch_pipelined_rcpts":
+        if sys._getframe(1).f_code.co_name == "prefetch":   # Handover.prefetch
             calls["prefetch"] += 1
         return original(list_id, address)
 

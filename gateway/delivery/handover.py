@@ -84,9 +84,6 @@ class Handover:
         remembered and skipped, so each pipelined RCPT is parsed and looked up
         here at most once. Only the lines now in the buffer are remembered
         (bounded memory)."""
-        self._prefetch_pipelined_rcpts(buffered)
-
-    def _prefetch_pipelined_rcpts(self, buffered: bytes) -> None:
         registry = self._d.registry
         lst = self.tx.mailing_list
         if registry is None or lst is None:
