@@ -110,12 +110,13 @@ class Handover:
         tx = self.tx
         recorded = len(tx.ledger)
         try:
-            return await self._rcpt(address, params)
+            return await self._rcpt(tx, address, params)
         finally:
-            self._published(recorded)
+            if self._d.events.wants(OutcomeRecorded):
+                self._published(recorded)
 
-    async def _rcpt(self, address: EnvelopeAddress, params: dict[str, str | bool]) -> Reply | Rendered:
-        tx = self.tx
+    async def _rcpt(self, tx: Transaction, address: EnvelopeAddress,
+                    params: dict[str, str | bool]) -> Reply | Rendered:
         local = local_kind(tx, address)
         upstream = None
         if local:
@@ -173,14 +174,14 @@ class Handover:
         try:
             return await self._deliver()
         finally:
-            self._published(recorded)
+            if self._d.events.wants(OutcomeRecorded):
+                self._published(recorded)
 
     def _published(self, recorded: int) -> None:
         """Publish the outcomes delivery added to the ledger since ``recorded``."""
         events = self._d.events
-        if events.wants(OutcomeRecorded):
-            for outcome in self.tx.ledger[recorded:]:
-                events.outcome(outcome)
+        for outcome in self.tx.ledger[recorded:]:
+            events.outcome(outcome)
 
     async def _deliver(self) -> Reply | Rendered:
         tx = self.tx
