@@ -614,9 +614,20 @@ _SUPERSET = {"gb2312": "gb18030", "gbk": "gb18030", "euc_kr": "cp949", "big5": "
 @functools.lru_cache(maxsize=256)
 def _codec_for(charset: str) -> str:
     """The codec an encoded-word charset is decoded with (LookupError if none);
-    failures are not cached."""
-    codec = codecs.lookup(charset).name
-    return _SUPERSET.get(codec, codec)
+    failures are not cached.
+
+    A charset is an ASCII token (RFC 2047 2): a name with an 8-bit byte, a NUL
+    or a control is no charset, and neither is a codec that does not turn
+    bytes into text (base64, zlib, rot13, "undefined")."""
+    if not charset.isascii() or not charset.isprintable():
+        raise LookupError(f"not a charset name: {charset!r}")
+    try:
+        info = codecs.lookup(charset)
+    except ValueError:  # e.g. "embedded null character" from a name lookup() rejects late
+        raise LookupError(f"not a charset name: {charset!r}") from None
+    if not getattr(info, "_is_text_encoding", True) or info.name == "undefined":
+        raise LookupError(f"not a text charset: {charset!r}")
+    return _SUPERSET.get(info.name, info.name)
 
 
 def _ew_bytes(m: re.Match[str]) -> tuple[str, bytes]:
@@ -674,7 +685,7 @@ def decode_words(value: str) -> str:
         if pend_codec is not None:
             try:
                 out.append(pend.decode(pend_codec))
-            except UnicodeDecodeError:
+            except UnicodeError:  # UnicodeDecodeError, or a codec's own refusal
                 raise EncodedWordError(f"encoded-word is not valid {pend_codec}: {clip(pend_src, 40)!r}") from None
         pend_codec, pend, pend_src = None, b"", ""
 
