@@ -219,20 +219,26 @@ async def test_subscriber_life_through_http_and_smtp(gateway_factory, sink, stor
         await _subscribe(c, sink, key, lid, "carol@example.org")
         await _subscribe(c, sink, key, lid, "dave@example.org", confirm=False)
 
-        # list mail to all four: only the confirmed ones are taken, each gets its own copy
+        # list mail to all four: only the confirmed ones are taken, one per transaction,
+        # each gets its own copy
         message = _list_message()
         start = len(sink.messages)
         mail, got, data = await _transaction(smtp, "news@example.com",
                                              ["bob@example.org", "dave@example.org", "carol@example.org",
                                               "erin@example.org"], message)
         assert mail[0] == 250
-        assert got["bob@example.org"][0] == 250 and got["carol@example.org"][0] == 250, got
+        assert got["bob@example.org"][0] == 250, got
         # pending and unknown: refused alike (the detail may differ: the list is the account's own,
         # whose API shows the same; another account never reaches this check, see below)
         for who in ("dave@example.org", "erin@example.org"):
             code, text = got[who]
             assert code == 550 and text.startswith("5.7.1") and "P-OPTIN" in text, got
+        # carol is confirmed too, but this transaction has its list recipient: she comes again
+        assert got["carol@example.org"] == (
+            452, "4.5.3 P-OPTIN List mail takes one recipient per transaction; send the others again"), got
         assert data is not None and data[0] == 250, data
+        _, again, data = await _transaction(smtp, "news@example.com", ["carol@example.org"], message)
+        assert again["carol@example.org"][0] == 250 and data is not None and data[0] == 250, (again, data)
         await sink.wait_for(start + 2)
         await asyncio.sleep(0.1)
         copies = _copies(sink, start)
@@ -611,3 +617,76 @@ async def test_pipelined_rcpts_are_prefetched_at_most_once_each(gateway_factory,
     assert calls["all"] - calls["prefetch"] == len(rcpts), calls     # each RCPT's own check
     await cmd(reader, writer, b"QUIT")
     writer.close()
+
+
+# ------------------------------------------------------------------ one list recipient per transaction (issue 11)
+async def _confirmed(h, sink, list_id: str, addresses: list[str]) -> None:
+    """Subscribers confirmed the way a reader does: the confirmation mail
+    reaches the sink and its link's token is confirmed."""
+    reg = h.gw.registry
+    for address in addresses:
+        count = len(sink.messages)
+        await reg.add_subscriber("alice", list_id, address, source="signup form", ip="198.51.100.7")
+        await sink.wait_for(count + 1)
+        token = _link(sink, address).rsplit("/", 1)[1]
+        await reg.confirm(token, ip="198.51.100.7", user_agent="pytest")
+
+
+async def test_list_mail_takes_one_recipient_per_transaction(gateway_factory, sink):
+    """Two confirmed subscribers, the upstream takes the first copy and
+    refuses the second: each client transaction carries one list recipient,
+    so each reply is true for its one copy. Before, one transaction carried
+    both and the client got 451 (its retry gave the first subscriber a second
+    copy) or 554 (a bounce for a message the first one had received). The
+    session also holds one upstream transaction, however many recipients it
+    names (before: one per pipelined recipient until DATA)."""
+    h, _base = await _start(gateway_factory, sink)
+    lst = await h.gw.registry.create_list("alice", name="News", list_id="news.example.com",
+                                          senders=["news@example.com"], confirm_from="confirm@example.com")
+    readers = [f"reader{i}@example.org" for i in range(6)]
+    await _confirmed(h, sink, lst.id, readers)
+    start = len(sink.messages)
+    opened = h.gw.relay.stats["connections_opened"] + h.gw.relay.stats["connections_reused"]
+
+    reader, writer = await session(h.port())
+    assert (await cmd(reader, writer, b"MAIL FROM:<news@example.com>")).startswith(b"250")
+    writer.write(b"".join(f"RCPT TO:<{r}>\r\n".encode() for r in readers + ["stranger@example.org"]))
+    await writer.drain()
+    answers = [await reply(reader) for _ in range(len(readers) + 1)]
+    assert answers[0].startswith(b"250"), answers
+    for a in answers[1:-1]:
+        assert a == b"452 4.5.3 P-OPTIN List mail takes one recipient per transaction; send the others again\r\n", a
+    assert answers[-1].startswith(b"550 5.7.1 P-OPTIN"), answers     # a stranger still gets the truth
+    used = h.gw.relay.stats["connections_opened"] + h.gw.relay.stats["connections_reused"] - opened
+    assert used == 1, f"{used} upstream transactions for one list transaction"
+    assert (await cmd(reader, writer, b"DATA")).startswith(b"354")
+    writer.write(_list_message() + b".\r\n")
+    await writer.drain()
+    assert (await reply(reader)).startswith(b"250 2.0.0 OK: relayed")
+
+    # the next reader's copy is refused by the upstream: that transaction gets the upstream's 554, alone
+    sink.data_reply = "554 5.7.1 Mailbox disabled"
+    assert (await cmd(reader, writer, b"MAIL FROM:<news@example.com>")).startswith(b"250")
+    assert (await cmd(reader, writer, f"RCPT TO:<{readers[1]}>".encode())).startswith(b"250")
+    assert (await cmd(reader, writer, b"DATA")).startswith(b"354")
+    writer.write(_list_message() + b".\r\n")
+    await writer.drain()
+    refused = (await reply(reader)).decode()
+    assert refused.startswith("554 5.7.1") and "Mailbox disabled" in refused, refused
+    sink.data_reply = None
+    assert (await cmd(reader, writer, b"MAIL FROM:<news@example.com>")).startswith(b"250")
+    assert (await cmd(reader, writer, f"RCPT TO:<{readers[2]}>".encode())).startswith(b"250")
+    assert (await cmd(reader, writer, b"DATA")).startswith(b"354")
+    writer.write(_list_message() + b".\r\n")
+    await writer.drain()
+    assert (await reply(reader)).startswith(b"250 2.0.0 OK: relayed")
+    await cmd(reader, writer, b"QUIT")
+    writer.close()
+
+    await sink.wait_for(start + 2)
+    await asyncio.sleep(0.1)
+    got = [m.rcpt_tos for m in sink.messages[start:]]
+    assert got == [[readers[0]], [readers[2]]], got          # each copy once, the refused one never
+    first = [rec for rec in h.log_records() if rec.get("decision") == "relayed"][0]
+    held = [o for o in first["ledger"] if o["check"] == "list_one_recipient"]
+    assert [o["item"] for o in held] == readers[1:] and all(o["result"] == "fail" for o in held), held

@@ -8,6 +8,8 @@ gateway's own reply text. Recipe: see tests/mta.py.
 """
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from conftest import MESSAGE, Sink, need
@@ -209,3 +211,54 @@ async def test_postfix_refuses_gateway_certificate_from_unknown_ca(sink, gateway
     assert reason == "Server certificate not verified", reason
     assert sink.messages == []
     assert not any(r.get("account") == "alice" for r in h.log_records())
+
+
+@pytest.mark.parametrize("recipient_limit", [None, 1])
+async def test_postfix_sends_list_mail_one_recipient_per_transaction(sink, gateway_factory, certs, postfix_factory,
+                                                                   recipient_limit):
+    """List mail to three confirmed readers: the gateway takes one list
+    recipient per transaction (452 4.5.3 for the others, docs/registry.md).
+    Postfix as it comes sends the others again in the next round of the same
+    delivery (its qmgr retries a 4.5.3 deferral about a second later, not
+    after the queue's back-off, unless it finds the message still being
+    delivered: then at the next queue run); with ``smtp_destination_recipient_limit = 1``
+    it sends one recipient per transaction from the start and never meets the
+    452. Either way each reader gets exactly one copy and nothing bounces."""
+    from test_listmail_smtp import MAILTO, SECRET, _confirmed, _list_message
+
+    h = await gateway(gateway_factory, sink, certs,
+                      registry={"secret": SECRET, "public_base_url": "http://127.0.0.1:9", "mailto_address": MAILTO})
+    lst = await h.gw.registry.create_list("alice", name="News", list_id="news.example.com",
+                                          senders=["news@example.com"], confirm_from="confirm@example.com")
+    readers = ["reader1@example.org", "reader2@example.org", "reader3@example.org"]
+    await _confirmed(h, sink, lst.id, readers)
+    start = len(sink.messages)
+    main = {} if recipient_limit is None else {"smtp_destination_recipient_limit": recipient_limit}
+    pf = await postfix_factory(relay_port=h.port("submission"), ca_file=certs.ca_file,
+                               sasl=("alice", "s3cret"), mechanisms="plain", main=main)
+    await pf.sendmail("news@example.com", readers, _list_message().replace(b"\r\n", b"\n"))
+    try:
+        await sink.wait_for(start + 3, timeout=15)
+    except TimeoutError:
+        # Postfix's qmgr can find the message "still being delivered" when it
+        # wants to send the 4.5.3 recipients again; they then wait for the
+        # next queue run, which a flush brings forward.
+        assert recipient_limit is None and "skipped, still being delivered" in pf.log(), pf.log_tail()
+        await pf.flush()
+        await sink.wait_for(start + 3, timeout=30)
+    await pf.wait_empty()
+    await asyncio.sleep(0.2)
+    got = sorted(m.rcpt_tos[0] for m in sink.messages[start:])
+    assert got == readers, got                                   # each reader once
+    assert all(len(m.rcpt_tos) == 1 for m in sink.messages[start:])
+    log = pf.log()
+    assert log.count("status=sent") == 3, pf.log_tail()
+    assert "status=bounced" not in log, pf.log_tail()
+    deferred = [line for line in log.splitlines() if "status=deferred" in line]
+    if recipient_limit is None:
+        assert deferred and all("dsn=4.5.3" in line and "one recipient per transaction" in line
+                                for line in deferred), pf.log_tail()
+    else:
+        assert deferred == [], pf.log_tail()
+    relayed = [r for r in h.log_records() if r.get("decision") == "relayed"]
+    assert len(relayed) == 3, [r.get("decision") for r in h.log_records()]

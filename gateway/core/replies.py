@@ -221,6 +221,11 @@ REGISTRY_UNAVAILABLE = R(451, "4.3.0", "Mailing-list registry unavailable, try a
 OPTIN_NOT_SUBSCRIBED = R(550, "5.7.1", "Recipient is not a confirmed subscriber of this list", "P-OPTIN")
 OPTIN_UNSUBSCRIBED = R(550, "5.7.1", "Recipient has unsubscribed from this list", "P-OPTOUT")
 OPTIN_UNREGISTERED_LIST = R(550, "5.7.1", "Mailing-list mail from a list that is not registered", "P-OPTIN")
+# List mail is one recipient per client transaction: each copy is its own
+# upstream transaction, and one client reply cannot say "taken for bob,
+# refused for carol" (docs/lists.md, "One recipient per transaction").
+LIST_ONE_RECIPIENT = R(452, "4.5.3", "List mail takes one recipient per transaction; send the others again",
+                       "P-OPTIN")
 UNSUBSCRIBE_BAD_TOKEN = R(550, "5.1.1", "Unknown or damaged unsubscribe address", "P-OPTOUT")
 
 # --- forwarded mail and SRS bounces (docs/forwarding.md) ---

@@ -10,7 +10,9 @@ ends otherwise. Where each recipient goes:
 - a recipient the gateway handles itself (local.py): nothing upstream;
 - list mail (``tx.mailing_list``, set by ``mail_list``): each recipient
   gets its own upstream transaction and, at DATA, its own copy with its own
-  List-Unsubscribe (RFC 8058);
+  List-Unsubscribe (RFC 8058); one list recipient per client transaction
+  (the next gets 452 4.5.3 and comes again in a new one), so the client's
+  one reply to DATA is true for the one copy;
 - any other: one upstream transaction shared by the recipients, opened at
   the first of them (MAIL FROM at the first upstream that takes it), the
   RCPT sent to the decoded original sender for an SRS bounce. The MAIL FROM
@@ -122,8 +124,21 @@ class Handover:
         if local:
             reply: Reply | Rendered = replies.RECIPIENT_OK
         elif tx.mailing_list is not None:
-            # List mail: one copy per recipient (its own unsubscribe link),
-            # so each recipient gets its own upstream transaction.
+            # List mail: one copy per recipient (its own unsubscribe link), in
+            # an upstream transaction of its own. One client transaction takes
+            # one list recipient: with two, the upstream could take one copy
+            # and refuse the other, and no single reply to the client's DATA
+            # would be true for both (a 250 loses the refused copy, a 4xx makes
+            # the client send the taken one again, a 5xx bounces it).
+            if any(not r.local for r in tx.recipients):
+                tx.mark("rcpt")
+                tx.refused_recipients += 1
+                reply = replies.LIST_ONE_RECIPIENT
+                outcome = Outcome("list_one_recipient", Result.FAIL, "this list transaction has its recipient",
+                                  reply, Phase.RCPT, address.addr)
+                tx.ledger.append(outcome)
+                self._d.events.publish(Refusal(tx.session, outcome, tx, address.addr, "gateway"))
+                return reply
             upstream, reply = await self._begin()
             if upstream is not None:
                 reply = await upstream.rcpt(address.addr, [])
