@@ -190,6 +190,42 @@ async def test_warn_mode_relays_and_records(sink, gateway_factory, caplog):
     assert 'gateway_check_outcomes_total{check="data_listmail",result="warn"} 1.0' in metrics
 
 
+# A From display name showing another domain's address (subj.display_name: reject) and a
+# "Re:" subject without a thread (subj.fake_reply: flag only, for ordinary mail).
+MISLEADING = MESSAGE.replace(b"From: Alice <alice@example.com>", b'From: "support@example.net" <alice@example.com>') \
+    .replace(b"Subject: test message", b"Subject: Re: hello")
+
+
+async def test_warn_mode_findings_in_the_log_line_say_warn(sink, gateway_factory):
+    """A finding that would refuse in enforce mode is logged as action reject; in warn
+    mode the mail is relayed and the same finding says warn, as the ledger does; a
+    flag-only finding says flag in both."""
+    h = await gateway_factory(sink)
+    await h.add_account()
+    reply = await send(h.port(), MISLEADING)
+    assert reply.startswith(b"550 5.7.1 P-FORGE"), reply
+    assert sink.messages == []
+    record = h.log_records()[-1]
+    assert record["decision"] == "refused"
+    assert [(f["id"], f["action"], f["check"]) for f in record["findings"]] == [
+        ("subj.fake_reply", "flag", "data_subject"), ("subj.display_name", "reject", "data_subject")]
+    await h.gw.stop(grace=0.5)
+
+    h = await gateway_factory(sink, checks={"modes": {"data_subject": "warn"}})  # the same database
+    reply = await send(h.port(), MISLEADING)
+    assert reply.startswith(b"250 "), reply
+    await sink.wait_for(1)
+    assert b"support@example.net" in sink.messages[0].data
+    record = h.log_records()[-1]
+    assert record["decision"] == "relayed"
+    assert [(f["id"], f["action"], f["check"]) for f in record["findings"]] == [
+        ("subj.fake_reply", "flag", "data_subject"), ("subj.display_name", "warn", "data_subject")]
+    ledger, = [c for c in record["ledger"] if c["check"] == "data_subject"]
+    assert ledger["result"] == "warn" and ledger["would_reply"] == "550 5.7.1"
+    metrics = h.gw.metrics.render().decode()
+    assert 'gateway_check_outcomes_total{check="data_subject",result="warn"} 1.0' in metrics
+
+
 def _blackhole() -> socket.socket:
     """A name server that never answers."""
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
