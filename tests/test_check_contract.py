@@ -6,15 +6,23 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import importlib
+import inspect
 import pkgutil
+import re
 import socket
+from pathlib import Path
 
 import pytest
 
+import gateway
 import gateway.checks
 from gateway.checks import CHECKS, PHASES, SPECS, default_order
 from gateway.config import DEFAULT_CHECKS, ConfigError, from_mapping
+from gateway.core import replies
 from gateway.core.transaction import Outcome, Phase, Result, Transaction
+from gateway.dns.domain import DomainStatus, DomainVerdict, reply_for
+from gateway.message.findings import RULES
 from gateway.services import Services
 from gateway.pipeline import build_pipeline
 
@@ -71,6 +79,67 @@ def test_every_check_module_declares_its_contract(check_kit):
     for name, spec in SPECS.items():
         assert set(spec.services) <= service_fields, name
         assert set(spec.provides) | set(spec.reads) <= tx_fields, name
+
+
+# ------------------------------------------------------------------ the replies each check declares
+_NAMED = re.compile(r"\breplies\.([A-Z][A-Z0-9_]*)\b")
+CATALOGUE = replies.catalogue()
+_NAME_OF = {id(reply): name for name, reply in CATALOGUE.items()}
+# The findings a data check records refuse with their rule's reply (message/findings.py RULES).
+FINDING_CHECKS = {"wire": "data_wire", "hdr": "data_headers", "trace": "data_trace", "subj": "data_subject"}
+# The DNS domain verdict's replies (dns/domain.py reply_for): the MAIL FROM and the header From check.
+DOMAIN_CHECKS = {"mail_domain_exists": False, "data_from_domain": True}
+# Replies sent by no check, and who sends them.
+OWNERS = {"smtp server": "smtp/server.py", "pipeline": "pipeline.py", "delivery": "delivery/handover.py",
+          "local delivery": "delivery/local.py", "relay pool": "relay/pool.py"}  # under gateway/
+
+
+def _named_in(*sources: str) -> set[str]:
+    return {n for src in sources for n in _NAMED.findall(src)}
+
+
+def test_every_check_declares_the_replies_it_can_send():
+    """A SPEC names exactly the catalogue replies its module (and the module its build
+    comes from) names, plus those of the rules it runs: the findings of its prefix,
+    the DNS domain verdict."""
+    for name, spec in SPECS.items():
+        assert set(spec.replies) <= set(CATALOGUE) and len(set(spec.replies)) == len(spec.replies), name
+        modules = {importlib.import_module(f"gateway.checks.{name}"), inspect.getmodule(spec.build)}
+        expected = _named_in(*(inspect.getsource(m) for m in modules))
+        expected |= {_NAME_OF[id(r.reply)] for rid, r in RULES.items() if FINDING_CHECKS[rid.split(".")[0]] == name}
+        if name in DOMAIN_CHECKS:
+            expected |= {_NAME_OF[id(reply_for(DomainVerdict("example.com", st), header=DOMAIN_CHECKS[name]))]
+                         for st in DomainStatus if st is not DomainStatus.EXISTS}
+        assert set(spec.replies) == expected, name
+    assert SPECS["rcpt_relay"].replies[:2] == ("RELAY_DENIED", "RELAY_TRICK")
+
+
+def test_every_catalogue_reply_has_an_owner():
+    """Each catalogue entry is sent by a check (its SPEC) or by one of the named
+    non-check owners (a static scan of their source); each name they use exists."""
+    by_checks = {r for spec in SPECS.values() for r in spec.replies}
+    root = Path(gateway.__file__).parent
+    by_owner = {owner: _named_in((root / path).read_text()) for owner, path in OWNERS.items()}
+    for owner, names in by_owner.items():
+        assert names and names <= set(CATALOGUE), (owner, names - set(CATALOGUE))
+    orphans = set(CATALOGUE) - by_checks - set().union(*by_owner.values())
+    assert orphans == set(), f"catalogue replies nobody sends: {sorted(orphans)}"
+    assert "INTERNAL_ERROR" in by_owner["pipeline"] and "INTERNAL_ERROR" not in by_checks
+
+
+def test_the_replies_table_in_the_docs_is_the_specs():
+    text = (Path(gateway.__file__).parent.parent / "docs" / "checks.md").read_text()
+    section = text.split("## The replies of each check", 1)[1].split("\n## ", 1)[0]
+    rows = {m[1]: tuple(re.findall(r"`(\w+)`", m[2]))
+            for m in re.finditer(r"^\| `(\w+)` \| (.*) \|$", section, re.M)}
+    assert rows == {name: spec.replies for name, spec in SPECS.items()}
+
+
+def test_a_spec_naming_an_unknown_reply_is_refused():
+    spec = SPECS["rcpt_limit"]
+    with pytest.raises(ValueError, match="'rcpt_limit': replies not in the catalogue .*TOO_MANY_RCPTS"):
+        dataclasses.replace(spec, replies=("TOO_MANY_RCPTS",))
+    assert dataclasses.replace(spec, replies=("TOO_MANY_RECIPIENTS",)) == spec
 
 
 # ------------------------------------------------------------------ mandatory checks, requirements
