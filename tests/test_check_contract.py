@@ -26,29 +26,16 @@ from gateway.message.findings import RULES
 from gateway.services import Services
 from gateway.pipeline import build_pipeline
 
-from conftest import MESSAGE, run_cli
+from conftest import MESSAGE, minimal_toml, run_cli
 from smtp_client import send
 
-BASE = """
-[[listeners]]
-name = "smtp"
-address = "127.0.0.1"
-port = 0
-tls = "none"
-
-[[relay.upstreams]]
-host = "127.0.0.1"
-port = 2526
-
-[storage]
-url = "sqlite+aiosqlite:///{db}"
-
+BASE = minimal_toml("{db}", """
 [http]
 enabled = false
 
 [registry]
 secret = "0123456789abcdef0123456789abcdef"
-"""
+""")
 
 MINIMAL = {"relay": {"upstreams": [{"host": "127.0.0.1", "port": 25}]},
            "listeners": [{"name": "smtp", "address": "127.0.0.1", "port": 2525, "tls": "none"}]}
