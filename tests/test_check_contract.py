@@ -220,6 +220,18 @@ async def test_pipeline_warn_mode_records_and_goes_on_and_a_hung_check_overruns(
 BULK = MESSAGE.replace(b"Subject: test message\r\n", b"Subject: test message\r\nPrecedence: bulk\r\n")
 
 
+async def _relayed(h, sink, message: bytes, shows: bytes) -> dict:
+    """Send ``message``: it is taken (250) and reaches the upstream showing ``shows``;
+    the transaction's log line says relayed and is returned."""
+    reply = await send(h.port(), message)
+    assert reply.startswith(b"250 "), reply
+    await sink.wait_for(1)
+    assert shows in sink.messages[0].data
+    record = h.log_records()[-1]
+    assert record["decision"] == "relayed"
+    return record
+
+
 async def test_warn_mode_relays_and_records(sink, gateway_factory, caplog):
     """data_listmail refuses bulk mail of an unregistered list (550 5.7.1 P-OPTIN); in warn
     mode the message reaches the upstream and the ledger, the log and the metrics say
@@ -232,12 +244,7 @@ async def test_warn_mode_relays_and_records(sink, gateway_factory, caplog):
 
     h = await gateway_factory(sink, checks={"modes": {"data_listmail": "warn"}})  # the same database
     with caplog.at_level(logging.WARNING, logger="gateway.pipeline"):
-        reply = await send(h.port(), BULK)
-    assert reply.startswith(b"250 "), reply
-    await sink.wait_for(1)
-    assert b"Precedence: bulk" in sink.messages[0].data
-    record = h.log_records()[-1]
-    assert record["decision"] == "relayed"
+        record = await _relayed(h, sink, BULK, b"Precedence: bulk")
     warned = [c for c in record["ledger"] if c["check"] == "data_listmail"]
     assert warned == [{"check": "data_listmail", "result": "warn", "phase": "data",
                        "detail": "warn mode, would refuse: Precedence: bulk", "would_reply": "550 5.7.1"}]
@@ -268,12 +275,7 @@ async def test_warn_mode_findings_in_the_log_line_say_warn(sink, gateway_factory
     await h.gw.stop(grace=0.5)
 
     h = await gateway_factory(sink, checks={"modes": {"data_subject": "warn"}})  # the same database
-    reply = await send(h.port(), MISLEADING)
-    assert reply.startswith(b"250 "), reply
-    await sink.wait_for(1)
-    assert b"support@example.net" in sink.messages[0].data
-    record = h.log_records()[-1]
-    assert record["decision"] == "relayed"
+    record = await _relayed(h, sink, MISLEADING, b"support@example.net")
     assert [(f["id"], f["action"], f["check"]) for f in record["findings"]] == [
         ("subj.fake_reply", "flag", "data_subject"), ("subj.display_name", "warn", "data_subject")]
     ledger, = [c for c in record["ledger"] if c["check"] == "data_subject"]
