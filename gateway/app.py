@@ -3,23 +3,22 @@ the config; start-up, readiness and graceful shutdown."""
 from __future__ import annotations
 
 import asyncio
-import datetime
 import ipaddress
 import logging
 import os
 import socket
 import ssl
 import time
-from pathlib import Path
 from dataclasses import replace
 from typing import Callable
 
+from . import dev
 from .accounts.limiter import AuthLimiter
 from .accounts.proof import DomainProofChecker
-from .accounts.store import AccountError, AccountStore
+from .accounts.store import AccountStore
 from .blocklist.service import BlockList
 from .checks import factories
-from .config import Config, ConfigError, ListenError, UpstreamSettings
+from .config import Config, ConfigError, ListenError
 from .core.events import EventBus
 from .delivery import Delivery, Finalizer, local_handlers
 from .dns.dnsbl import Dnsbl
@@ -39,13 +38,6 @@ from .txlog import TransactionLog
 
 log = logging.getLogger("gateway")
 
-DEMO_ACCOUNT = ("demo", "demo", "example.com")
-
-
-def _is_loopback(address: str) -> bool:
-    return ipaddress.ip_address(address).is_loopback
-
-
 def _endpoint(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
@@ -54,48 +46,6 @@ def bind_listening_socket(address: str, port: int) -> socket.socket:
     """A bound, listening TCP socket (SO_REUSEADDR; IPv6 only for an IPv6 address)."""
     family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
     return socket.create_server((address, port), family=family, backlog=1024)
-
-
-def ensure_dev_certificate(cert_file: str, key_file: str, hostname: str,
-                           now: datetime.datetime | None = None) -> bool:
-    """The self-signed certificate of dev mode's STARTTLS: made on first start
-    (and again when it has expired or cannot be read), reused otherwise.
-    True when a new one was made."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = now or datetime.datetime.now(datetime.timezone.utc)
-    cert_path, key_path = Path(cert_file), Path(key_file)
-    try:
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-        if cert.not_valid_before_utc <= now < cert.not_valid_after_utc - datetime.timedelta(days=1):
-            return False
-    except (OSError, ValueError):
-        pass
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname),
-                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, "gateway serve --dev (self-signed)")])
-    sans = [x509.DNSName(hostname), x509.DNSName("localhost"),
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.IPAddress(ipaddress.ip_address("::1"))]
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=397))
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .sign(key, hashes.SHA256()))
-    cert_path.parent.mkdir(parents=True, exist_ok=True)
-    key_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                   serialization.NoEncryption()))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return True
 
 
 def build_tls_context(config: Config) -> ssl.SSLContext | None:
@@ -150,17 +100,6 @@ class Gateway:
         self.stopped = asyncio.Event()
 
     # ------------------------------------------------------------------ start-up
-    def _check_dev_loopback(self) -> None:
-        cfg = self.config
-        if not cfg.dev.enabled:
-            return
-        for i, listener in enumerate(cfg.listeners):
-            if not _is_loopback(listener.address):
-                raise ConfigError(cfg.source, f"listeners[{i}].address",
-                                  f"dev mode binds loopback only, not {listener.address}")
-        if cfg.http.enabled and not _is_loopback(cfg.http.address):
-            raise ConfigError(cfg.source, "http.address", f"dev mode binds loopback only, not {cfg.http.address}")
-
     def _bind(self) -> None:
         """Bind every listening address before anything is created (database,
         outbox, key files): a busy port is one line naming address:port and
@@ -198,7 +137,7 @@ class Gateway:
         self._http_socket = None
 
     async def start(self) -> None:
-        self._check_dev_loopback()
+        dev.check_loopback(self.config)
         self._bind()
         try:
             await self._start_bound()
@@ -216,12 +155,7 @@ class Gateway:
         if cfg.smtp.service_mailboxes:
             self.service_mail = MaildirWriter(cfg.smtp.service_maildir)
         if cfg.dev.enabled and cfg.tls.cert_file:
-            try:
-                self.dev_certificate_made = ensure_dev_certificate(cfg.tls.cert_file, cfg.tls.key_file,
-                                                                   cfg.smtp.hostname)
-            except OSError as exc:
-                raise ConfigError(cfg.source, "tls.cert_file",
-                                  f"cannot write the dev certificate {cfg.tls.cert_file}: {exc.strerror}") from None
+            self.dev_certificate_made = dev.certificate(cfg)
         tls_context = build_tls_context(cfg)
         from .registry.service import registry_secret, require_secret
         require_secret(cfg, registry_secret(cfg))   # a missing registry key fails before anything starts
@@ -250,7 +184,8 @@ class Gateway:
         self.proof_checker.start()
         self.relay = RelayPool(cfg.relay, cfg.smtp.hostname)
         if cfg.dev.enabled:
-            await self._start_dev()
+            self._devsink = DevSink(cfg.dev.outbox)
+            await dev.start_upstream(self._devsink, self.relay, self.accounts)
         await self.relay.start()
         from .registry.service import build_registry
         self.registry = build_registry(cfg, self.engine, relay=self.relay, accounts=self.accounts, clock=self.clock)
@@ -289,19 +224,6 @@ class Gateway:
     def _dnsbl_alert(self, zone, reason: str) -> None:
         log.error("DNSBL zone %s disabled: %s", zone.display, reason)
         self.metrics.dnsbl_alerts.labels(zone.display).inc()
-
-    async def _start_dev(self) -> None:
-        cfg = self.config
-        self._devsink = DevSink(cfg.dev.outbox)
-        port = await self._devsink.start()
-        self.relay.set_upstreams([UpstreamSettings(host="127.0.0.1", port=port)])
-        name, password, domain = DEMO_ACCOUNT
-        if self.accounts.cached(name) is None:
-            try:
-                await self.accounts.add(name, password, contact="demo@example.com")
-                await self.accounts.add_domain(name, domain, approved_by="dev mode")
-            except AccountError:  # another dev process made it meanwhile
-                pass
 
     async def _start_http(self) -> None:
         import uvicorn

@@ -10,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import __version__
+from . import __version__, dev
 from .config import DEV_DATABASE, Config, ConfigError, ListenError, dev_config, is_dev_dir, load
 
 DEFAULT_CONFIG_ENV = "GATEWAY_CONFIG"
@@ -63,14 +63,7 @@ async def _serve(config: Config) -> int:
         print(f"gateway ready: HTTP http://{config.http.address}:{gw.http_port}/ (healthz, readyz, metrics)",
               file=sys.stderr)
     if config.dev.enabled:
-        made = "made now" if gw.dev_certificate_made else "reused"
-        print("DEV MODE (loopback only): AUTH is allowed without TLS on this listener.\n"
-              f"  STARTTLS is offered with a self-signed certificate ({made}): {config.tls.cert_file}\n"
-              "  demo account: user 'demo', password 'demo', may send as @example.com\n"
-              f"  relayed mail is stored as a maildir under {config.dev.outbox}/new/\n"
-              f"  DNS: built-in dev records and the zone file {config.dev.zone_file}\n"
-              f"  storage: {config.storage.url}\n"
-              "  the account, list and block commands run in this directory use this setup", file=sys.stderr)
+        print(dev.banner(config, gw.dev_certificate_made), file=sys.stderr)
     await stop.wait()
     print(f"gateway stopping: draining for up to {config.smtp.grace_period:g} s", file=sys.stderr)
     await gw.stop()
@@ -218,7 +211,7 @@ def cmd_account(args) -> int:
                           f"publish this DNS TXT record, then run 'gateway account domain verify':\n"
                           f"  {proof_record(dom.domain, dom.token)}")
                     if config.dev.enabled:
-                        _dev_publish_proof(config, dom)
+                        dev.publish_proof(config, dom)
             elif args.op == "verify":
                 return await _verify_domain(config, store, args.name, args.domain)
             else:
@@ -226,7 +219,7 @@ def cmd_account(args) -> int:
                 await store.remove_domain(args.name, args.domain)
                 print(f"domain {args.domain} removed from {args.name}")
                 if config.dev.enabled and token:
-                    _dev_unpublish_proof(config, args.domain, token)
+                    dev.unpublish_proof(config, args.domain, token)
         return 0
 
     return _run(_with_accounts(config, run))
@@ -360,15 +353,6 @@ def cmd_block(args) -> int:
     return _run(_with_engine(config, run))
 
 
-def _dev_publish_proof(config: Config, dom) -> None:
-    """Dev mode: the dev zone file is the DNS, so publish the proof there."""
-    from .accounts.proof import PROOF_PREFIX, proof_name
-    from .dns import devzone
-
-    line = devzone.publish(config.dev.zone_file, proof_name(dom.domain), "TXT", f'"{PROOF_PREFIX}{dom.token}"')
-    print(f"dev mode: published it in the dev DNS zone {config.dev.zone_file}:\n  {line}")
-
-
 def _domain_token(account, domain: str) -> str | None:
     from .accounts.store import AccountError, normalize_domain
 
@@ -377,17 +361,6 @@ def _domain_token(account, domain: str) -> str | None:
     except AccountError:
         return None             # remove_domain names the problem
     return next((d.token for d in account.domains if d.domain == dom), None)
-
-
-def _dev_unpublish_proof(config: Config, domain: str, token: str) -> None:
-    """Dev mode: this domain's proof (this token: another account's stays) leaves the dev zone."""
-    from .accounts.proof import PROOF_PREFIX, proof_name
-    from .accounts.store import normalize_domain
-    from .dns import devzone
-
-    if devzone.unpublish(config.dev.zone_file, proof_name(normalize_domain(domain)), "TXT",
-                         f'"{PROOF_PREFIX}{token}"'):
-        print(f"dev mode: its proof record is removed from {config.dev.zone_file}")
 
 
 async def _verify_domain(config: Config, store, name: str, domain: str) -> int:

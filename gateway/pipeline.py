@@ -24,6 +24,7 @@ from typing import Any, Callable, Coroutine, Generator, Iterable, Protocol, Sequ
 from .checks import SPECS
 from .core import replies
 from .core.transaction import Outcome, Phase, Result, Verdict
+from .message.findings import warned
 
 log = logging.getLogger("gateway.pipeline")
 
@@ -125,6 +126,7 @@ class Pipeline:
                 would = "refuse" if outcome.result is Result.FAIL else "defer"
                 outcome.detail = f"warn mode, would {would}" + (f": {outcome.detail}" if outcome.detail else "")
                 outcome.result = Result.WARN
+                warned(tx, check.name)  # its reject findings in the log line say warn too
                 refuses = False
             ledger.append(outcome)
             outcomes.append(outcome)

@@ -413,6 +413,31 @@ def free_port() -> int:
 
 
 # ------------------------------------------------------------------ the gateway
+def minimal_toml(db: Path | str, extra: str = "", *, port: int = 0) -> str:
+    """The smallest config the command-line tests write, as TOML text: one
+    plain listener on loopback (``port``, 0 = any), one upstream at
+    127.0.0.1:2526, SQLite storage in ``db`` (a path, or a placeholder such
+    as ``"{db}"`` the caller replaces), cheap scrypt hashes; ``extra``, more
+    sections, appended."""
+    return f"""
+[[listeners]]
+name = "smtp"
+address = "127.0.0.1"
+port = {port}
+tls = "none"
+
+[[relay.upstreams]]
+host = "127.0.0.1"
+port = 2526
+
+[storage]
+url = "sqlite+aiosqlite:///{db}"
+
+[auth]
+scrypt_n = 16
+""" + extra
+
+
 def base_config(tmp_path: Path, sink: Sink | None, certs: Certs | None = None, **sections: Any) -> dict:
     cfg: dict[str, Any] = {
         "listeners": [{"name": "plain", "address": "127.0.0.1", "port": 0, "tls": "none",

@@ -6,41 +6,36 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import importlib
+import inspect
 import pkgutil
+import re
 import socket
+from pathlib import Path
 
 import pytest
 
+import gateway
 import gateway.checks
 from gateway.checks import CHECKS, PHASES, SPECS, default_order
 from gateway.config import DEFAULT_CHECKS, ConfigError, from_mapping
+from gateway.core import replies
 from gateway.core.transaction import Outcome, Phase, Result, Transaction
+from gateway.dns.domain import DomainStatus, DomainVerdict, reply_for
+from gateway.message.findings import RULES
 from gateway.services import Services
 from gateway.pipeline import build_pipeline
 
-from conftest import MESSAGE, run_cli
+from conftest import MESSAGE, minimal_toml, run_cli
 from smtp_client import send
 
-BASE = """
-[[listeners]]
-name = "smtp"
-address = "127.0.0.1"
-port = 0
-tls = "none"
-
-[[relay.upstreams]]
-host = "127.0.0.1"
-port = 2526
-
-[storage]
-url = "sqlite+aiosqlite:///{db}"
-
+BASE = minimal_toml("{db}", """
 [http]
 enabled = false
 
 [registry]
 secret = "0123456789abcdef0123456789abcdef"
-"""
+""")
 
 MINIMAL = {"relay": {"upstreams": [{"host": "127.0.0.1", "port": 25}]},
            "listeners": [{"name": "smtp", "address": "127.0.0.1", "port": 2525, "tls": "none"}]}
@@ -71,6 +66,67 @@ def test_every_check_module_declares_its_contract(check_kit):
     for name, spec in SPECS.items():
         assert set(spec.services) <= service_fields, name
         assert set(spec.provides) | set(spec.reads) <= tx_fields, name
+
+
+# ------------------------------------------------------------------ the replies each check declares
+_NAMED = re.compile(r"\breplies\.([A-Z][A-Z0-9_]*)\b")
+CATALOGUE = replies.catalogue()
+_NAME_OF = {id(reply): name for name, reply in CATALOGUE.items()}
+# The findings a data check records refuse with their rule's reply (message/findings.py RULES).
+FINDING_CHECKS = {"wire": "data_wire", "hdr": "data_headers", "trace": "data_trace", "subj": "data_subject"}
+# The DNS domain verdict's replies (dns/domain.py reply_for): the MAIL FROM and the header From check.
+DOMAIN_CHECKS = {"mail_domain_exists": False, "data_from_domain": True}
+# Replies sent by no check, and who sends them.
+OWNERS = {"smtp server": "smtp/server.py", "pipeline": "pipeline.py", "delivery": "delivery/handover.py",
+          "local delivery": "delivery/local.py", "relay pool": "relay/pool.py"}  # under gateway/
+
+
+def _named_in(*sources: str) -> set[str]:
+    return {n for src in sources for n in _NAMED.findall(src)}
+
+
+def test_every_check_declares_the_replies_it_can_send():
+    """A SPEC names exactly the catalogue replies its module (and the module its build
+    comes from) names, plus those of the rules it runs: the findings of its prefix,
+    the DNS domain verdict."""
+    for name, spec in SPECS.items():
+        assert set(spec.replies) <= set(CATALOGUE) and len(set(spec.replies)) == len(spec.replies), name
+        modules = {importlib.import_module(f"gateway.checks.{name}"), inspect.getmodule(spec.build)}
+        expected = _named_in(*(inspect.getsource(m) for m in modules))
+        expected |= {_NAME_OF[id(r.reply)] for rid, r in RULES.items() if FINDING_CHECKS[rid.split(".")[0]] == name}
+        if name in DOMAIN_CHECKS:
+            expected |= {_NAME_OF[id(reply_for(DomainVerdict("example.com", st), header=DOMAIN_CHECKS[name]))]
+                         for st in DomainStatus if st is not DomainStatus.EXISTS}
+        assert set(spec.replies) == expected, name
+    assert SPECS["rcpt_relay"].replies[:2] == ("RELAY_DENIED", "RELAY_TRICK")
+
+
+def test_every_catalogue_reply_has_an_owner():
+    """Each catalogue entry is sent by a check (its SPEC) or by one of the named
+    non-check owners (a static scan of their source); each name they use exists."""
+    by_checks = {r for spec in SPECS.values() for r in spec.replies}
+    root = Path(gateway.__file__).parent
+    by_owner = {owner: _named_in((root / path).read_text()) for owner, path in OWNERS.items()}
+    for owner, names in by_owner.items():
+        assert names and names <= set(CATALOGUE), (owner, names - set(CATALOGUE))
+    orphans = set(CATALOGUE) - by_checks - set().union(*by_owner.values())
+    assert orphans == set(), f"catalogue replies nobody sends: {sorted(orphans)}"
+    assert "INTERNAL_ERROR" in by_owner["pipeline"] and "INTERNAL_ERROR" not in by_checks
+
+
+def test_the_replies_table_in_the_docs_is_the_specs():
+    text = (Path(gateway.__file__).parent.parent / "docs" / "checks.md").read_text()
+    section = text.split("## The replies of each check", 1)[1].split("\n## ", 1)[0]
+    rows = {m[1]: tuple(re.findall(r"`(\w+)`", m[2]))
+            for m in re.finditer(r"^\| `(\w+)` \| (.*) \|$", section, re.M)}
+    assert rows == {name: spec.replies for name, spec in SPECS.items()}
+
+
+def test_a_spec_naming_an_unknown_reply_is_refused():
+    spec = SPECS["rcpt_limit"]
+    with pytest.raises(ValueError, match="'rcpt_limit': replies not in the catalogue .*TOO_MANY_RCPTS"):
+        dataclasses.replace(spec, replies=("TOO_MANY_RCPTS",))
+    assert dataclasses.replace(spec, replies=("TOO_MANY_RECIPIENTS",)) == spec
 
 
 # ------------------------------------------------------------------ mandatory checks, requirements
@@ -164,6 +220,18 @@ async def test_pipeline_warn_mode_records_and_goes_on_and_a_hung_check_overruns(
 BULK = MESSAGE.replace(b"Subject: test message\r\n", b"Subject: test message\r\nPrecedence: bulk\r\n")
 
 
+async def _relayed(h, sink, message: bytes, shows: bytes) -> dict:
+    """Send ``message``: it is taken (250) and reaches the upstream showing ``shows``;
+    the transaction's log line says relayed and is returned."""
+    reply = await send(h.port(), message)
+    assert reply.startswith(b"250 "), reply
+    await sink.wait_for(1)
+    assert shows in sink.messages[0].data
+    record = h.log_records()[-1]
+    assert record["decision"] == "relayed"
+    return record
+
+
 async def test_warn_mode_relays_and_records(sink, gateway_factory, caplog):
     """data_listmail refuses bulk mail of an unregistered list (550 5.7.1 P-OPTIN); in warn
     mode the message reaches the upstream and the ledger, the log and the metrics say
@@ -176,18 +244,44 @@ async def test_warn_mode_relays_and_records(sink, gateway_factory, caplog):
 
     h = await gateway_factory(sink, checks={"modes": {"data_listmail": "warn"}})  # the same database
     with caplog.at_level(logging.WARNING, logger="gateway.pipeline"):
-        reply = await send(h.port(), BULK)
-    assert reply.startswith(b"250 "), reply
-    await sink.wait_for(1)
-    assert b"Precedence: bulk" in sink.messages[0].data
-    record = h.log_records()[-1]
-    assert record["decision"] == "relayed"
+        record = await _relayed(h, sink, BULK, b"Precedence: bulk")
     warned = [c for c in record["ledger"] if c["check"] == "data_listmail"]
     assert warned == [{"check": "data_listmail", "result": "warn", "phase": "data",
                        "detail": "warn mode, would refuse: Precedence: bulk", "would_reply": "550 5.7.1"}]
     assert any("data_listmail in warn mode would refuse" in r.getMessage() for r in caplog.records)
     metrics = h.gw.metrics.render().decode()
     assert 'gateway_check_outcomes_total{check="data_listmail",result="warn"} 1.0' in metrics
+
+
+# A From display name showing another domain's address (subj.display_name: reject) and a
+# "Re:" subject without a thread (subj.fake_reply: flag only, for ordinary mail).
+MISLEADING = MESSAGE.replace(b"From: Alice <alice@example.com>", b'From: "support@example.net" <alice@example.com>') \
+    .replace(b"Subject: test message", b"Subject: Re: hello")
+
+
+async def test_warn_mode_findings_in_the_log_line_say_warn(sink, gateway_factory):
+    """A finding that would refuse in enforce mode is logged as action reject; in warn
+    mode the mail is relayed and the same finding says warn, as the ledger does; a
+    flag-only finding says flag in both."""
+    h = await gateway_factory(sink)
+    await h.add_account()
+    reply = await send(h.port(), MISLEADING)
+    assert reply.startswith(b"550 5.7.1 P-FORGE"), reply
+    assert sink.messages == []
+    record = h.log_records()[-1]
+    assert record["decision"] == "refused"
+    assert [(f["id"], f["action"], f["check"]) for f in record["findings"]] == [
+        ("subj.fake_reply", "flag", "data_subject"), ("subj.display_name", "reject", "data_subject")]
+    await h.gw.stop(grace=0.5)
+
+    h = await gateway_factory(sink, checks={"modes": {"data_subject": "warn"}})  # the same database
+    record = await _relayed(h, sink, MISLEADING, b"support@example.net")
+    assert [(f["id"], f["action"], f["check"]) for f in record["findings"]] == [
+        ("subj.fake_reply", "flag", "data_subject"), ("subj.display_name", "warn", "data_subject")]
+    ledger, = [c for c in record["ledger"] if c["check"] == "data_subject"]
+    assert ledger["result"] == "warn" and ledger["would_reply"] == "550 5.7.1"
+    metrics = h.gw.metrics.render().decode()
+    assert 'gateway_check_outcomes_total{check="data_subject",result="warn"} 1.0' in metrics
 
 
 def _blackhole() -> socket.socket:

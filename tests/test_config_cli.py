@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import need, run_cli, tcp_reachable
+from conftest import minimal_toml, need, run_cli, tcp_reachable
 from gateway.config import ConfigError, from_mapping, load
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,23 +32,7 @@ def _readme_message() -> bytes:
 
 
 README_MESSAGE = _readme_message()
-GOOD = """
-[[listeners]]
-name = "smtp"
-address = "127.0.0.1"
-port = 2525
-tls = "none"
-
-[[relay.upstreams]]
-host = "127.0.0.1"
-port = 2526
-
-[storage]
-url = "sqlite+aiosqlite:///{db}"
-
-[auth]
-scrypt_n = 16
-"""
+GOOD = minimal_toml("{db}", port=2525)
 
 
 def write(tmp_path: Path, text: str) -> Path:

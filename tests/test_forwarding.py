@@ -27,7 +27,7 @@ from gateway.forwarding import (RECEIVED_HOPS, Evidence, ForwardingSettings, Srs
 from gateway.message.parse import parse_headers
 from gateway.storage.db import create_engine, migrate
 
-from conftest import base_config, free_port, run_cli_async
+from conftest import base_config, free_port, minimal_toml, run_cli_async
 from smtp_client import cmd, dot_stuff, reply, send, session
 from test_postfix import SUBMISSION, postfix_factory  # noqa: F401 - the fixture (Postfix started per test)
 
@@ -245,27 +245,11 @@ async def test_store_forwarding_permissions(storage_url):
 
 async def test_cli_forwarding_allow_deny_show(tmp_path):
     conf = tmp_path / "gw.toml"
-    conf.write_text(f"""
-[[listeners]]
-name = "plain"
-address = "127.0.0.1"
-port = 0
-tls = "none"
-
-[[relay.upstreams]]
-host = "127.0.0.1"
-port = 2526
-
-[storage]
-url = "sqlite+aiosqlite:///{tmp_path / 'gw.db'}"
-
-[auth]
-scrypt_n = 16
-
+    conf.write_text(minimal_toml(tmp_path / "gw.db", f"""
 [forwarding]
 srs_domain = "{SRS_DOMAIN}"
 srs_secret = "env:GW_SRS_SECRET"
-""")
+"""))
     env = {"GW_SRS_SECRET": SECRET}
     r = await run_cli_async("account", "add", "shop", "-c", str(conf), input="pw\n", env=env)
     assert r.returncode == 0, r.stderr

@@ -18,7 +18,7 @@ from gateway.accounts.authorize import authorize
 from gateway.accounts.model import Account, AccountStatus, SenderDomain
 from gateway.message.parse import parse_headers
 
-from conftest import TEST_DNS, run_cli_async
+from conftest import TEST_DNS, minimal_toml, run_cli_async
 from dns_fixtures import live_dns
 from smtp_client import cmd, send, session
 
@@ -59,28 +59,12 @@ def dsn(frm: str = "Mail Delivery System <MAILER-DAEMON@example.com>",
 
 def write_cli_config(tmp_path, dns_server) -> str:
     path = tmp_path / "cli.toml"
-    path.write_text(f"""
-[[listeners]]
-name = "plain"
-address = "127.0.0.1"
-port = 0
-tls = "none"
-
-[[relay.upstreams]]
-host = "127.0.0.1"
-port = 2526
-
-[storage]
-url = "sqlite+aiosqlite:///{tmp_path / 'gw.db'}"
-
-[auth]
-scrypt_n = 16
-
+    path.write_text(minimal_toml(tmp_path / "gw.db", f"""
 [dns]
 nameservers = ["{dns_server.address}"]
 timeout = 1.0
 min_ttl = 0
-""")
+"""))
     return str(path)
 
 

@@ -63,5 +63,6 @@ SPEC = CheckSpec(
     name='connect_blocklist', phase=Phase.CONNECT, build=build,
     summary='P-BLOCK: operator block lists on the client address and its reverse DNS',
     position=20,
+    replies=('BLOCKED_CLIENT', 'BLOCKED_CLIENT_HOST'),
     services=('blocklist', 'resolver'),
     deadline=contract.DNS)

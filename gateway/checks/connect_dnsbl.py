@@ -114,6 +114,7 @@ SPEC = CheckSpec(
     name='connect_dnsbl', phase=Phase.CONNECT, build=build,
     summary='P-BLOCK: DNSBL/DNSWL verdict on the client address ([dnsbl] decide_at = "connect")',
     position=30,
+    replies=('DNSBL_LISTED', 'DNSBL_TEMPFAIL'),
     settings=('dnsbl',),
     services=('dnsbl', 'resolver'),
     deadline=contract.DNS)

@@ -38,5 +38,6 @@ SPEC = CheckSpec(
     name='connect_limits', phase=Phase.CONNECT, build=build,
     summary='P-LOAD: global and per-IP connection caps',
     position=10,
+    replies=('TOO_MANY_CONNECTIONS', 'TOO_MANY_CONNECTIONS_IP'),
     settings=('smtp.max_connections', 'smtp.max_connections_per_ip'),
     services=('connections',))

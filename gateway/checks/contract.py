@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
+from ..core import replies as _replies
 from ..core.transaction import Phase
 
 Mode = Literal["enforce", "warn", "off"]
@@ -44,7 +45,11 @@ class CheckSpec:
     delivery; ``reads``: the ones set by others it looks at. ``requires``:
     checks whose result it needs; each must be configured (not ``off``) and
     run before it. ``mandatory``: the config is refused without it, and it
-    runs in ``enforce`` mode only.
+    runs in ``enforce`` mode only. ``replies``: the names of the catalogue
+    entries (``gateway/core/replies.py``) it can refuse with, directly or
+    through the rules it runs (message findings, the DNS domain verdict);
+    the 451 4.3.0 ``INTERNAL_ERROR`` of a check that raises or overruns is the
+    pipeline's, listed by no check.
     """
 
     name: str
@@ -59,9 +64,14 @@ class CheckSpec:
     requires: tuple[str, ...] = ()
     mandatory: bool = False
     deadline: float = PURE
+    replies: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name.startswith(self.phase.value + "_"):
             raise ValueError(f"check {self.name!r}: its name must start with its phase, {self.phase.value}_")
         if self.deadline <= 0:
             raise ValueError(f"check {self.name!r}: deadline must be greater than 0")
+        unknown = [r for r in self.replies if not isinstance(getattr(_replies, r, None), _replies.Reply)]
+        if unknown:
+            raise ValueError(f"check {self.name!r}: replies not in the catalogue (gateway/core/replies.py): "
+                             + ", ".join(unknown))

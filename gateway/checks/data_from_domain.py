@@ -64,6 +64,7 @@ SPEC = CheckSpec(
     name='data_from_domain', phase=Phase.DATA, build=build,
     summary='P-DOM: the header From domain exists in DNS',
     position=50,
+    replies=('HEADER_FROM_DOMAIN_NOT_FOUND', 'HEADER_FROM_DOMAIN_NO_MAIL', 'HEADER_FROM_NULL_MX', 'DNS_TEMPFAIL'),
     settings=('domains',),
     services=('resolver',),
     reads=('forwarding', 'parsed_headers'),

@@ -88,6 +88,7 @@ SPEC = CheckSpec(
     name='data_headers', phase=Phase.DATA, build=build,
     summary='P-HDR: RFC 5322 structure of the header block',
     position=30,
+    replies=('HDR_INVALID', 'HDR_DATE_WINDOW', 'HDR_DATE_MISSING', 'HDR_MESSAGE_ID_MISSING', 'HDR_MIME'),
     settings=('headers', 'smtp.hostname'),
     services=('clock',),
     provides=('findings', 'add_headers', 'parsed_headers'))

@@ -46,5 +46,6 @@ SPEC = CheckSpec(
     name='data_listmail', phase=Phase.DATA, build=build,
     summary='P-OPTIN: list mail that is not of a registered list',
     position=70,
+    replies=('OPTIN_UNREGISTERED_LIST',),
     reads=('mailing_list', 'forwarding', 'parsed_headers'),
     requires=('mail_list',))

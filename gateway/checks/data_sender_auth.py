@@ -137,6 +137,8 @@ SPEC = CheckSpec(
     name='data_sender_auth', phase=Phase.DATA, build=build,
     summary="P-FORGE: From/Sender in the account's domains; null sender only for DSN/MDN",
     position=40,
+    replies=('SENDER_NOT_AUTHORIZED', 'HEADER_FROM_NOT_AUTHORIZED', 'HEADER_SENDER_NOT_AUTHORIZED',
+             'DISPLAY_NAME_NOT_AUTHORIZED', 'NULL_SENDER_NOT_REPORT'),
     services=('accounts',),
     reads=('null_sender', 'forwarding', 'parsed_headers'),
     requires=('mail_sender_auth', 'data_headers'))

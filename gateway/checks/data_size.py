@@ -31,5 +31,6 @@ SPEC = CheckSpec(
     name='data_size', phase=Phase.DATA, build=build,
     summary='P-LOAD: message size',
     position=10,
+    replies=('MESSAGE_TOO_BIG',),
     settings=('smtp.max_message_size',),
     reads=('data_octets',))

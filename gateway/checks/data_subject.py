@@ -67,6 +67,7 @@ SPEC = CheckSpec(
     name='data_subject', phase=Phase.DATA, build=build,
     summary='P-SUBJ: fake replies, spoofed display names, obfuscation',
     position=80,
+    replies=('SUBJ_FAKE_REPLY', 'SUBJ_DISPLAY_NAME', 'SUBJ_REPLY_TO', 'SUBJ_OBFUSCATED'),
     settings=('headers',),
     services=('accounts',),
     provides=('findings',),

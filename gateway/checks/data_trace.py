@@ -42,6 +42,7 @@ SPEC = CheckSpec(
     name='data_trace', phase=Phase.DATA, build=build,
     summary='P-PATH: forged trace headers',
     position=60,
+    replies=('TRACE_FORGED',),
     settings=('headers', 'smtp.hostname', 'smtp.trace_header'),
     provides=('findings',),
     reads=('parsed_headers',))

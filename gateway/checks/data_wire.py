@@ -38,5 +38,6 @@ SPEC = CheckSpec(
     name='data_wire', phase=Phase.DATA, build=build,
     summary='P-HDR/P-STD: bare CR/LF, NUL, long lines, undeclared 8-bit',
     position=20,
+    replies=('WIRE_BARE_LF', 'WIRE_BARE_CR', 'WIRE_NUL', 'WIRE_LINE_TOO_LONG', 'WIRE_8BIT', 'WIRE_8BIT_HEADER'),
     settings=('headers.actions',),
     provides=('findings',))

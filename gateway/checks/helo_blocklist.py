@@ -37,4 +37,5 @@ SPEC = CheckSpec(
     name='helo_blocklist', phase=Phase.HELO, build=build,
     summary='P-BLOCK: operator block lists on the HELO name',
     position=10,
+    replies=('BLOCKED_HELO',),
     services=('blocklist',))

@@ -33,5 +33,6 @@ SPEC = CheckSpec(
     name='mail_account_status', phase=Phase.MAIL, build=build,
     summary='P-ACCOUNT: a suspended account sends nothing',
     position=10,
+    replies=('ACCOUNT_SUSPENDED',),
     services=('accounts',),
     provides=('session.account',))

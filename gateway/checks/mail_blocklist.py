@@ -41,4 +41,5 @@ SPEC = CheckSpec(
     name='mail_blocklist', phase=Phase.MAIL, build=build,
     summary='P-BLOCK: operator block lists on the MAIL FROM domain',
     position=40,
+    replies=('BLOCKED_SENDER',),
     services=('blocklist',))

@@ -19,6 +19,7 @@ SPEC = CheckSpec(
     name='mail_dnsbl', phase=Phase.MAIL, build=build,
     summary='P-BLOCK: DNSBL/DNSWL verdict at MAIL ([dnsbl] decide_at = "mail")',
     position=50,
+    replies=('DNSBL_LISTED', 'DNSBL_TEMPFAIL'),
     settings=('dnsbl',),
     services=('dnsbl', 'resolver'),
     deadline=contract.DNS)

@@ -52,6 +52,7 @@ SPEC = CheckSpec(
     name='mail_domain_exists', phase=Phase.MAIL, build=build,
     summary='P-DOM: the MAIL FROM domain exists in DNS',
     position=60,
+    replies=('DOMAIN_NOT_FOUND', 'DOMAIN_NO_MAIL', 'NULL_MX', 'DNS_TEMPFAIL'),
     settings=('domains',),
     services=('resolver',),
     deadline=contract.DNS)

@@ -44,6 +44,7 @@ SPEC = CheckSpec(
     name='mail_list', phase=Phase.MAIL, build=build,
     summary='P-OPTIN: is this mail of a registered mailing list',
     position=70,
+    replies=('REGISTRY_UNAVAILABLE',),
     services=('registry',),
     provides=('mailing_list',),
     deadline=contract.STORE)

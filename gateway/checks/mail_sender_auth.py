@@ -98,6 +98,7 @@ SPEC = CheckSpec(
     name='mail_sender_auth', phase=Phase.MAIL, build=build,
     summary="P-FORGE: MAIL FROM in the account's authorized sender domains",
     position=20,
+    replies=('SENDER_NOT_AUTHORIZED',),
     settings=('forwarding',),
     services=('accounts', 'clock'),
     provides=('null_sender', 'forwarding',))

@@ -30,4 +30,5 @@ SPEC = CheckSpec(
     name='mail_size', phase=Phase.MAIL, build=build,
     summary='P-LOAD: a declared SIZE over the limit',
     position=30,
+    replies=('MESSAGE_TOO_BIG',),
     settings=('smtp.max_message_size',))

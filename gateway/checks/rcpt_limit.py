@@ -28,4 +28,5 @@ SPEC = CheckSpec(
     name='rcpt_limit', phase=Phase.RCPT, build=build,
     summary='P-LOAD: recipients per message',
     position=20,
+    replies=('TOO_MANY_RECIPIENTS',),
     settings=('smtp.max_recipients',))

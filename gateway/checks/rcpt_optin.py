@@ -48,6 +48,7 @@ SPEC = CheckSpec(
     name='rcpt_optin', phase=Phase.RCPT, build=build,
     summary='P-OPTIN/P-OPTOUT: list mail only to confirmed subscribers',
     position=30,
+    replies=('OPTIN_NOT_SUBSCRIBED', 'OPTIN_UNSUBSCRIBED', 'REGISTRY_UNAVAILABLE'),
     services=('registry',),
     reads=('mailing_list',),
     requires=('mail_list',),

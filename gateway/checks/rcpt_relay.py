@@ -103,6 +103,8 @@ SPEC = CheckSpec(
     name='rcpt_relay', phase=Phase.RCPT, build=build,
     summary='P-RELAY: no open relay',
     position=10,
+    replies=('RELAY_DENIED', 'RELAY_TRICK', 'SRS_NOT_SRS', 'SRS_BAD_HASH', 'SRS_EXPIRED', 'SRS_BOUNCES_ONLY',
+             'SRS_SEPARATE'),
     settings=('smtp.service_mailboxes', 'smtp.allow_address_literals', 'registry.mailto_address', 'forwarding'),
     services=('clock',),
     provides=('local_rcpts', 'srs_rcpts', 'forwarding'),

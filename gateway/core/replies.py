@@ -77,7 +77,6 @@ class Rendered:
 R = Reply
 
 # --- positive -----------------------------------------------------------------
-OK = R(250, "2.0.0", "OK")
 SENDER_OK = R(250, "2.1.0", "Sender OK")
 RECIPIENT_OK = R(250, "2.1.5", "Recipient OK")
 RELAYED = R(250, "2.0.0", "OK: relayed")        # completed with the trace id and the upstream's answer
@@ -239,3 +238,10 @@ SRS_EXPIRED = R(550, "5.1.1", "SRS address has expired", "P-RELAY")
 SRS_BOUNCES_ONLY = R(550, "5.7.1", "SRS addresses take bounces only (null reverse-path)", "P-RELAY")
 SRS_SEPARATE = R(452, "4.5.3", "SRS bounces need a transaction of their own; send the other recipients again",
                  "P-RELAY")
+
+
+def catalogue() -> dict[str, Reply]:
+    """Every catalogue entry by its name (``DNSBL_LISTED``), in definition order.
+    Check SPECs name their replies by these names (``CheckSpec.replies``)."""
+    return {name: value for name, value in globals().items()
+            if isinstance(value, Reply) and name.isupper()}

@@ -19,6 +19,7 @@ REJECT = "reject"
 FLAG = "flag"
 OFF = "off"
 ACTIONS = (REJECT, FLAG, OFF)
+WARN = "warn"  # not configurable here: a reject finding of a check in warn mode ([checks.modes])
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,3 +139,11 @@ def apply(check: str, tx: Any, findings: list[Finding], actions: dict[str, str],
     if flags:
         return Outcome.flag(check, "; ".join(flags))
     return Outcome.ok(check, "; ".join(notes))
+
+
+def warned(tx: Any, check: str) -> None:
+    """``check`` ran in warn mode and its refusal was not sent: its ``reject``
+    findings in ``tx.findings`` say ``warn``, as its ledger entry does."""
+    for f in getattr(tx, "findings", None) or ():
+        if f["check"] == check and f["action"] == REJECT:
+            f["action"] = WARN
