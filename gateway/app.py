@@ -202,7 +202,7 @@ class Gateway:
                                                for n in listener.proxy_trusted]
         ctx = self.smtp_context = SmtpContext(
             config=cfg, pipeline=self.pipeline, accounts=self.accounts, auth_limiter=self.auth_limiter,
-            connections=self.connections, delivery=self.delivery, events=self.events, metrics=self.metrics,
+            connections=self.connections, delivery=self.delivery, events=self.events,
             draining=lambda: self.draining, proxy_networks=self._proxy_nets, sessions=self.sessions)
         loop = asyncio.get_running_loop()
         for listener in cfg.listeners:

@@ -8,8 +8,14 @@ from typing import Any, Callable
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from .core.events import EventBus, Refusal, TransactionEnded
+from .core import replies
+from .core.events import Authenticated, EventBus, Refusal, TransactionEnded
 from .core.transaction import Phase
+
+# gateway_auth_total{outcome}: a refused AUTH by the reply it got; success
+# from the Authenticated event.
+_AUTH_OUTCOMES = {replies.AUTH_INVALID: "failure", replies.AUTH_SUSPENDED: "suspended",
+                  replies.AUTH_TOO_MANY_FAILURES: "blocked"}
 
 
 class _StatsCollector:
@@ -153,13 +159,23 @@ class Metrics:
     def subscribe(self, events: EventBus) -> None:
         events.subscribe(TransactionEnded, self._on_transaction_ended)
         events.subscribe(Refusal, self._on_refusal)
+        events.subscribe(Authenticated, self._on_authenticated)
 
     def _on_transaction_ended(self, event: TransactionEnded) -> None:
         self.observe_transaction(event.tx)
 
     def _on_refusal(self, event: Refusal) -> None:
-        if event.tx is None and event.outcome.phase is Phase.CONNECT:
-            self._child(self.sessions_refused, event.outcome.check).inc()
+        if event.tx is None:
+            phase = event.outcome.phase
+            if phase is Phase.CONNECT:
+                self._child(self.sessions_refused, event.outcome.check).inc()
+            elif phase is Phase.AUTH:
+                outcome = _AUTH_OUTCOMES.get(event.outcome.reply)
+                if outcome is not None:
+                    self._child(self.auth, outcome).inc()
+
+    def _on_authenticated(self, event: Authenticated) -> None:
+        self._child(self.auth, "success").inc()
 
     def observe_transaction(self, tx) -> None:
         child = self._child

@@ -8,13 +8,14 @@ from __future__ import annotations
 import asyncio
 import base64
 
-from gateway.core.events import OutcomeRecorded, Refusal, SessionEnded, TransactionEnded
+from gateway.core.events import Authenticated, OutcomeRecorded, Refusal, SessionEnded, TransactionEnded
+from gateway.accounts.model import AccountStatus
 from gateway.core.transaction import Phase
 
 from conftest import MESSAGE
 from smtp_client import cmd, dot_stuff, raw_session, reply, session
 
-KINDS = (OutcomeRecorded, Refusal, TransactionEnded, SessionEnded)
+KINDS = (OutcomeRecorded, Refusal, TransactionEnded, Authenticated, SessionEnded)
 
 
 class Recorder:
@@ -144,6 +145,33 @@ async def test_subscribers_see_every_kind_of_event(sink, gateway_factory):
     checks = {o.check for ledger in ledgers for o in ledger}
     assert {"auth", "helo_blocklist", "mail_syntax", "rcpt_relay", "relay_rcpt", "data_headers", "relay"} <= checks
     assert len(sink.messages) == 1
+    # the one successful AUTH (session 3) is its own event, before its transactions
+    authed = rec.of(Authenticated)
+    assert [e.session for e in authed] == [ended[2].session]
+    assert authed[0].session.account.name == "alice" and authed[0].session.auth_method == "smtp-auth"
+    assert rec.seen.index(authed[0]) < rec.seen.index(txs[0])
+
+
+async def test_auth_metrics_count_from_events(sink, gateway_factory):
+    """gateway_auth_total counts each AUTH by outcome: success (Authenticated),
+    failure, suspended and blocked (its Refusal's reply)."""
+    h = await gateway_factory(sink, auth={"max_failures_per_ip": 2})
+    await h.add_account()
+    await h.add_account("sam", "pw-sam", domains=("sam.example",))
+    await h.gw.accounts.set_status("sam", AccountStatus.SUSPENDED)
+    for user, password, expect in (("alice", "s3cret", b"235"), ("sam", "pw-sam", b"535 5.7.8"),
+                                   ("alice", "wrong", b"535 5.7.8"), ("alice", "wrong", b"535 5.7.8"),
+                                   ("alice", "s3cret", b"454 4.7.0")):
+        reader, writer, _ = await raw_session(h.port())
+        assert (await cmd(reader, writer, b"EHLO client.test")).startswith(b"250")
+        got = await cmd(reader, writer, plain(user, password))
+        assert got.startswith(expect), (user, password, got)
+        writer.close()
+    text = h.gw.metrics.render().decode()
+    assert 'gateway_auth_total{outcome="success"} 1.0' in text, text
+    assert 'gateway_auth_total{outcome="failure"} 2.0' in text, text
+    assert 'gateway_auth_total{outcome="suspended"} 1.0' in text, text
+    assert 'gateway_auth_total{outcome="blocked"} 1.0' in text, text
 
 
 async def test_a_session_refused_at_connect_is_published(sink, gateway_factory):

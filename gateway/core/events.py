@@ -2,13 +2,15 @@
 whoever listens (the transaction log, the metrics; later the strike ladder,
 the harvest guard, the message log).
 
-Four kinds, one frozen dataclass each:
+Five kinds, one frozen dataclass each:
 
 - :class:`OutcomeRecorded`: a check's outcome, as the pipeline records it;
 - :class:`Refusal`: a refusal the client gets, ours or the upstream's, for a
   session (connect, HELO, AUTH), a transaction (MAIL, DATA) or one recipient;
 - :class:`TransactionEnded`: a transaction is over, whatever ended it
   (relayed, refused, deferred, aborted by RSET/QUIT/disconnect/timeout);
+- :class:`Authenticated`: a session authenticated with SMTP AUTH (a failed
+  or refused AUTH is a :class:`Refusal` in phase AUTH);
 - :class:`SessionEnded`: a connection is gone, also one that never reached
   MAIL (failed AUTH, refused HELO, a connect cap).
 
@@ -49,12 +51,17 @@ class TransactionEnded:
 
 
 @dataclass(frozen=True, slots=True)
+class Authenticated:
+    session: SessionInfo             # session.account, auth_login and auth_method are set
+
+
+@dataclass(frozen=True, slots=True)
 class SessionEnded:
     session: SessionInfo             # session.ended says how
 
 
-Event = Union[OutcomeRecorded, Refusal, TransactionEnded, SessionEnded]
-E = TypeVar("E", OutcomeRecorded, Refusal, TransactionEnded, SessionEnded)
+Event = Union[OutcomeRecorded, Refusal, TransactionEnded, Authenticated, SessionEnded]
+E = TypeVar("E", OutcomeRecorded, Refusal, TransactionEnded, Authenticated, SessionEnded)
 
 
 class EventBus:
@@ -84,4 +91,4 @@ class EventBus:
             self.publish(OutcomeRecorded(outcome))
 
 
-__all__ = ["Event", "EventBus", "OutcomeRecorded", "Refusal", "SessionEnded", "TransactionEnded"]
+__all__ = ["Authenticated", "Event", "EventBus", "OutcomeRecorded", "Refusal", "SessionEnded", "TransactionEnded"]

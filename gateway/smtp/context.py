@@ -12,7 +12,6 @@ from ..accounts.store import AccountStore
 from ..config import Config
 from ..core.events import EventBus
 from ..delivery import Delivery
-from ..metrics import Metrics
 from ..pipeline import Pipeline
 from .limits import ConnectionTracker
 
@@ -36,7 +35,6 @@ class SmtpContext:
     connections: ConnectionTracker
     delivery: Delivery
     events: EventBus
-    metrics: Metrics                      # AUTH counters
     draining: Callable[[], bool]          # True once shutdown began
     proxy_networks: Mapping[str, Sequence[Network]]   # listener name -> trusted PROXY peers
     sessions: MutableSet[Session]         # open sessions, for graceful shutdown

@@ -30,7 +30,7 @@ from aiosmtpd.smtp import SMTP as AioSMTP
 
 from ..core import replies
 from ..core.address import AddressError, EnvelopeAddress, parse_params, parse_path
-from ..core.events import Refusal, SessionEnded, TransactionEnded
+from ..core.events import Authenticated, Refusal, SessionEnded, TransactionEnded
 from ..core.replies import Rendered, Reply
 from ..core.transaction import Outcome, Phase, Result, SessionInfo, TlsInfo, Transaction, session_id
 from .context import SmtpContext
@@ -404,12 +404,10 @@ class GatewaySMTP(AioSMTP):
             return
         if account is None:
             await limiter.failed(sess.peer_ip, login_text)
-            self.ctx.metrics.auth.labels("failure").inc()
             await self._refuse_auth(Outcome("auth", Result.FAIL, f"bad credentials for {login_text}",
                                             replies.AUTH_INVALID, Phase.AUTH, login_text))
             return
         if account.suspended:
-            self.ctx.metrics.auth.labels("suspended").inc()
             await self._refuse_auth(Outcome("auth", Result.FAIL, f"account {account.name} suspended",
                                             replies.AUTH_SUSPENDED, Phase.AUTH, login_text))
             return
@@ -419,7 +417,7 @@ class GatewaySMTP(AioSMTP):
         self.session.authenticated = True
         self._record(sess.ledger, Outcome("auth", Result.PASS, f"account {account.name} via {mechanism}",
                                           phase=Phase.AUTH, item=login_text))
-        self.ctx.metrics.auth.labels("success").inc()
+        self.ctx.events.publish(Authenticated(sess))
         await self.reply(replies.AUTH_OK)
 
     async def _refuse_auth(self, outcome: Outcome) -> None:
