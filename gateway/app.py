@@ -232,7 +232,10 @@ class Gateway:
         self.blocklist = BlockList(self.engine, clock=self.clock)   # P-BLOCK, polled for changes
         await self.blocklist.start()
         if cfg.counters.backend == "redis":
-            self.counters = RedisCounters(cfg.counters.redis_url, cfg.counters.key_prefix, self.clock)
+            c = cfg.counters
+            self.counters = RedisCounters(c.redis_url, c.key_prefix, self.clock, timeout=c.timeout,
+                                          expected_nodes=c.expected_nodes, retry_interval=c.retry_interval,
+                                          retry_max=c.retry_max)
         else:
             self.counters = MemoryCounters(self.clock)
         self.auth_limiter = AuthLimiter(self.counters, cfg.auth.max_failures_per_ip,
