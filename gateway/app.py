@@ -166,7 +166,10 @@ class Gateway:
         self.blocklist = BlockList(self.engine, clock=self.clock)   # P-BLOCK, polled for changes
         await self.blocklist.start()
         if cfg.counters.backend == "redis":
-            self.counters = RedisCounters(cfg.counters.redis_url, cfg.counters.key_prefix, self.clock)
+            c = cfg.counters
+            self.counters = RedisCounters(c.redis_url, c.key_prefix, self.clock, timeout=c.timeout,
+                                          expected_nodes=c.expected_nodes, retry_interval=c.retry_interval,
+                                          retry_max=c.retry_max)
         else:
             self.counters = MemoryCounters(self.clock)
         self.auth_limiter = AuthLimiter(self.counters, cfg.auth.max_failures_per_ip,
@@ -229,15 +232,16 @@ class Gateway:
         import uvicorn
 
         from .web.app import create_app
-        from .web.context import WebContext, readiness_of
+        from .web.context import WebContext, health_of, readiness_of
 
         cfg = self.config
         if self.accounts is None or self.blocklist is None:
             raise RuntimeError("the HTTP side starts after the accounts and the block list")
         app = create_app(WebContext(
             http=cfg.http, accounts=self.accounts, blocklist=self.blocklist, registry=self.registry,
-            readiness=lambda: readiness_of(ready=self.ready, draining=self.draining),
-            metrics=self.metrics.render))
+            readiness=lambda: readiness_of(ready=self.ready, draining=self.draining,
+                                           upstream=self.relay is None or self.relay.any_available),
+            health=lambda: health_of(self.relay, self.counters), metrics=self.metrics.render))
         config = uvicorn.Config(app, host=cfg.http.address, port=cfg.http.port, loop="none",
                                 log_level="warning", lifespan="off", access_log=False)
         self._http = uvicorn.Server(config)

@@ -168,12 +168,25 @@ class RelaySettings:
     idle_timeout: float = 30.0        # close pooled connections idle longer than this
     max_messages_per_connection: int = 1000
     helo_name: str = ""               # default: smtp.hostname
+    # Circuit breaker per upstream (relay/breaker.py): open after this many
+    # consecutive connection failures (at once after a timeout, with
+    # breaker_open_on_timeout), skipped for a back-off that doubles from
+    # breaker_backoff to breaker_backoff_max, probed in the background after it.
+    breaker_failures: int = 3
+    breaker_open_on_timeout: bool = True
+    breaker_backoff: float = 5.0
+    breaker_backoff_max: float = 300.0
 
     def __post_init__(self) -> None:
         if self.pool_size < 0:
             raise ValueError("pool_size: must not be negative")
         _positive("idle_timeout", self.idle_timeout)
         _positive("max_messages_per_connection", self.max_messages_per_connection)
+        _positive("breaker_failures", self.breaker_failures)
+        _positive("breaker_backoff", self.breaker_backoff)
+        if self.breaker_backoff_max < self.breaker_backoff:
+            raise ValueError(f"breaker_backoff_max: must not be less than breaker_backoff "
+                             f"({self.breaker_backoff}), got {self.breaker_backoff_max}")
 
 
 @dataclass(frozen=True)
@@ -190,6 +203,23 @@ class CounterSettings:
     backend: Literal["memory", "redis"] = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "gw:"
+    # Redis down (state/counters.py): every Redis call has this deadline; past
+    # it, or on any Redis error, the counters fall back to local per-process
+    # counts with every limit divided by expected_nodes (the gateways sharing
+    # the Redis), and re-probe Redis in the background after retry_interval,
+    # doubling to retry_max, until it answers again.
+    timeout: float = 0.5
+    expected_nodes: int = 1
+    retry_interval: float = 1.0
+    retry_max: float = 30.0
+
+    def __post_init__(self) -> None:
+        _positive("timeout", self.timeout)
+        _positive("expected_nodes", self.expected_nodes)
+        _positive("retry_interval", self.retry_interval)
+        if self.retry_max < self.retry_interval:
+            raise ValueError(f"retry_max: must not be less than retry_interval ({self.retry_interval}), "
+                             f"got {self.retry_max}")
 
 
 @dataclass(frozen=True)

@@ -61,12 +61,48 @@ class _StatsCollector:
             for key, value in relay.stats.items():
                 fam.add_metric([key], value)
             yield fam
+            yield from _breaker_metrics(relay)
+        counters = getattr(gw, "counters", None)
+        if counters is not None and hasattr(counters, "health"):
+            yield from _counter_metrics(counters)
         registry = getattr(gw, "registry", None)
         if registry is not None:
             yield from _registry_metrics(registry)
         fam = GaugeMetricFamily("gateway_smtp_connections", "Open SMTP connections")
         fam.add_metric([], gw.connections.total)
         yield fam
+
+
+def _breaker_metrics(relay):
+    from .relay.breaker import STATE_VALUES
+    state = GaugeMetricFamily("gateway_upstream_state", "Circuit breaker per upstream: 0 closed, "
+                              "1 half-open (probe running), 2 open (skipped)", labels=["upstream"])
+    failures = GaugeMetricFamily("gateway_upstream_consecutive_failures",
+                                 "Consecutive failures to open a connection and start a transaction",
+                                 labels=["upstream"])
+    opens = CounterMetricFamily("gateway_upstream_breaker_opens", "Times the breaker opened (failed probes "
+                                "included)", labels=["upstream"])
+    skipped = CounterMetricFamily("gateway_upstream_skipped", "Transactions that skipped the upstream "
+                                  "without trying it (breaker open)", labels=["upstream"])
+    for up in relay.upstreams:
+        b = up.breaker
+        state.add_metric([up.name], STATE_VALUES[b.state])
+        failures.add_metric([up.name], b.consecutive_failures)
+        opens.add_metric([up.name], b.opens)
+        skipped.add_metric([up.name], b.skipped)
+    yield from (state, failures, opens, skipped)
+
+
+def _counter_metrics(counters):
+    h = counters.health()
+    g = GaugeMetricFamily("gateway_counters_fallback", "1 while the shared counters (Redis) are unreachable "
+                          "and limits are counted locally, scaled down")
+    g.add_metric([], 1 if h["state"] == "fallback" else 0)
+    yield g
+    yield CounterMetricFamily("gateway_counters_fallbacks", "Times the counters fell back to local counting",
+                              value=h["fallbacks"])
+    yield CounterMetricFamily("gateway_counters_redis_errors", "Redis calls of the counters that failed or "
+                              "overran their deadline", value=h["redis_errors"])
 
 
 def _registry_metrics(registry):

@@ -52,6 +52,8 @@ def transaction_record(tx: Transaction) -> dict:
         d["reply"] = tx.final_reply.render()
     if tx.upstream:
         d["upstream"] = tx.upstream
+    if tx.upstreams_skipped:
+        d["upstreams_skipped"] = list(tx.upstreams_skipped)
     fwd = tx.forwarding
     # Forwarded mail (with its evidence and both envelope senders) and SRS
     # bounces; a candidate or an own-envelope decision that came to nothing is

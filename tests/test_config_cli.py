@@ -50,6 +50,12 @@ def write(tmp_path: Path, text: str) -> Path:
     ("[http]\nadmin_key = \"env:GW_TEST_UNSET_VAR\"\n", "http.admin_key", "GW_TEST_UNSET_VAR is not set"),
     ("[tls]\ncert_file = \"/nonexistent.pem\"\nkey_file = \"/nonexistent.key\"\n", "tls.cert_file", "does not exist"),
     ("[counters]\nbackend = \"memcached\"\n", "counters.backend", "must be one of"),
+    ("[counters]\nexpected_nodes = 0\n", "counters.expected_nodes", "must be greater than 0"),
+    ("[counters]\ntimeout = 0\n", "counters.timeout", "must be greater than 0"),
+    ("[counters]\nretry_interval = 5.0\nretry_max = 1.0\n", "counters.retry_max", "must not be less than"),
+    ("[relay]\nbreaker_failures = 0\n", "relay.breaker_failures", "must be greater than 0"),
+    ("[relay]\nbreaker_backoff = 10.0\nbreaker_backoff_max = 1.0\n", "relay.breaker_backoff_max",
+     "must not be less than"),
 ])
 def test_config_errors_name_file_key_and_problem(tmp_path, snippet, key, problem):
     path = write(tmp_path, GOOD + snippet)

@@ -1,5 +1,8 @@
 """AUTH failure limits per client IP and per account name (P-LOAD):
-password guessing is cut off, and stays cut off for the window."""
+password guessing is cut off, and stays cut off for the window.
+
+While the shared counters are down the counts are local to this gateway and
+each limit is the counters' ``scaled`` share of it (state/counters.py)."""
 from __future__ import annotations
 
 
@@ -11,10 +14,12 @@ class AuthLimiter:
         self.window = window
 
     async def ip_blocked(self, ip: str) -> bool:
-        return await self.counters.get(f"authfail:ip:{ip}", self.window) >= self.max_per_ip
+        count = await self.counters.get(f"authfail:ip:{ip}", self.window)
+        return count >= self.counters.scaled(self.max_per_ip)
 
     async def account_blocked(self, name: str) -> bool:
-        return await self.counters.get(f"authfail:acct:{name}", self.window) >= self.max_per_account
+        count = await self.counters.get(f"authfail:acct:{name}", self.window)
+        return count >= self.counters.scaled(self.max_per_account)
 
     async def failed(self, ip: str, name: str) -> None:
         await self.counters.incr(f"authfail:ip:{ip}", self.window)

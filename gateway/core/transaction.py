@@ -201,6 +201,7 @@ class Transaction:
     decision: str = "open"          # relayed | refused | deferred | aborted | local
     final_reply: Reply | Rendered | None = None
     upstream: str | None = None
+    upstreams_skipped: tuple[str, ...] = ()       # before ``upstream``: skipped, their circuit open
     forwarding: ForwardingDecision | None = None   # forwarded mail / SRS bounce (gateway/forwarding.py)
     # What checks provide to later checks and to delivery (each check's SPEC
     # names the fields it provides and reads; docs/checks.md).

@@ -168,6 +168,7 @@ class Handover:
             size=int(size) if isinstance(size, str) else None)
         if utx is not None:
             tx.upstream = utx.upstream
+            tx.upstreams_skipped = utx.skipped
         return utx, reply
 
     async def _shared_rcpt(self, address: EnvelopeAddress) -> Reply | Rendered:
@@ -228,7 +229,8 @@ class Handover:
                 what = (f"SRS bounce of {fwd.original} to {fwd.rewrite}" if fwd.kind == "bounce" else
                         f"forwarded ({fwd.evidence}), envelope sender {fwd.rewrite or fwd.original}")
                 tx.ledger.append(Outcome("forwarding", Result.PASS, what + ", relayed unchanged under the trace"))
-            tx.ledger.append(Outcome("relay", Result.PASS, f"upstream {tx.upstream}"))
+            skipped = f" ({', '.join(tx.upstreams_skipped)} skipped: circuit open)" if tx.upstreams_skipped else ""
+            tx.ledger.append(Outcome("relay", Result.PASS, f"upstream {tx.upstream}{skipped}"))
             return replies.RELAYED.with_suffix(f", trace id {tx.trace_id} ({reply.text})")
         tx.ledger.append(Outcome("relay", Result.FAIL, reply.render(), reply))
         return reply

@@ -6,6 +6,11 @@ the client's MAIL passed our checks, each RCPT once it passed ours, and the
 client's DATA is answered with the upstream's own answer. So a recipient the
 upstream refuses is refused to the client, and 250 after DATA means the
 upstream has the message: nothing accepted is ever lost.
+
+Each upstream has a circuit breaker (relay/breaker.py): an upstream that
+failed is skipped without being tried until its back-off ends and a
+background probe reaches it again; when no upstream is left the one whose
+back-off ends first is tried anyway.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from aiosmtplib.errors import SMTPException, SMTPResponseException
 from ..config import RelaySettings, UpstreamSettings
 from ..core import replies
 from ..core.replies import Rendered, Reply
+from .breaker import Breaker
 
 log = logging.getLogger("gateway.relay")
 
@@ -49,24 +55,29 @@ class _Connection:
 @dataclass(eq=False)
 class Upstream:
     settings: UpstreamSettings
+    breaker: Breaker
     idle: deque = field(default_factory=deque)
-    failures: int = 0
 
     @property
     def name(self) -> str:
         return f"{self.settings.host}:{self.settings.port}"
 
+    @property
+    def failures(self) -> int:
+        return self.breaker.consecutive_failures
+
 
 class UpstreamTransaction:
     """One open MAIL transaction at an upstream, driven by the client's commands."""
 
-    def __init__(self, pool: "RelayPool", conn: _Connection, utf8: bool):
+    def __init__(self, pool: "RelayPool", conn: _Connection, utf8: bool, skipped: tuple[str, ...] = ()):
         self._pool = pool
         self._conn = conn
         self._utf8 = utf8
         self._broken = False
         self._done = False
         self.accepted_rcpts = 0
+        self.skipped = skipped      # upstreams not tried before this one: their breaker was open
 
     @property
     def upstream(self) -> str:
@@ -129,23 +140,43 @@ def _command(verb: bytes, prefix: bytes, address: str, options: list[str], utf8:
 
 
 class RelayPool:
-    def __init__(self, settings: RelaySettings, helo_name: str):
+    def __init__(self, settings: RelaySettings, helo_name: str, clock=time.monotonic):
         self.settings = settings
         self.helo_name = settings.helo_name or helo_name
-        self.upstreams = [Upstream(u) for u in settings.upstreams]
+        self._clock = clock
+        self.upstreams = [self._upstream(u) for u in settings.upstreams]
         self._sweeper: asyncio.Task | None = None
+        self._prober: asyncio.Task | None = None
+        self._probe_wake = asyncio.Event()
         self.stats = {"connections_opened": 0, "connections_reused": 0, "failovers": 0}
 
+    def _upstream(self, settings: UpstreamSettings) -> Upstream:
+        s = self.settings
+        return Upstream(settings, Breaker(s.breaker_failures, s.breaker_backoff, s.breaker_backoff_max,
+                                          s.breaker_open_on_timeout, self._clock))
+
     def set_upstreams(self, upstreams: list[UpstreamSettings]) -> None:
-        self.upstreams = [Upstream(u) for u in upstreams]
+        self.upstreams = [self._upstream(u) for u in upstreams]
+
+    def health(self) -> dict[str, dict]:
+        """Each upstream's breaker (for /readyz), in failover order."""
+        return {up.name: up.breaker.as_dict() for up in self.upstreams}
+
+    @property
+    def any_available(self) -> bool:
+        """Is at least one upstream's breaker closed (or the probe of one running)?"""
+        return any(up.breaker.state != "open" for up in self.upstreams)
 
     async def start(self) -> None:
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.create_task(self._sweep())
+        self._prober = loop.create_task(self._probe_loop())
 
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        for task in (self._sweeper, self._prober):
+            if task is not None:
+                task.cancel()
+        self._sweeper = self._prober = None
         for up in self.upstreams:
             while up.idle:
                 conn = up.idle.popleft()
@@ -167,6 +198,58 @@ class RelayPool:
                     else:
                         keep.append(conn)
                 up.idle = keep
+
+    # ------------------------------------------------------------ breakers
+    def _failed(self, up: Upstream, exc: BaseException, probe: bool = False) -> None:
+        """A connection to ``up`` could not be opened or used for MAIL."""
+        if up.breaker.failure(timeout=isinstance(exc, TimeoutError), probe=probe):
+            log.warning("upstream %s circuit open for %g s after %d consecutive failure(s) (last: %s): "
+                        "skipped until a probe reaches it", up.name, up.breaker.backoff,
+                        up.breaker.consecutive_failures, exc or type(exc).__name__)
+            while up.idle:       # connections to a failing upstream are not worth keeping
+                up.idle.popleft().close()
+            self._probe_wake.set()
+
+    def _succeeded(self, up: Upstream) -> None:
+        if up.breaker.state != "closed":
+            log.warning("upstream %s circuit closed: reachable again", up.name)
+        up.breaker.success()
+
+    async def _probe_loop(self) -> None:
+        """Probe every open upstream whose back-off has ended, one connection
+        each (connect, greeting, EHLO, STARTTLS and login as configured)."""
+        probes: set[asyncio.Task] = set()
+        try:
+            while True:
+                for up in self.upstreams:
+                    if up.breaker.probe_due():
+                        up.breaker.start_probe()
+                        task = asyncio.get_running_loop().create_task(self._probe(up))
+                        probes.add(task)
+                        task.add_done_callback(probes.discard)
+                waits = [up.breaker.open_until - self._clock() for up in self.upstreams
+                         if up.breaker.state == "open"]
+                self._probe_wake.clear()
+                try:
+                    await asyncio.wait_for(self._probe_wake.wait(), max(0.01, min(waits, default=60.0)))
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            for task in list(probes):
+                task.cancel()
+
+    async def _probe(self, up: Upstream) -> None:
+        try:
+            conn = await self._open(up)
+        except _CONNECTION_ERRORS as exc:
+            log.info("upstream %s probe failed: %s", up.name, exc or type(exc).__name__)
+            self._failed(up, exc, probe=True)
+            return
+        except BaseException:
+            up.breaker.state = "open"      # cancelled (shutdown): probed again by the next loop
+            raise
+        self._succeeded(up)
+        self._release(conn, reusable=True)
 
     async def _open(self, up: Upstream) -> _Connection:
         st = up.settings
@@ -221,42 +304,78 @@ class RelayPool:
         upstream could be reached.
         """
         last: Reply | Rendered = replies.UPSTREAM_UNAVAILABLE
-        for index, up in enumerate(self.upstreams):
-            if index:
+        skipped: list[Upstream] = []
+        tried = 0
+        for up in self.upstreams:
+            if not up.breaker.available:
+                up.breaker.skipped += 1
+                skipped.append(up)
+                continue
+            if tried:
                 self.stats["failovers"] += 1
-            for attempt in range(2):
-                conn = self._take_idle(up) if attempt == 0 else None
-                fresh = conn is None
-                try:
-                    if conn is None:
-                        conn = await self._open(up)
-                    opts = self._options(conn, options, utf8, eight_bit, size)
-                    if opts is None:
-                        last = replies.UPSTREAM_NO_SMTPUTF8
-                        self._release(conn, reusable=True)
-                        break
-                    resp = await conn.smtp.execute_command(*_command(b"MAIL", b"FROM:", mail_from, opts, utf8),
-                                                           timeout=up.settings.command_timeout)
-                except _CONNECTION_ERRORS as exc:
-                    if conn is not None:
-                        conn.close()
-                    if fresh:
-                        log.warning("upstream %s unreachable: %s", up.name, exc)
-                        up.failures += 1
-                        break  # next upstream
-                    continue  # a stale pooled connection: retry once with a fresh one
-                if resp.code == 250:
-                    up.failures = 0
-                    return UpstreamTransaction(self, conn, utf8), replies.SENDER_OK
-                reply = replies.from_upstream(resp.code, resp.message)
-                if resp.code >= 500:
-                    # The upstream judged the sender: tell the client, no failover.
-                    await UpstreamTransaction(self, conn, utf8).close()
-                    return None, reply
-                last = reply
-                self._release(conn, reusable=resp.code != 421)
-                break
+            tried += 1
+            result = await self._try(up, mail_from, options, utf8, eight_bit, size, skipped)
+            if isinstance(result, tuple):
+                return result
+            last = result
+        if skipped:
+            # Never refuse because of a breaker: the skipped upstream whose
+            # back-off ends first gets this transaction's attempt anyway.
+            up = min(skipped, key=lambda u: u.breaker.open_until)
+            skipped.remove(up)
+            if tried:
+                self.stats["failovers"] += 1
+            log.info("upstream %s tried although its circuit is %s: no other upstream took the transaction",
+                     up.name, up.breaker.state)
+            result = await self._try(up, mail_from, options, utf8, eight_bit, size, skipped)
+            if isinstance(result, tuple):
+                return result
+            last = result
         return None, last
+
+    async def _try(self, up: Upstream, mail_from: str, options: list[str], utf8: bool, eight_bit: bool,
+                   size: int | None, skipped: list[Upstream]
+                   ) -> tuple[UpstreamTransaction | None, Reply | Rendered] | Reply | Rendered:
+        """MAIL FROM at one upstream: a (transaction or None, reply) tuple ends
+        the failover (accepted, or refused with 5xx); a bare reply goes on to
+        the next upstream."""
+        last: Reply | Rendered = replies.UPSTREAM_UNAVAILABLE
+        for attempt in range(2):
+            conn = self._take_idle(up) if attempt == 0 else None
+            fresh = conn is None
+            try:
+                if conn is None:
+                    conn = await self._open(up)
+                opts = self._options(conn, options, utf8, eight_bit, size)
+                if opts is None:
+                    last = replies.UPSTREAM_NO_SMTPUTF8
+                    self._release(conn, reusable=True)
+                    break
+                resp = await conn.smtp.execute_command(*_command(b"MAIL", b"FROM:", mail_from, opts, utf8),
+                                                       timeout=up.settings.command_timeout)
+            except _CONNECTION_ERRORS as exc:
+                if conn is not None:
+                    conn.close()
+                if fresh:
+                    log.warning("upstream %s unreachable: %s", up.name, exc or type(exc).__name__)
+                    self._failed(up, exc)
+                    break  # next upstream
+                continue  # a stale pooled connection: retry once with a fresh one
+            reply = replies.from_upstream(resp.code, resp.message)
+            if resp.code == 421:       # closing the channel: as good as unreachable
+                self._failed(up, SMTPResponseException(resp.code, resp.message))
+                self._release(conn, reusable=False)
+                return reply
+            self._succeeded(up)        # it answered MAIL: alive, whatever it thinks of the sender
+            if resp.code == 250:
+                return UpstreamTransaction(self, conn, utf8, tuple(u.name for u in skipped)), replies.SENDER_OK
+            if resp.code >= 500:
+                # The upstream judged the sender: tell the client, no failover.
+                await UpstreamTransaction(self, conn, utf8).close()
+                return None, reply
+            self._release(conn, reusable=True)
+            return reply
+        return last
 
     @staticmethod
     def _options(conn: _Connection, options: list[str], utf8: bool, eight_bit: bool,

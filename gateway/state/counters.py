@@ -3,17 +3,37 @@ fingerprints later): fixed-window counts keyed by string.
 
 Two implementations behind one narrow interface: in memory (one gateway) and
 Redis (several gateways share the counts).
+
+Redis down is a decision, not a crash: every Redis call has a deadline
+(``[counters] timeout``, on the client's sockets and around the call). The
+first call that fails or overruns it switches the counters to local
+per-process counts (logged once, shown in /readyz and /metrics); a limit
+checked against them is divided by ``expected_nodes``, the number of
+gateways sharing the Redis, so N gateways counting alone together allow
+about what the shared count would (``scaled``). While in fallback no call
+waits for Redis: a background probe PINGs it after ``retry_interval``,
+doubling to ``retry_max``; the first answer switches back (logged once).
+The local counts of the outage are then dropped, the Redis counts (which
+still hold what was counted before it) are used again.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from typing import Callable, Protocol
+
+from .background import BackgroundTask
+
+log = logging.getLogger("gateway.counters")
 
 
 class Counters(Protocol):
     async def incr(self, key: str, window: float, amount: int = 1) -> int: ...
     async def get(self, key: str, window: float) -> int: ...
     async def reset(self, key: str, window: float) -> None: ...
+    def scaled(self, limit: int) -> int: ...
+    def health(self) -> dict: ...
     async def close(self) -> None: ...
 
 
@@ -51,37 +71,134 @@ class MemoryCounters:
         for k in [k for k, (b, _) in self._data.items() if b != bucket]:
             del self._data[k]
 
+    def scaled(self, limit: int) -> int:
+        """The limit to hold these counts against: all of it (one gateway)."""
+        return limit
+
+    def health(self) -> dict:
+        return {"backend": "memory", "state": "memory", "fallbacks": 0, "redis_errors": 0}
+
     async def close(self) -> None:
         self._data.clear()
 
 
 class RedisCounters:
-    """The same windows in Redis: INCRBY + EXPIRE in one round trip."""
+    """The same windows in Redis (INCRBY + EXPIRE in one round trip), with a
+    local fallback while Redis is unreachable (see the module docstring)."""
 
-    def __init__(self, url: str, prefix: str = "gw:", clock: Callable[[], float] = time.time):
+    def __init__(self, url: str, prefix: str = "gw:", clock: Callable[[], float] = time.time, *,
+                 timeout: float = 0.5, expected_nodes: int = 1, retry_interval: float = 1.0,
+                 retry_max: float = 30.0):
         import redis.asyncio as redis  # imported here: only needed when configured
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
-        self._redis = redis.from_url(url)
+        # No retries inside the client: one deadline per call, then the fallback.
+        self._redis = redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout,
+                                     retry=Retry(NoBackoff(), 0))
+        self._url = _safe_url(url)
         self._prefix = prefix
         self._clock = clock
+        self.timeout = timeout
+        self.expected_nodes = expected_nodes
+        self.retry_interval = retry_interval
+        self.retry_max = retry_max
+        self.local = MemoryCounters(clock)
+        self.fallback = False
+        self.fallbacks = 0              # switches to the local counts
+        self.redis_errors = 0           # calls that failed or overran the deadline
+        self._probe = BackgroundTask("counters redis probe")
 
     def _key(self, key: str, window: float) -> str:
         return f"{self._prefix}c:{key}:{int(window)}:{int(self._clock() // window)}"
 
+    async def _call(self, fn):
+        """Run one Redis call under the deadline; None when it failed (the
+        counters are in fallback from then on)."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await fn()
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            raise
+        except Exception as exc:       # RedisError, OSError, the deadline: all mean "not now"
+            self.redis_errors += 1
+            self._fall_back(exc)
+            return None
+
+    def _fall_back(self, exc: BaseException) -> None:
+        if self.fallback:
+            return
+        self.fallback = True
+        self.fallbacks += 1
+        log.warning("counters: Redis at %s unreachable (%s); counting locally per process with limits divided "
+                    "by expected_nodes=%d until it answers again (probed every %g s, up to %g s)",
+                    self._url, _describe(exc, self.timeout), self.expected_nodes, self.retry_interval,
+                    self.retry_max)
+        self._probe = BackgroundTask("counters redis probe")
+        self._probe.start(self._reprobe)
+
+    async def _reprobe(self) -> None:
+        delay = self.retry_interval
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await self._redis.ping()
+            except (asyncio.CancelledError, KeyboardInterrupt):
+                raise
+            except Exception:
+                self.redis_errors += 1
+                delay = min(delay * 2, self.retry_max)
+                continue
+            self.fallback = False
+            self.local = MemoryCounters(self._clock)     # the outage's local counts are dropped
+            log.warning("counters: Redis at %s answers again; counting in Redis again", self._url)
+            return
+
     async def incr(self, key: str, window: float, amount: int = 1) -> int:
-        k = self._key(key, window)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.incrby(k, amount)
-            pipe.expire(k, int(window) + 1)
-            count, _ = await pipe.execute()
-        return int(count)
+        if not self.fallback:
+            k = self._key(key, window)
+
+            async def run():
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    pipe.incrby(k, amount)
+                    pipe.expire(k, int(window) + 1)
+                    count, _ = await pipe.execute()
+                return int(count)
+            count = await self._call(run)
+            if count is not None:
+                return count
+        return await self.local.incr(key, window, amount)
 
     async def get(self, key: str, window: float) -> int:
-        value = await self._redis.get(self._key(key, window))
-        return int(value) if value is not None else 0
+        if not self.fallback:
+            k = self._key(key, window)
+            missing = object()
+
+            async def run():
+                value = await self._redis.get(k)
+                return missing if value is None else int(value)
+            value = await self._call(run)
+            if value is missing:
+                return 0
+            if value is not None:
+                return value
+        return await self.local.get(key, window)
 
     async def reset(self, key: str, window: float) -> None:
-        await self._redis.delete(self._key(key, window))
+        await self.local.reset(key, window)
+        if not self.fallback:
+            k = self._key(key, window)
+            await self._call(lambda: self._redis.delete(k))
+
+    def scaled(self, limit: int) -> int:
+        """The limit to hold a count against: all of it while the count is
+        shared, ``limit // expected_nodes`` (at least 1) while local."""
+        return max(1, limit // self.expected_nodes) if self.fallback else limit
+
+    def health(self) -> dict:
+        return {"backend": "redis", "state": "fallback" if self.fallback else "redis",
+                "fallbacks": self.fallbacks, "redis_errors": self.redis_errors}
 
     @property
     def client(self):
@@ -95,4 +212,20 @@ class RedisCounters:
         return bool(await self._redis.ping())
 
     async def close(self) -> None:
+        await self._probe.stop()
         await self._redis.aclose()
+
+
+def _safe_url(url: str) -> str:
+    """The Redis URL without a password, for the log."""
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def _describe(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {timeout:g} s"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

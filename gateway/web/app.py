@@ -67,9 +67,11 @@ def create_app(ctx: WebContext) -> FastAPI:
 
     @app.get("/readyz", tags=["ops"])
     async def readyz() -> Response:
-        """Listening and not draining (readiness for a load balancer)."""
+        """Listening, not draining, and an upstream whose breaker is not open
+        (readiness for a load balancer); the upstreams' and counters' health."""
         state = ctx.readiness()
-        return OrjsonResponse({"status": state}, status_code=200 if state == "ready" else 503)
+        body = {"status": state, **(ctx.health() if ctx.health is not None else {})}
+        return OrjsonResponse(body, status_code=200 if state == "ready" else 503)
 
     @app.get("/metrics", tags=["ops"])
     async def metrics() -> Response:

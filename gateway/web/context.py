@@ -19,8 +19,10 @@ from ..config import HttpSettings
 from ..registry.service import RegistryService
 
 # /readyz: 200 only for "ready"; "starting" until every listener serves,
-# "draining" from the first SIGTERM on (a load balancer stops sending).
-Readiness = Literal["ready", "starting", "draining"]
+# "draining" from the first SIGTERM on (a load balancer stops sending),
+# "no_upstream" while every upstream's circuit breaker is open (background
+# probes close them again without traffic; SMTP is still served meanwhile).
+Readiness = Literal["ready", "starting", "draining", "no_upstream"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,11 +32,26 @@ class WebContext:
     blocklist: BlockList                    # /admin/blocklist (P-BLOCK)
     readiness: Callable[[], Readiness]      # /readyz
     metrics: Callable[[], bytes]            # /metrics: the Prometheus text exposition
+    health: Callable[[], dict] | None = None  # /readyz details: upstream breakers, counters store
     registry: RegistryService | None = None  # /api/v1, /confirm, /unsubscribe; not mounted without it
 
 
-def readiness_of(*, ready: bool, draining: bool) -> Readiness:
-    """The /readyz state of a gateway that is ``ready`` (listening) and perhaps ``draining``."""
+def readiness_of(*, ready: bool, draining: bool, upstream: bool = True) -> Readiness:
+    """The /readyz state of a gateway that is ``ready`` (listening) and perhaps
+    ``draining``, with at least one ``upstream`` whose breaker is not open."""
     if draining:
         return "draining"
-    return "ready" if ready else "starting"
+    if not ready:
+        return "starting"
+    return "ready" if upstream else "no_upstream"
+
+
+def health_of(relay, counters) -> dict:
+    """The details /readyz shows: each upstream's breaker (relay/breaker.py)
+    and the counters' store (state/counters.py: memory, redis or fallback)."""
+    out: dict = {}
+    if relay is not None:
+        out["upstreams"] = relay.health()
+    if counters is not None and hasattr(counters, "health"):
+        out["counters"] = counters.health()
+    return out
