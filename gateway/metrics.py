@@ -58,9 +58,9 @@ class _StatsCollector:
         registry = getattr(gw, "registry", None)
         if registry is not None:
             yield from _registry_metrics(registry)
-        fam = GaugeMetricFamily("gateway_smtp_connections", "Open SMTP connections")
-        fam.add_metric([], gw.connections.total)
-        yield fam
+        gauge = GaugeMetricFamily("gateway_smtp_connections", "Open SMTP connections")
+        gauge.add_metric([], gw.connections.total)
+        yield gauge
 
 
 def _registry_metrics(registry):

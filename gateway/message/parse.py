@@ -19,6 +19,7 @@ import functools
 import re
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
+from typing import Any, Protocol
 
 from .findings import Finding
 from .wire import header_end
@@ -1013,7 +1014,13 @@ def parse_received(value: str) -> dict[str, str]:
 # Shared by the check modules: parse the header block once per message
 # --------------------------------------------------------------------------------------
 
-def parsed_for(tx) -> ParsedHeaders:  # type: ignore[no-untyped-def]
+class _Cached(Protocol):
+    """What parsed_for needs of a transaction (core.transaction.Transaction)."""
+    message: bytes | None
+    parsed_headers: Any
+
+
+def parsed_for(tx: _Cached) -> ParsedHeaders:
     """The parsed header block of ``tx.message``, cached in ``tx.parsed_headers``."""
     data = tx.message or b""
     hit = tx.parsed_headers

@@ -49,7 +49,7 @@ class _Connection:
 @dataclass(eq=False)
 class Upstream:
     settings: UpstreamSettings
-    idle: deque = field(default_factory=deque)
+    idle: deque[_Connection] = field(default_factory=deque)
     failures: int = 0
 
     @property
@@ -159,7 +159,7 @@ class RelayPool:
             await asyncio.sleep(max(1.0, self.settings.idle_timeout / 2))
             now = time.monotonic()
             for up in self.upstreams:
-                keep = deque()
+                keep: deque[_Connection] = deque()
                 while up.idle:
                     conn = up.idle.popleft()
                     if now - conn.last_used > self.settings.idle_timeout or not conn.alive:
