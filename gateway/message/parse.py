@@ -266,7 +266,7 @@ def _tokenize(s: str) -> list[tuple[str, str]]:
             i = j
             continue
         if kind != "ws":
-            toks.append((kind, m.group()))  # type: ignore[arg-type]
+            toks.append((kind, m.group()))  # type: ignore[arg-type]  # every alternative is a named group: lastgroup is set
         i = m.end()
     return toks
 

@@ -65,7 +65,7 @@ class Lookups(RegistryBase):
             return "unknown"
         hit = self.cache.get(list_id, addr_hash)
         if hit is not None:
-            return hit  # type: ignore[return-value]
+            return hit  # type: ignore[return-value]  # the cache holds RecipientStatus values, typed str
         return await self._coalesced(("s", list_id, addr_hash), self._load_status, list_id, addr_hash)
 
     async def _load_status(self, list_id: str, addr_hash: str) -> RecipientStatus:
