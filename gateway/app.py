@@ -10,7 +10,9 @@ import socket
 import ssl
 import time
 from dataclasses import replace
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import dev
 from .accounts.limiter import AuthLimiter
@@ -24,7 +26,7 @@ from .delivery import Delivery, Finalizer, local_handlers
 from .dns.dnsbl import Dnsbl
 from .dns.resolver import Resolver
 from .metrics import Metrics
-from .pipeline import build_pipeline
+from .pipeline import Pipeline, build_pipeline
 from .relay.devsink import DevSink
 from .relay.maildir import MaildirWriter
 from .relay.pool import RelayPool
@@ -32,9 +34,14 @@ from .services import Services
 from .smtp.context import Network, Session, SmtpContext
 from .smtp.limits import ConnectionTracker
 from .smtp.server import GatewaySMTP
-from .state.counters import MemoryCounters, RedisCounters
+from .state.counters import Counters, MemoryCounters, RedisCounters
 from .storage.db import create_engine, migrate
 from .txlog import TransactionLog
+
+if TYPE_CHECKING:  # pragma: no cover
+    import uvicorn
+
+    from .registry.service import RegistryService   # imported where it is made, in start()
 
 log = logging.getLogger("gateway")
 
@@ -75,18 +82,18 @@ class Gateway:
         self.ports: dict[str, int] = {}
         self.http_port: int | None = None
         self._servers: list[asyncio.base_events.Server] = []
-        self._http = None
+        self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task | None = None
         self._devsink: DevSink | None = None
         self._proxy_nets: dict[str, list[Network]] = {}
-        self.engine = None
+        self.engine: AsyncEngine | None = None
         self.accounts: AccountStore | None = None
         self.blocklist: BlockList | None = None
-        self.counters = None
+        self.counters: Counters | None = None
         self.relay: RelayPool | None = None
-        self.pipeline = None
+        self.pipeline: Pipeline | None = None
         self.services: Services | None = None
-        self.registry = None               # registry.service.RegistryService
+        self.registry: RegistryService | None = None
         self.resolver: Resolver | None = None
         self.dnsbl: Dnsbl | None = None
         self.proof_checker: DomainProofChecker | None = None
@@ -105,7 +112,7 @@ class Gateway:
         outbox, key files): a busy port is one line naming address:port and
         what to change, and the working directory stays as it was."""
         cfg = self.config
-        wanted = [(lst.name, lst.address, lst.port,
+        wanted: list[tuple[str | None, str, int, str]] = [(lst.name, lst.address, lst.port,
                    "--smtp-port" if cfg.dev.enabled else f"listeners[{i}].port")
                   for i, lst in enumerate(cfg.listeners)]
         if cfg.http.enabled:
@@ -178,7 +185,7 @@ class Gateway:
         # URL): it borrows their client, which the "counters" shutdown step
         # closes after the resolver's.
         shared_dns = (self.counters.client
-                      if cfg.counters.backend == "redis" and cfg.dnsbl.shared_cache else None)
+                      if isinstance(self.counters, RedisCounters) and cfg.dnsbl.shared_cache else None)
         self.resolver = Resolver(cfg.dns, redis=shared_dns,
                                  zone_file=cfg.dev.zone_file if cfg.dev.enabled else None)
         self.dnsbl = Dnsbl(cfg.dnsbl, self.resolver, on_alert=self._dnsbl_alert)
@@ -229,7 +236,19 @@ class Gateway:
         self.metrics.dnsbl_alerts.labels(zone.display).inc()
 
     async def _start_http(self) -> None:
+        import contextlib
+
         import uvicorn
+
+        class _HttpServer(uvicorn.Server):
+            """uvicorn without its signal handlers: SIGTERM and SIGINT are the
+            gateway's (cli.py). uvicorn >= 0.29 takes them in serve() and puts
+            the earlier ones back when it stops (its install_signal_handlers
+            hook is gone)."""
+
+            @contextlib.contextmanager
+            def capture_signals(self) -> Iterator[None]:
+                yield
 
         from .web.app import create_app
         from .web.context import WebContext, health_of, readiness_of
@@ -244,9 +263,8 @@ class Gateway:
             health=lambda: health_of(self.relay, self.counters), metrics=self.metrics.render))
         config = uvicorn.Config(app, host=cfg.http.address, port=cfg.http.port, loop="none",
                                 log_level="warning", lifespan="off", access_log=False)
-        self._http = uvicorn.Server(config)
-        self._http.install_signal_handlers = lambda: None  # the gateway owns the signals
-        sock, self._http_socket = self._http_socket, None
+        self._http = _HttpServer(config)
+        sock, self._http_socket = _made(self._http_socket, "the HTTP socket"), None
         self._http_task = asyncio.get_running_loop().create_task(self._http.serve(sockets=[sock]))
         for _ in range(500):
             if self._http.started:
@@ -309,6 +327,16 @@ class Gateway:
         if self.txlog is not None:
             self.txlog.close()
         self.stopped.set()
+
+
+_T = TypeVar("_T")
+
+
+def _made(component: _T | None, what: str) -> _T:
+    """A component an earlier step of start() made: it is there, or start-up runs out of order."""
+    if component is None:
+        raise RuntimeError(f"{what} is made earlier in start()")
+    return component
 
 
 async def _bounded(what: str, awaitable, seconds: float = 5.0) -> None:

@@ -77,7 +77,7 @@ def _convert(value: Any, tp: Any, key: str, source: str, env: Mapping[str, str])
         if not isinstance(value, dict):
             raise ConfigError(source, key, f"must be a table, not {type(value).__name__}")
         return {str(k): _convert(v, val_tp, f"{key}.{k}", source, env) for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(source, key, f"must be a table, not {type(value).__name__}")
         return load_section(tp, value, source, key, env)

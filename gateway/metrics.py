@@ -68,9 +68,9 @@ class _StatsCollector:
         registry = getattr(gw, "registry", None)
         if registry is not None:
             yield from _registry_metrics(registry)
-        fam = GaugeMetricFamily("gateway_smtp_connections", "Open SMTP connections")
-        fam.add_metric([], gw.connections.total)
-        yield fam
+        gauge = GaugeMetricFamily("gateway_smtp_connections", "Open SMTP connections")
+        gauge.add_metric([], gw.connections.total)
+        yield gauge
 
 
 def _breaker_metrics(relay):
@@ -206,7 +206,8 @@ class Metrics:
             if phase is Phase.CONNECT:
                 self._child(self.sessions_refused, event.outcome.check).inc()
             elif phase is Phase.AUTH:
-                outcome = _AUTH_OUTCOMES.get(event.outcome.reply)
+                reply = event.outcome.reply
+                outcome = _AUTH_OUTCOMES.get(reply) if isinstance(reply, replies.Reply) else None
                 if outcome is not None:
                     self._child(self.auth, outcome).inc()
 

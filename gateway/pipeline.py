@@ -19,7 +19,7 @@ import asyncio
 import logging
 import types
 from dataclasses import dataclass, field
-from typing import Any, Callable, Coroutine, Generator, Iterable, Protocol, Sequence
+from typing import Any, Callable, Coroutine, Generator, Iterable, Mapping, Protocol, Sequence
 
 from .checks import SPECS
 from .core import replies
@@ -137,7 +137,7 @@ class Pipeline:
         return Verdict(outcomes)
 
 
-def build_pipeline(order: dict[Phase, Iterable[str]], factories: dict[str, Callable[[], Check]],
+def build_pipeline(order: Mapping[Phase, Iterable[str]], factories: dict[str, Callable[[], Check]],
                    on_outcome: Callable[[Outcome], None] | None = None,
                    settings: CheckModes | None = None) -> Pipeline:
     """Instantiate the configured checks in order; unknown names raise KeyError.

@@ -5,19 +5,29 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
+from .accounts.store import AccountStore
+from .blocklist.service import BlockList
 from .config import Config
+from .dns.dnsbl import Dnsbl
+from .dns.resolver import Resolver
+from .smtp.limits import ConnectionTracker
+from .state.counters import Counters
+
+if TYPE_CHECKING:  # pragma: no cover
+    # imported by app.py only where it is made, in start(); it imports nothing of this module
+    from .registry.service import RegistryService
 
 
 @dataclass
 class Services:
     config: Config
-    accounts: Any                      # accounts.store.AccountStore
-    counters: Any                      # state.counters.Counters
-    connections: Any                   # smtp.limits.ConnectionTracker
+    accounts: AccountStore
+    counters: Counters
+    connections: ConnectionTracker
     clock: Callable[[], float] = time.time
-    resolver: Any = None               # dns.resolver.Resolver
-    dnsbl: Any = None                  # dns.dnsbl.Dnsbl
-    registry: Any = None               # registry service (mailing lists)
-    blocklist: Any = None              # blocklist.service.BlockList (operator block lists)
+    resolver: Resolver | None = None
+    dnsbl: Dnsbl | None = None
+    registry: RegistryService | None = None     # mailing lists
+    blocklist: BlockList | None = None          # operator block lists

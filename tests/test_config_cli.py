@@ -233,6 +233,44 @@ async def test_readme_dev_command_runs_and_relays(tmp_path):
             await proc.wait()
 
 
+async def test_sigterm_drains_with_the_http_side_still_answering(tmp_path):
+    """SIGTERM is the gateway's (cli.py), never uvicorn's: while a transaction
+    is still open the HTTP side keeps serving and /readyz answers 503
+    draining; the process then ends 0 once the session is gone."""
+    smtp_port, http_port = _free_port(), _free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "serve", "--dev", "--smtp-port", str(smtp_port),
+        "--http-port", str(http_port), cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+
+    async def until(text: bytes) -> None:
+        while True:
+            line = await asyncio.wait_for(proc.stderr.readline(), 30)
+            assert line, f"the gateway ended before {text!r}"
+            if line.startswith(text):
+                return
+
+    try:
+        await until(b"gateway ready: HTTP")
+        import aiosmtplib
+        import httpx
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port, timeout=10, start_tls=False)
+        await smtp.connect()
+        await smtp.login("demo", "demo")
+        await smtp.mail("alice@example.com")          # a transaction in flight: the drain waits for it
+        proc.send_signal(signal.SIGTERM)
+        await until(b"gateway stopping")
+        async with httpx.AsyncClient(timeout=10) as http:
+            r = await http.get(f"http://127.0.0.1:{http_port}/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "draining"
+        await smtp.quit()
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
 def test_example_config_runs_the_default_checks():
     """deploy/gateway.example.toml documents the defaults: the same checks, same order."""
     import tomllib

@@ -115,6 +115,19 @@ def test_ci_runs_the_readme_test_command():
     assert tests in ci, (tests, ci[-3:])
 
 
+def test_ci_runs_the_static_checks_the_readme_names():
+    """.ci/run checks the code with ruff and mypy (their settings in pyproject.toml) before
+    the tests; the README names both commands."""
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert ".venv/bin/ruff check ." in ci and ".venv/bin/mypy" in ci
+    tests = next(i for i, line in enumerate(ci) if "python -m pytest" in line)
+    assert ci.index(".venv/bin/ruff check .") < ci.index(".venv/bin/mypy") < tests
+    setup = section("Set up")
+    assert "`ruff check .`" in setup and "`mypy`" in setup
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert "[tool.mypy]" in pyproject and "check_untyped_defs = true" in pyproject
+
+
 # ------------------------------------------------------------------ the dev gateway, as the README starts it
 class DevGateway:
     def __init__(self, workdir: Path, env: dict):

@@ -82,7 +82,7 @@ class AccountStore:
             for acc_id, address in fwds:
                 fwd_by.setdefault(acc_id, []).append(address)
             by_name: dict[str, Account] = {}
-            networks = []
+            networks: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]] = []
             for acc_id, name, status, contact, allow_sub, allow_fwd in rows:
                 acc = Account(acc_id, name, AccountStatus(status), contact, bool(allow_sub),
                               tuple(net_by.get(acc_id, ())), tuple(dom_by.get(acc_id, ())),

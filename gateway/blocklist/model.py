@@ -26,7 +26,7 @@ MAX_REASON = 255
 MAX_CREATED_BY = 128
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_V4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+_V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
 class BlockError(Exception):
@@ -105,7 +105,7 @@ def normalize_network(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Netwo
         net = ipaddress.ip_network(text, strict=False)
     except ValueError:
         raise Invalid(f"{value!r} is not an IP address or CIDR network", "value") from None
-    if net.version == 6 and net.prefixlen >= 96 and net.subnet_of(_V4_MAPPED):
+    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96 and net.subnet_of(_V4_MAPPED):
         net = ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
     if net.prefixlen == 0:
         raise Invalid(f"{value!r} would block every IPv{net.version} address", "value")

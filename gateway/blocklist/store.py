@@ -6,6 +6,7 @@ single-row read (see :mod:`.service`).
 """
 from __future__ import annotations
 
+import builtins
 import time
 from typing import Callable
 
@@ -77,7 +78,7 @@ class BlockStore:
         async with self.engine.connect() as conn:
             return await self._version(conn)
 
-    async def load(self) -> tuple[int, list[BlockEntry]]:
+    async def load(self) -> tuple[int, builtins.list[BlockEntry]]:   # builtins: the method list() shadows list here
         """The counter and all entries. The counter is read first: entries at
         least as new as the counter can only cause one extra reload later,
         never a missed change."""

@@ -49,6 +49,7 @@ class DataFromDomain:
             if verdict.exists:
                 continue
             reply = reply_for(verdict, header=True)
+            assert reply is not None   # None only for a domain that exists
             detail = f"header From {verdict.domain}: {verdict.detail}"
             if verdict.status is DomainStatus.TEMPFAIL:
                 return Outcome.error(self.name, detail, reply)

@@ -55,23 +55,23 @@ class RcptRelay:
                 tx.local_rcpts[key] = "unsubscribe"
                 return Outcome.ok(self.name, "list unsubscribe address")
         if self.srs is not None and not address.is_literal and self.srs.owns(address.domain_ascii):
-            return self._srs_bounce(tx, address, key)
+            return self._srs_bounce(self.srs, tx, address, key)
         if tx.forwarding is not None and tx.forwarding.kind == "bounce":
             return Outcome.refuse(self.name, replies.SRS_SEPARATE, "this transaction carries an SRS bounce")
         if tx.session.account is None:
             return Outcome.refuse(self.name, replies.RELAY_DENIED, "client not authenticated")
         return Outcome.ok(self.name, f"account {tx.session.account.name}")
 
-    def _srs_bounce(self, tx, address, key: str) -> Outcome:
+    def _srs_bounce(self, srs: Srs, tx, address, key: str) -> Outcome:
         try:
-            local, domain = self.srs.reverse(unquote_local(address.local))
+            local, domain = srs.reverse(unquote_local(address.local))
         except SrsError as exc:
             return Outcome.refuse(self.name, _SRS_REPLIES.get(exc.kind, replies.SRS_NOT_SRS), exc.detail)
         try:
             target = parse_mailbox(f"{quote_local(local)}@{domain}", utf8=True)
         except AddressError as exc:
             return Outcome.refuse(self.name, replies.SRS_NOT_SRS, f"decodes to an invalid address ({exc.detail})")
-        if target.is_literal or self.srs.owns(target.domain_ascii):
+        if target.is_literal or srs.owns(target.domain_ascii):
             return Outcome.refuse(self.name, replies.SRS_NOT_SRS, "decodes to an address of the SRS domain itself")
         if not tx.mail_from.is_null and not self.accept_non_null_bounces:
             return Outcome.refuse(self.name, replies.SRS_BOUNCES_ONLY, f"MAIL FROM <{tx.mail_from.addr}>")

@@ -256,7 +256,7 @@ class Handover:
         tx = self.tx
         lst = tx.mailing_list
         registry = self._d.registry
-        assert registry is not None
+        assert lst is not None and registry is not None   # called for list mail only, which needs the registry
         body = list_body(tx.message or b"")
         finalize = self._d.finalizer.finalize
 

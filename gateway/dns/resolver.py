@@ -27,7 +27,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 
@@ -246,7 +246,7 @@ class Resolver:
         else:
             task = asyncio.ensure_future(self._fetch(name, rtype, soa_zone, shared, positive_ttl_cap))
             self._inflight[key] = task
-            task.add_done_callback(lambda _t, k=key: self._inflight.pop(k, None))
+            task.add_done_callback(self._forget_inflight(key))
         if timeout is None:
             return await asyncio.shield(task)
         try:
@@ -264,6 +264,12 @@ class Resolver:
             await channel.close()
 
     # -- internals ----------------------------------------------------------------------
+    def _forget_inflight(self, key: tuple[str, str]) -> Callable[[asyncio.Future[DnsAnswer]], None]:
+        """The done callback of an in-flight query: it is no longer in flight."""
+        def done(_task: asyncio.Future[DnsAnswer]) -> None:
+            self._inflight.pop(key, None)
+        return done
+
     def _from_static(self, name: str, rtype: str) -> DnsAnswer:
         entry = self._static.get(name)
         if entry is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import binascii
 import re
+from typing import Iterator
 
 from .findings import Finding
 from .parse import (Mailbox, ParsedHeaders, address_count, check_mime, clip, date_timestamp, decode_lenient,
@@ -107,9 +108,9 @@ def check_structure(data: bytes, parsed: ParsedHeaders, settings: HeaderSettings
     # encoded-words
     for fname, value in fields:
         if "=?" in value:
-            err = decoded_once(parsed, value)[1]
-            if err is not None:
-                out.append(Finding("hdr.encoded_word", f"{fname}: {err}"))
+            word_err = decoded_once(parsed, value)[1]
+            if word_err is not None:
+                out.append(Finding("hdr.encoded_word", f"{fname}: {word_err}"))
                 break
     # MIME
     if "content-type" in idx or "content-transfer-encoding" in idx:
@@ -353,7 +354,7 @@ def _quotes(text: bytes) -> bool:
     return False
 
 
-def _hits(text: bytes, word: bytes):  # type: ignore[no-untyped-def]
+def _hits(text: bytes, word: bytes) -> Iterator[int]:
     """Offsets of the first _MAX_HITS occurrences of ``word`` in ``text``."""
     i = text.find(word)
     n = 0

@@ -65,7 +65,7 @@ def pick_statuses(rows: Iterable, hashes: Iterable[str]) -> dict[str, RecipientS
         cur = best.get(h)
         if cur is None or _RANK.get(status, 9) < _RANK.get(cur, 9):
             best[h] = status
-    return {h: best.get(h, "unknown") for h in hashes}  # type: ignore[misc]
+    return {h: best.get(h, "unknown") for h in hashes}  # type: ignore[misc]  # the stored statuses are RecipientStatus values, typed str
 
 
 async def _no_reset(_conn) -> None:

@@ -42,7 +42,7 @@ class Links(RegistryBase):
     def unsubscribe_token(self, lst: MailingList | str, address: str) -> str:
         """50 characters of lower-case base32; never expires; fits a mailto local part."""
         list_id, addr_hash = self._list_and_hash(lst, address)
-        return self.keys.unsubscribe_token(list_id, addr_hash)
+        return self._need_keys().unsubscribe_token(list_id, addr_hash)
 
     def unsubscribe_url(self, lst: MailingList | str, address: str) -> str:
         """The RFC 8058 https URL (GET: page with a button; POST: one-click)."""

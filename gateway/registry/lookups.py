@@ -4,6 +4,7 @@ database round trip, shared by concurrent identical lookups."""
 from __future__ import annotations
 
 import asyncio
+from typing import Callable
 
 from .base import RegistryBase
 from .model import Invalid, MailingList, RecipientStatus, RegistryUnavailable, normalize_address, sender_matcher
@@ -40,7 +41,8 @@ class Lookups(RegistryBase):
     async def _load_senders(self, account_name: str) -> tuple:
         gen = self.cache.generation
         lists = await self._db(self.store.lists(account_name=account_name))
-        exact, wild = [], []
+        exact: list[tuple[str, MailingList]] = []
+        wild: list[tuple[str, MailingList]] = []
         for lst in lists:
             for pattern in lst.senders:
                 (wild if "*" in pattern else exact).append((pattern, lst))
@@ -63,7 +65,7 @@ class Lookups(RegistryBase):
             return "unknown"
         hit = self.cache.get(list_id, addr_hash)
         if hit is not None:
-            return hit  # type: ignore[return-value]
+            return hit  # type: ignore[return-value]  # the cache holds RecipientStatus values, typed str
         return await self._coalesced(("s", list_id, addr_hash), self._load_status, list_id, addr_hash)
 
     async def _load_status(self, list_id: str, addr_hash: str) -> RecipientStatus:
@@ -82,7 +84,13 @@ class Lookups(RegistryBase):
             task = asyncio.get_running_loop().create_task(fn(*args))
             current = (self.cache.generation, task)
             self._inflight[key] = current
-            task.add_done_callback(lambda t, k=key, c=current: self._inflight.pop(k, None)
-                                   if self._inflight.get(k) is c else None)
+            task.add_done_callback(self._forget_inflight(key, current))
             task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
         return await asyncio.shield(current[1])
+
+    def _forget_inflight(self, key: tuple, current: tuple[int, asyncio.Task]) -> Callable[[asyncio.Task], None]:
+        """The done callback of a coalesced load: forget it, unless a newer one took its key."""
+        def done(_task: asyncio.Task) -> None:
+            if self._inflight.get(key) is current:
+                self._inflight.pop(key, None)
+        return done

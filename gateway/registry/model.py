@@ -70,7 +70,7 @@ class TokenError(RegistryError):
 
 
 # ------------------------------------------------------------------- addresses
-def normalize_address(address: str, field: str = "address") -> str:
+def normalize_address(address: object, field: str = "address") -> str:
     """The one form addresses are stored and compared in: the local part as
     given (NFC when non-ASCII: RFC 6532), the domain as lower-case A-label."""
     if not isinstance(address, str):

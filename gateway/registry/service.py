@@ -103,7 +103,9 @@ class RegistryService(Lookups, Admin):
             from ..storage.db import asyncpg_dsn
             from .fastpath import FastLookups
 
-            fast = FastLookups(asyncpg_dsn(engine.url), max_size=settings.lookup_pool_size,
+            fast_dsn = asyncpg_dsn(engine.url)
+            assert fast_dsn is not None   # None only for an engine that is not PostgreSQL
+            fast = FastLookups(fast_dsn, max_size=settings.lookup_pool_size,
                                timeout=settings.lookup_timeout, batch=settings.lookup_batch)
         self.store = RegistryStore(engine, channel=settings.channel, bump_version=mode == "local", clock=clock,
                                    fast=fast)
@@ -147,6 +149,7 @@ class RegistryService(Lookups, Admin):
                 from ..storage.db import asyncpg_dsn
 
                 dsn = asyncpg_dsn(self.engine.url)
+                assert dsn is not None   # mode "postgres" is refused in __init__ unless the engine is PostgreSQL
                 self.channel = PostgresChannel(self.cache, dsn, self.settings.channel, self.settings.ping_interval)
             elif self.mode == "redis":
                 self.channel = RedisChannel(self.cache, self.settings.redis_url, self.settings.channel,
@@ -192,11 +195,11 @@ class RegistryService(Lookups, Admin):
         # This process sees its own change at once; the channel tells the others.
         self.cache.apply(events)
         if self.mode == "redis" and self.channel is not None:
-            self._spawn(self._publish(list(events)))
+            self._spawn(self._publish(self.channel, list(events)))
 
-    async def _publish(self, events: list[Event]) -> None:
+    async def _publish(self, channel: Channel, events: list[Event]) -> None:
         try:
-            await self.channel.publish(events)
+            await channel.publish(events)
         except Exception as exc:  # the others flush when their subscription breaks; cache_ttl bounds the rest
             log.error("cannot publish registry invalidation to Redis: %s", exc)
 

@@ -283,7 +283,7 @@ class RegistryStore:
             found = {r[0] for r in (await conn.execute(q)).all()}
         for status in ("confirmed", "pending", "unsubscribed"):
             if status in found:
-                return status  # type: ignore[return-value]
+                return status
         return "unknown"
 
     async def subscription_page(self, list_id: str, table: str, after: str, limit: int) -> list[tuple[str, str]]:
@@ -294,6 +294,7 @@ class RegistryStore:
         scan on the unique (list_id, address_hash) index."""
         if self.fast is not None:
             return await self.fast.subscription_page(list_id, table, after, limit)
+        status: sa.ColumnElement[str]
         if table == "subscribers":
             t, status = list_subscribers, list_subscribers.c.status
         elif table == "suppressions":
@@ -376,10 +377,8 @@ class RegistryStore:
                 .values(sent=confirmation_budget.c.sent + 1))
         if (await conn.execute(take)).rowcount == 1:
             return True
-        if self.postgres:
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
+        from sqlalchemy.dialects import postgresql, sqlite
+        insert = postgresql.insert if self.postgres else sqlite.insert
         new = await conn.execute(insert(confirmation_budget).values(account_id=account_id, window_start=start,
                                                                     sent=0).on_conflict_do_nothing())
         if new.rowcount == 1:  # the account's first mail of this window: forget its older windows
@@ -567,7 +566,7 @@ class RegistryStore:
         other accounts' rows. ``on_exhausted(account_id, account_name,
         window_start)`` is called when a claim finds an account's budget used up."""
         now = self.clock()
-        limited = budget is not None and budget.active
+        limited = budget if budget is not None and budget.active else None   # the budget in force
         claimed: list[tuple[str, str, str, str]] = []
         # Each pass claims rows, or finds an account exhausted (left out by the next
         # query), or loses its rows to another gateway: a few passes always suffice.
@@ -583,12 +582,11 @@ class RegistryStore:
                      (list_subscribers.c.confirm_status == "queued")
                      | ((list_subscribers.c.confirm_status == "sending")
                         & (list_subscribers.c.confirm_sent_at < now - stale_after)))))
-            if limited:
-                assert budget is not None
+            if limited is not None:
                 q = q.where(mailing_lists.c.account_id.not_in(
                     sa.select(confirmation_budget.c.account_id).where(
-                        (confirmation_budget.c.window_start == budget.start(now))
-                        & (confirmation_budget.c.sent >= budget.limit))))
+                        (confirmation_budget.c.window_start == limited.start(now))
+                        & (confirmation_budget.c.sent >= limited.limit))))
             async with self.engine.connect() as conn:
                 rows = (await conn.execute(q.order_by(list_subscribers.c.id).limit(limit))).all()
             if not rows:
@@ -599,10 +597,10 @@ class RegistryStore:
                     continue
                 try:
                     async with self.engine.begin() as conn:
-                        if limited and not await self._reserve(conn, r.account_id, budget, now):
+                        if limited is not None and not await self._reserve(conn, r.account_id, limited, now):
                             exhausted.add(r.account_id)
                             if on_exhausted is not None:
-                                on_exhausted(r.account_id, r.account_name, budget.start(now))
+                                on_exhausted(r.account_id, r.account_name, limited.start(now))
                             continue
                         res = await conn.execute(list_subscribers.update().where(
                             (list_subscribers.c.id == r.id) & (list_subscribers.c.confirm_status == r.confirm_status)
@@ -631,10 +629,10 @@ class RegistryStore:
 
     async def stats(self, list_id: str) -> dict:
         async with self.engine.connect() as conn:
-            by_status = dict((await conn.execute(
+            by_status: dict[str, int] = dict((await conn.execute(
                 sa.select(list_subscribers.c.status, sa.func.count())
                 .where(list_subscribers.c.list_id == list_id).group_by(list_subscribers.c.status))).all())
-            by_mail = dict((await conn.execute(
+            by_mail: dict[str | None, int] = dict((await conn.execute(
                 sa.select(list_subscribers.c.confirm_status, sa.func.count())
                 .where((list_subscribers.c.list_id == list_id) & (list_subscribers.c.status == "pending"))
                 .group_by(list_subscribers.c.confirm_status))).all())

@@ -56,7 +56,7 @@ class _Connection:
 class Upstream:
     settings: UpstreamSettings
     breaker: Breaker
-    idle: deque = field(default_factory=deque)
+    idle: deque[_Connection] = field(default_factory=deque)
 
     @property
     def name(self) -> str:
@@ -190,7 +190,7 @@ class RelayPool:
             await asyncio.sleep(max(1.0, self.settings.idle_timeout / 2))
             now = time.monotonic()
             for up in self.upstreams:
-                keep = deque()
+                keep: deque[_Connection] = deque()
                 while up.idle:
                     conn = up.idle.popleft()
                     if now - conn.last_used > self.settings.idle_timeout or not conn.alive:

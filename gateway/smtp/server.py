@@ -32,7 +32,7 @@ from ..core import replies
 from ..core.address import AddressError, EnvelopeAddress, parse_params, parse_path
 from ..core.events import Authenticated, Refusal, SessionEnded, TransactionEnded
 from ..core.replies import Rendered, Reply
-from ..core.transaction import Outcome, Phase, Result, SessionInfo, TlsInfo, Transaction, session_id
+from ..core.transaction import Outcome, Phase, Result, SessionInfo, TlsInfo, Transaction, Verdict, session_id
 from .context import SmtpContext
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -153,7 +153,7 @@ class GatewaySMTP(AioSMTP):
             self._record(self.tx.ledger, Outcome("session", Result.ERROR, f"internal error: {type(error).__name__}"))
         return replies.INTERNAL_ERROR.render()
 
-    async def close_with(self, reply: Reply) -> None:
+    async def close_with(self, reply: Reply | Rendered) -> None:
         self._closing = True
         if self.gsession is not None and self.gsession.ended == "disconnect":
             self.gsession.ended = "quit" if reply is replies.BYE else f"closed with {reply.code} {reply.enhanced}"
@@ -171,7 +171,8 @@ class GatewaySMTP(AioSMTP):
         try:
             if self.listener.proxy_protocol:
                 if not await self._read_proxy_header():
-                    self.transport.close()
+                    if self.transport is not None:
+                        self.transport.close()
                     return
             self.ctx.connections.opened(sess.peer_ip)
             self._counted_ip = sess.peer_ip
@@ -185,8 +186,9 @@ class GatewaySMTP(AioSMTP):
                 sess.auth_method = "client-network"
             verdict = await self.ctx.pipeline.run(Phase.CONNECT, sess, sess.ledger)
             if not verdict.accepted:
-                self.ctx.events.publish(Refusal(sess, verdict.refusal))
-                await self.close_with(verdict.refusal.reply)
+                refusal, refusal_reply = _refusal(verdict)
+                self.ctx.events.publish(Refusal(sess, refusal))
+                await self.close_with(refusal_reply)
                 return
             await self.push(f"220 {self.hostname} {self.__ident__}")
             await self._command_loop()
@@ -197,6 +199,7 @@ class GatewaySMTP(AioSMTP):
 
     async def _read_proxy_header(self) -> bool:
         sess = self.gsession
+        assert sess is not None
         trusted = self.ctx.proxy_networks.get(self.listener.name, ())
         peer = ipaddress.ip_address(sess.peer_ip or "0.0.0.0")
         if not any(peer in net for net in trusted if net.version == peer.version):
@@ -289,18 +292,20 @@ class GatewaySMTP(AioSMTP):
             await self.reply(replies.ARG_SYNTAX, "EHLO/HELO needs a host name")
             return False
         await self._reset_transaction()
-        sess = self.gsession
+        sess, aio = self.gsession, self.session
+        assert sess is not None and aio is not None
         sess.helo = hostname[:255]
         sess.esmtp = esmtp
-        self.session.host_name = sess.helo
-        self.session.extended_smtp = esmtp
+        aio.host_name = sess.helo
+        aio.extended_smtp = esmtp
         verdict = await self.ctx.pipeline.run(Phase.HELO, sess, sess.ledger)
         if not verdict.accepted:
-            self.ctx.events.publish(Refusal(sess, verdict.refusal))
+            refusal, refusal_reply = _refusal(verdict)
+            self.ctx.events.publish(Refusal(sess, refusal))
             # A refused greeting is no greeting: MAIL must still answer 503 "send EHLO/HELO first".
             sess.helo = None
-            self.session.host_name = None
-            await self.reply(verdict.refusal.reply, verdict.refusal.detail or None)
+            aio.host_name = None
+            await self.reply(refusal_reply, refusal.detail or None)
             return False
         return True
 
@@ -326,6 +331,8 @@ class GatewaySMTP(AioSMTP):
 
     # ----------------------------------------------------------------- STARTTLS
     async def smtp_STARTTLS(self, arg: str | None) -> None:
+        sess, aio = self.gsession, self.session
+        assert sess is not None and aio is not None
         if arg:
             await self.reply(replies.ARG_SYNTAX, "STARTTLS takes no argument")
             return
@@ -335,7 +342,7 @@ class GatewaySMTP(AioSMTP):
         if self._starttls_context is None:
             await self.reply(replies.TLS_NOT_AVAILABLE)
             return
-        if not self.gsession.helo:
+        if not sess.helo:
             await self.reply(replies.NEED_HELO)
             return
         # RFC 3207 4.2 / CVE-2011-0411: anything the client pipelined after
@@ -346,22 +353,23 @@ class GatewaySMTP(AioSMTP):
             await self._writer.start_tls(self._starttls_context,
                                          ssl_handshake_timeout=self.ctx.config.tls.handshake_timeout)
         except (ssl.SSLError, OSError, asyncio.TimeoutError, ConnectionError) as exc:
-            log.info("session %s: TLS handshake failed: %s", self.gsession.id, exc)
+            log.info("session %s: TLS handshake failed: %s", sess.id, exc)
             if self.transport is not None:
                 self.transport.close()
             raise ConnectionResetError("TLS handshake failed") from None
-        self.transport = self._writer.transport
-        ssl_obj = self.transport.get_extra_info("ssl_object")
-        self.gsession.tls = _tls_info(ssl_obj)
-        self.session.ssl = {"ssl_object": ssl_obj}
+        self.transport = transport = self._writer.transport
+        ssl_obj = transport.get_extra_info("ssl_object")
+        sess.tls = _tls_info(ssl_obj)
+        aio.ssl = {"ssl_object": ssl_obj}
         # RFC 3207 4.2: the client must greet again; forget what was said before.
-        self.gsession.helo = None
-        self.session.host_name = None
+        sess.helo = None
+        aio.host_name = None
         await self._reset_transaction()
 
     # --------------------------------------------------------------------- AUTH
     async def smtp_AUTH(self, arg: str | None) -> None:
-        sess = self.gsession
+        sess, aio = self.gsession, self.session
+        assert sess is not None and aio is not None
         if not sess.esmtp:
             await self.reply(replies.BAD_SEQUENCE, "send EHLO first")
             return
@@ -414,7 +422,7 @@ class GatewaySMTP(AioSMTP):
         sess.account = account
         sess.auth_method = "smtp-auth"
         sess.auth_login = login_text
-        self.session.authenticated = True
+        aio.authenticated = True
         self._record(sess.ledger, Outcome("auth", Result.PASS, f"account {account.name} via {mechanism}",
                                           phase=Phase.AUTH, item=login_text))
         self.ctx.events.publish(Authenticated(sess))
@@ -422,6 +430,7 @@ class GatewaySMTP(AioSMTP):
 
     async def _refuse_auth(self, outcome: Outcome) -> None:
         sess = self.gsession
+        assert sess is not None and outcome.reply is not None   # every AUTH refusal is made with its reply
         self._record(sess.ledger, outcome)
         self.ctx.events.publish(Refusal(sess, outcome))
         await self.reply(outcome.reply)
@@ -461,6 +470,7 @@ class GatewaySMTP(AioSMTP):
         return login, password
 
     async def _auth_login(self, args: list[str]) -> tuple[bytes, bytes] | None:
+        login: bytes | None
         if len(args) == 2:
             try:
                 login = base64.b64decode(args[1], validate=True)
@@ -498,6 +508,7 @@ class GatewaySMTP(AioSMTP):
 
     def _refuse_tx(self, tx: Transaction, outcome: Outcome) -> None:
         """A transaction refused at MAIL: logged, told, over."""
+        assert outcome.reply is not None   # a refusal refuses with a reply
         tx.decision = "deferred" if outcome.reply.is_transient else "refused"
         tx.final_reply = outcome.reply
         self.ctx.events.publish(Refusal(tx.session, outcome, tx))
@@ -528,6 +539,7 @@ class GatewaySMTP(AioSMTP):
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         sess = self.gsession
+        assert sess is not None
         if not sess.helo:
             await self.reply(replies.NEED_HELO)
             return
@@ -572,8 +584,9 @@ class GatewaySMTP(AioSMTP):
         verdict = await self.ctx.pipeline.run(Phase.MAIL, tx, tx.ledger, address)
         tx.mark("mail")
         if not verdict.accepted:
-            self._refuse_tx(tx, verdict.refusal)
-            await self.reply(verdict.refusal.reply, verdict.refusal.detail or None)
+            refusal, refusal_reply = _refusal(verdict)
+            self._refuse_tx(tx, refusal)
+            await self.reply(refusal_reply, refusal.detail or None)
             return
         sess.transactions += 1
         self.tx = tx
@@ -611,9 +624,10 @@ class GatewaySMTP(AioSMTP):
             handover.prefetch(bytes(self._reader._buffer))  # type: ignore[attr-defined]
         verdict = await self.ctx.pipeline.run(Phase.RCPT, tx, tx.ledger, address, item_label=label)
         if not verdict.accepted:
+            refusal, refusal_reply = _refusal(verdict)
             tx.refused_recipients += 1
-            self.ctx.events.publish(Refusal(tx.session, verdict.refusal, tx, label))
-            await self.reply(verdict.refusal.reply, verdict.refusal.detail or None)
+            self.ctx.events.publish(Refusal(tx.session, refusal, tx, label))
+            await self.reply(refusal_reply, refusal.detail or None)
             return
         # Where the recipient goes (upstream, list copy, the gateway's own
         # mailboxes) is delivery's business; the client gets its answer.
@@ -656,8 +670,9 @@ class GatewaySMTP(AioSMTP):
         verdict = await self.ctx.pipeline.run(Phase.DATA, tx, tx.ledger)
         tx.mark("checked")
         if not verdict.accepted:
-            self.ctx.events.publish(Refusal(tx.session, verdict.refusal, tx))
-            await self._finish(verdict.refusal.reply, verdict.refusal.detail or None)
+            refusal, refusal_reply = _refusal(verdict)
+            self.ctx.events.publish(Refusal(tx.session, refusal, tx))
+            await self._finish(refusal_reply, refusal.detail or None)
             return
         handover, self.handover = self.handover, None
         assert handover is not None
@@ -666,6 +681,7 @@ class GatewaySMTP(AioSMTP):
 
     async def _finish(self, reply: Reply | Rendered, detail: str | None = None) -> None:
         tx = self.tx
+        assert tx is not None   # DATA's transaction, still open
         tx.final_reply = reply
         if tx.decision == "open":
             tx.decision = "relayed" if reply.is_positive else ("deferred" if reply.is_transient else "refused")
@@ -716,6 +732,7 @@ class GatewaySMTP(AioSMTP):
         """Close with 421 4.3.2 unless a transaction is in flight; True if closed."""
         if self.tx is None and not self._busy:
             if self.transport is not None and not self.transport.is_closing():
+                assert self.gsession is not None   # made in connection_made, before the session is listed
                 self.gsession.ended = "shutdown"
                 self._writer.write((replies.SHUTTING_DOWN.render() + "\r\n").encode())
                 self.transport.close()
@@ -724,12 +741,21 @@ class GatewaySMTP(AioSMTP):
 
     def force_close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            assert self.gsession is not None   # made in connection_made, before the session is listed
             self.gsession.ended = "shutdown"
             try:
                 self._writer.write((replies.SHUTTING_DOWN.render() + "\r\n").encode())
             except Exception:
                 pass
             self.transport.close()
+
+
+def _refusal(verdict: Verdict) -> tuple[Outcome, Reply | Rendered]:
+    """A refused verdict's refusal and its reply (the pipeline refuses only
+    with an outcome whose reply refuses, so both are there)."""
+    refusal = verdict.refusal
+    assert refusal is not None and refusal.reply is not None
+    return refusal, refusal.reply
 
 
 def _check_mail_params(params: dict[str, str | bool], address: EnvelopeAddress) -> tuple[Reply, str] | None:

@@ -3,7 +3,7 @@ awaited on stop (the refreshers and re-checkers all follow this life)."""
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable
+from typing import Any, Callable, Coroutine
 
 
 class BackgroundTask:
@@ -15,7 +15,7 @@ class BackgroundTask:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    def start(self, run: Callable[[], Awaitable[None]]) -> None:
+    def start(self, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(run(), name=self.name)
 

@@ -193,7 +193,7 @@ class WalCheckpointer:
             async with self.engine.connect() as conn:
                 await conn.exec_driver_sql(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
                 try:
-                    busy, _log, _done = (await conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")).one()
+                    busy = (await conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")).one()[0]   # (busy, log, checkpointed)
                 finally:
                     await conn.exec_driver_sql(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         except asyncio.CancelledError:
