@@ -166,7 +166,9 @@ class Gateway:
         tls_context = build_tls_context(cfg)
         from .registry.service import registry_secret, require_secret
         require_secret(cfg, registry_secret(cfg))   # a missing registry key fails before anything starts
-        self.engine = create_engine(cfg.storage.url)
+        st = cfg.storage
+        self.engine = create_engine(st.url, connect_timeout=st.connect_timeout, command_timeout=st.command_timeout,
+                                    pool_timeout=st.pool_timeout)
         await migrate(self.engine)
         self.accounts = AccountStore(self.engine, scrypt_n=cfg.auth.scrypt_n, clock=self.clock)
         await self.accounts.start()

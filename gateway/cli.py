@@ -92,7 +92,9 @@ async def _with_engine(config: Config, fn):
     """``await fn(engine)`` on a migrated database; the engine is disposed after."""
     from .storage.db import create_engine, migrate
 
-    engine = create_engine(config.storage.url)
+    engine = create_engine(config.storage.url, connect_timeout=config.storage.connect_timeout,
+                           command_timeout=config.storage.command_timeout,
+                           pool_timeout=config.storage.pool_timeout)
     try:
         await migrate(engine)
         return await fn(engine)

@@ -192,10 +192,21 @@ class RelaySettings:
 @dataclass(frozen=True)
 class StorageSettings:
     url: str = "sqlite+aiosqlite:///gateway.db"   # or postgresql+asyncpg://user@host/db
+    # PostgreSQL: a new connection must be up within connect_timeout, a
+    # statement answered within command_timeout, a pooled connection handed
+    # out within pool_timeout (seconds). A black-holed server then costs a
+    # caller at most these, never the TCP timeout (minutes).
+    connect_timeout: float = 5.0
+    command_timeout: float = 10.0
+    pool_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         if not (self.url.startswith("sqlite+aiosqlite://") or self.url.startswith("postgresql+asyncpg://")):
             raise ValueError("url: must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+        for name in ("connect_timeout", "command_timeout", "pool_timeout"):
+            value = getattr(self, name)
+            if not 0 < value <= 600:
+                raise ValueError(f"{name}: must be in (0, 600] seconds")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,11 @@ log = logging.getLogger("gateway.storage")
 SQLITE_BUSY_TIMEOUT_MS = 30000
 
 
-def create_engine(url: str) -> AsyncEngine:
+def create_engine(url: str, *, connect_timeout: float = 5.0, command_timeout: float = 10.0,
+                  pool_timeout: float = 5.0) -> AsyncEngine:
+    """The engine for ``url``. On PostgreSQL every wait has a deadline: asyncpg's
+    connect (``timeout``) and each statement (``command_timeout``), and the
+    pool's hand-out of a connection (``pool_timeout``)."""
     if url.startswith("sqlite"):
         engine = create_async_engine(url, connect_args={"timeout": 30})
 
@@ -37,7 +41,8 @@ def create_engine(url: str) -> AsyncEngine:
             cur.close()
 
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True, pool_timeout=pool_timeout,
+                               connect_args={"timeout": connect_timeout, "command_timeout": command_timeout})
 
 
 # Query arguments of SQLAlchemy's asyncpg dialect that asyncpg itself does not know
