@@ -227,7 +227,8 @@ class Gateway:
         require_secret(cfg, registry_secret(cfg))   # a missing registry key fails before anything starts
         self.engine = create_engine(cfg.storage.url)
         await migrate(self.engine)
-        self.accounts = AccountStore(self.engine, scrypt_n=cfg.auth.scrypt_n, clock=self.clock)
+        self.accounts = AccountStore(self.engine, scrypt_n=cfg.auth.scrypt_n, clock=self.clock,
+                                     max_concurrent_verifications=cfg.auth.max_concurrent_verifications)
         await self.accounts.start()
         self.blocklist = BlockList(self.engine, clock=self.clock)   # P-BLOCK, polled for changes
         await self.blocklist.start()

@@ -261,6 +261,7 @@ url = "sqlite+aiosqlite:///{tmp_path / 'gw.db'}"
 
 [auth]
 scrypt_n = 16
+insecure_test_scrypt = true
 
 [forwarding]
 srs_domain = "{SRS_DOMAIN}"

@@ -75,6 +75,7 @@ url = "sqlite+aiosqlite:///{tmp_path / 'gw.db'}"
 
 [auth]
 scrypt_n = 16
+insecure_test_scrypt = true
 
 [dns]
 nameservers = ["{dns_server.address}"]
