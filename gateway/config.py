@@ -228,10 +228,19 @@ class HttpSettings:
     address: str = "127.0.0.1"
     port: int = 8025
     admin_key: str = ""               # "env:NAME" recommended
+    # Request bodies (gateway/web/limits.py): the most a route takes, and the
+    # seconds from the request's headers to the body's last byte (then 413 /
+    # 408). The subscriber import (JSON or a CSV file) has its own pair.
+    max_body: int = 64 * 1024
+    body_timeout: float = 10.0
+    max_import_body: int = 16 * 1024 * 1024
+    import_body_timeout: float = 120.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: {self.port} is not a TCP port")
+        for name in ("max_body", "body_timeout", "max_import_body", "import_body_timeout"):
+            _positive(name, getattr(self, name))
 
 
 @dataclass(frozen=True)
