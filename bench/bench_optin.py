@@ -346,7 +346,7 @@ def gateway_extra(url: str, optin: bool, registry: dict | None = None) -> dict:
     rcpt = ["rcpt_relay", "rcpt_limit"] + (["rcpt_optin"] if optin else [])
     return {
         "storage": {"url": url},
-        "auth": {"scrypt_n": SCRYPT_N},
+        "auth": {"scrypt_n": SCRYPT_N, "insecure_test_scrypt": True},   # a bench, like a test suite
         "registry": {"secret": SECRET, **(registry or {})},
         "relay": {"pool_size": 600},
         "checks": {"mail": bg.ISSUE2_CHECKS["mail"] + ["mail_list"], "rcpt": rcpt},

@@ -170,7 +170,8 @@ class Gateway:
         self.engine = create_engine(st.url, connect_timeout=st.connect_timeout, command_timeout=st.command_timeout,
                                     pool_timeout=st.pool_timeout)
         await migrate(self.engine)
-        self.accounts = AccountStore(self.engine, scrypt_n=cfg.auth.scrypt_n, clock=self.clock)
+        self.accounts = AccountStore(self.engine, scrypt_n=cfg.auth.scrypt_n, clock=self.clock,
+                                     max_concurrent_verifications=cfg.auth.max_concurrent_verifications)
         await self.accounts.start()
         self.blocklist = BlockList(self.engine, clock=self.clock)   # P-BLOCK, polled for changes
         await self.blocklist.start()

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from . import __version__, dev
-from .config import DEV_DATABASE, Config, ConfigError, ListenError, dev_config, is_dev_dir, load
+from .config import DEV_DATABASE, Config, ConfigError, ListenError, config_warnings, dev_config, is_dev_dir, load
 
 DEFAULT_CONFIG_ENV = "GATEWAY_CONFIG"
 
@@ -70,8 +70,14 @@ async def _serve(config: Config) -> int:
     return 0
 
 
+def _print_warnings(config: Config) -> None:
+    for warning in config_warnings(config):
+        print(f"WARNING: {warning}", file=sys.stderr)
+
+
 def cmd_serve(args) -> int:
     config = _load_config(args)
+    _print_warnings(config)
     logging.basicConfig(level=config.log.level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("mail.log", "alembic"):  # aiosmtpd's per-command chatter, migration banners
@@ -83,6 +89,7 @@ def cmd_check_config(args) -> int:
     cfg = load(args.file)
     from .app import build_tls_context
     build_tls_context(cfg)
+    _print_warnings(cfg)
     print(f"{args.file}: OK ({len(cfg.listeners)} listener(s), {len(cfg.relay.upstreams)} upstream(s))")
     return 0
 

@@ -17,13 +17,14 @@ from typing import Literal, Mapping
 from .configload import ConfigError, load_section
 from .registry.settings import RegistrySettings
 from .accounts.settings import AccountSettings
+from .accounts.passwords import DEFAULT_N as DEFAULT_SCRYPT_N, MAX_N as MAX_SCRYPT_N, MIN_N as MIN_SCRYPT_N
 from .dns.settings import DnsblSettings, DomainSettings, ResolverSettings
 from .forwarding import ForwardingSettings
 from .message.settings import HeaderSettings
 from .core.transaction import Phase
 from .checks import PHASES, SPECS, default_order
 
-__all__ = ["Config", "ConfigError", "ListenError", "load", "dev_config", "is_dev_dir"]
+__all__ = ["Config", "ConfigError", "ListenError", "config_warnings", "load", "dev_config", "is_dev_dir"]
 
 TlsMode = Literal["none", "starttls", "implicit"]
 
@@ -62,9 +63,13 @@ class ListenerSettings:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: {self.port} is not a TCP port")
         try:
-            ipaddress.ip_address(self.address)
+            ip = ipaddress.ip_address(self.address)
         except ValueError:
             raise ValueError(f"address: {self.address!r} is not an IP address") from None
+        if self.auth_without_tls and not ip.is_loopback:
+            raise ValueError(f"auth_without_tls: only on a loopback listener (127.0.0.0/8, ::1), not on "
+                             f"{self.address}: passwords would cross the network in clear text; "
+                             f"use tls = \"starttls\" or \"implicit\" there")
         for net in self.proxy_trusted:
             try:
                 ipaddress.ip_network(net, strict=False)
@@ -130,8 +135,16 @@ class AuthSettings:
     max_failures_per_ip: int = 10
     max_failures_per_account: int = 20
     failure_window: float = 600.0
-    # scrypt cost; lower only in tests
-    scrypt_n: int = 2 ** 14
+    # scrypt cost N of new password hashes and of the dummy hash unknown
+    # accounts are checked against (r = 8, p = 1): 2^14..2^17, default 2^15
+    # (docs/sender-auth.md, "Password hashes": the measured cost per AUTH).
+    scrypt_n: int = DEFAULT_SCRYPT_N
+    # Test suites only: allows scrypt_n below 2^14 (down to 2) so tests hash
+    # fast. check-config and serve warn loudly while it is set.
+    insecure_test_scrypt: bool = False
+    # scrypt verifications running at once (each needs 128 * 8 * N bytes:
+    # 32 MiB at 2^15, 128 MiB at 2^17); more AUTHs wait for a free slot.
+    max_concurrent_verifications: int = 2
 
     def __post_init__(self) -> None:
         _positive("max_failures_per_ip", self.max_failures_per_ip)
@@ -139,6 +152,23 @@ class AuthSettings:
         _positive("failure_window", self.failure_window)
         if self.scrypt_n < 2 or self.scrypt_n & (self.scrypt_n - 1):
             raise ValueError("scrypt_n: must be a power of two")
+        if self.scrypt_n > MAX_SCRYPT_N:
+            raise ValueError(f"scrypt_n: at most 2^17 ({MAX_SCRYPT_N}; 128 MiB per verification), "
+                             f"got {self.scrypt_n}")
+        if self.scrypt_n < MIN_SCRYPT_N and not self.insecure_test_scrypt:
+            raise ValueError(f"scrypt_n: at least 2^14 ({MIN_SCRYPT_N}), got {self.scrypt_n}: weaker password "
+                             f"hashes are cheap to crack (insecure_test_scrypt = true allows it in test suites "
+                             f"only)")
+        if not 1 <= self.max_concurrent_verifications <= 64:
+            raise ValueError("max_concurrent_verifications: must be within 1..64")
+
+    def warnings(self) -> list[tuple[str, str]]:
+        """(key, problem) of settings that are allowed but unsafe outside a test suite."""
+        if self.insecure_test_scrypt:
+            return [("auth.insecure_test_scrypt", f"TEST SUITES ONLY: password hashes may be made with scrypt_n "
+                                                  f"= {self.scrypt_n} (below 2^14 they are cheap to crack); "
+                                                  f"never set this in production")]
+        return []
 
 
 @dataclass(frozen=True)
@@ -239,10 +269,19 @@ class HttpSettings:
     address: str = "127.0.0.1"
     port: int = 8025
     admin_key: str = ""               # "env:NAME" recommended
+    # Request bodies (gateway/web/limits.py): the most a route takes, and the
+    # seconds from the request's headers to the body's last byte (then 413 /
+    # 408). The subscriber import (JSON or a CSV file) has its own pair.
+    max_body: int = 64 * 1024
+    body_timeout: float = 10.0
+    max_import_body: int = 16 * 1024 * 1024
+    import_body_timeout: float = 120.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: {self.port} is not a TCP port")
+        for name in ("max_body", "body_timeout", "max_import_body", "import_body_timeout"):
+            _positive(name, getattr(self, name))
 
 
 @dataclass(frozen=True)
@@ -385,6 +424,12 @@ def _validate_checks(cfg: Config) -> None:
             if where[dep] > where[name]:
                 raise ConfigError(cfg.source, key, f"check {name!r} needs the result of {dep!r}, which runs "
                                                    f"after it; put {dep!r} first")
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """``file: key: problem`` of each setting the config takes but that is unsafe outside a test suite
+    (check-config and serve print them)."""
+    return [f"{cfg.source}: {key}: {problem}" for key, problem in cfg.auth.warnings()]
 
 
 def from_mapping(data: Mapping, source: str, env: Mapping[str, str] | None = None) -> Config:

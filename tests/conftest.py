@@ -435,6 +435,7 @@ url = "sqlite+aiosqlite:///{db}"
 
 [auth]
 scrypt_n = 16
+insecure_test_scrypt = true
 """ + extra
 
 
@@ -444,7 +445,7 @@ def base_config(tmp_path: Path, sink: Sink | None, certs: Certs | None = None, *
                        "auth_without_tls": True}],
         "smtp": {"hostname": "gw.test", "max_recipients": 5, "max_message_size": 100_000,
                  "grace_period": 5.0},
-        "auth": {"scrypt_n": 16, "max_failures_per_ip": 5, "max_failures_per_account": 5},
+        "auth": {"scrypt_n": 16, "insecure_test_scrypt": True, "max_failures_per_ip": 5, "max_failures_per_account": 5},
         "storage": {"url": f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}"},
         "http": {"enabled": False},
         "log": {"transactions": str(tmp_path / "transactions.jsonl")},

@@ -424,7 +424,7 @@ def write_config(path: Path, *, storage_url: str, smtp_port: int = 0, upstream_p
         "[[listeners]]", 'name = "plain"', 'address = "127.0.0.1"', f"port = {smtp_port}", 'tls = "none"',
         "auth_without_tls = true", "proxy_protocol = true", "",
         "[smtp]", 'hostname = "gw-b.test"', "grace_period = 1.0", "",
-        "[auth]", "scrypt_n = 16", "",
+        "[auth]", "scrypt_n = 16", "insecure_test_scrypt = true", "",
         "[storage]", f'url = "{storage_url}"', "",
         "[http]", "enabled = false", "",
         "[log]", 'level = "warning"', f'transactions = "{log_file or (path.parent / "b-transactions.jsonl")}"', "",

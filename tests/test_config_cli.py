@@ -175,7 +175,9 @@ async def test_dev_mode_refuses_non_loopback(tmp_path):
     from gateway.config import dev_config
     from dataclasses import replace
     cfg = dev_config(tmp_path)
-    cfg = replace(cfg, listeners=[replace(cfg.listeners[0], address="0.0.0.0")])
+    with pytest.raises(ValueError, match="auth_without_tls: only on a loopback listener"):
+        replace(cfg.listeners[0], address="0.0.0.0")   # the dev listener's AUTH in clear text
+    cfg = replace(cfg, listeners=[replace(cfg.listeners[0], address="0.0.0.0", auth_without_tls=False)])
     gw = Gateway(cfg)
     with pytest.raises(ConfigError) as err:
         await gw.start()
@@ -320,7 +322,8 @@ def test_busy_port_with_a_config_names_the_key(tmp_path):
         path = write(tmp_path, text)
         r = run_cli("serve", "--config", str(path), cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    line, = r.stderr.strip().splitlines()
+    warning, line = r.stderr.strip().splitlines()   # GOOD's insecure_test_scrypt is warned about first
+    assert warning.startswith("WARNING: ") and "auth.insecure_test_scrypt" in warning, warning
     assert f"127.0.0.1:{taken}" in line and "listeners[0].port" in line and str(path) in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gateway.toml"]   # no gw.db, no tx.jsonl
 

@@ -503,6 +503,7 @@ hostname = "gw-b.test"
 
 [auth]
 scrypt_n = 16
+insecure_test_scrypt = true
 
 [storage]
 url = "{pg_url}"

@@ -20,7 +20,7 @@ from ..state.background import BackgroundTask
 from ..storage.schema import account_domains, account_forwarders, account_networks, accounts
 from .authorize import authorize
 from .model import Account, AccountStatus, SenderDomain
-from .passwords import hash_password, verify_password_async
+from .passwords import DEFAULT_N, P, R, dummy_hash, hash_params, hash_password, verify_password_async
 
 log = logging.getLogger("gateway.accounts")
 
@@ -46,10 +46,16 @@ def parse_network(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 
 class AccountStore:
-    def __init__(self, engine: AsyncEngine, scrypt_n: int = 2 ** 14,
-                 clock: Callable[[], float] = time.time, refresh_interval: float = 1.0):
+    def __init__(self, engine: AsyncEngine, scrypt_n: int = DEFAULT_N,
+                 clock: Callable[[], float] = time.time, refresh_interval: float = 1.0,
+                 max_concurrent_verifications: int = 2):
         self.engine = engine
         self.scrypt_n = scrypt_n
+        # What an unknown account's AUTH is checked against: the configured
+        # parameters, so it costs what a known account's does (P-HARVEST).
+        self.dummy_hash = dummy_hash(scrypt_n)
+        # Each verification needs 128 * r * n bytes: at most this many at once.
+        self._verify_slots = asyncio.Semaphore(max_concurrent_verifications)
         self.clock = clock
         self.refresh_interval = refresh_interval
         self._by_name: dict[str, Account] = {}
@@ -132,14 +138,35 @@ class AccountStore:
         async with self.engine.connect() as conn:
             row = (await conn.execute(sa.select(accounts.c.name, accounts.c.password_hash)
                                       .where(accounts.c.name == name))).first()
-        ok = await verify_password_async(password, row.password_hash if row else None)
-        if not ok:
+        stored = row.password_hash if row else None
+        async with self._verify_slots:
+            ok = await verify_password_async(password, stored if stored is not None else self.dummy_hash)
+        if not ok or stored is None:
             return None
+        if hash_params(stored) != (self.scrypt_n, R, P):
+            await self._rehash(name, password, stored)
         acc = self._by_name.get(name)
         if acc is None:  # created since the last snapshot
             await self.refresh()
             acc = self._by_name.get(name)
         return acc
+
+    async def _rehash(self, name: str, password: bytes, stored: str) -> None:
+        """The password hash again at the configured cost, after a successful AUTH
+        against one made at another (an older default): from then on this
+        account's AUTH costs what an unknown account's does. A failure is logged
+        and changes nothing (the AUTH succeeded)."""
+        try:
+            async with self._verify_slots:
+                new_hash = await asyncio.get_running_loop().run_in_executor(
+                    None, hash_password, password, self.scrypt_n)
+            async with self.engine.begin() as conn:
+                await conn.execute(accounts.update().where(accounts.c.name == name)
+                                   .where(accounts.c.password_hash == stored)
+                                   .values(password_hash=new_hash))
+            log.info("account %s: password hash renewed at scrypt n=%d", name, self.scrypt_n)
+        except Exception:
+            log.warning("account %s: renewing the password hash failed", name, exc_info=True)
 
     # --- administration (CLI, HTTP admin) ----------------------------------------------
     async def add(self, name: str, password: str, contact: str = "", allow_subdomains: bool = False) -> None:

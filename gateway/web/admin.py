@@ -2,7 +2,9 @@
 
 Authentication: ``Authorization: Bearer <http.admin_key>``, compared in
 constant time; a missing or wrong key answers 401. With no admin key
-configured the whole admin API answers 503 ("admin API disabled").
+configured the whole admin API answers 503 ("admin API disabled"). A request
+with a body is answered so before the body is read (``admin_gate``, run by
+``web/limits.py``, which also bounds the body: 413 / 408).
 
     GET    /admin/blocklist[?kind=ip|domain|hostname]   -> 200 {"version", "entries": [...]}
     POST   /admin/blocklist  {"kind", "value", "reason"?} -> 201 entry | 409 | 422
@@ -19,12 +21,16 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from starlette.datastructures import Headers
+from starlette.types import Scope
 
 from ..blocklist.model import KINDS, BlockError, Invalid
 from .context import WebContext
 from .jsonresponse import OrjsonResponse
+from .limits import Gate
 
 log = logging.getLogger("gateway.admin")
 
@@ -64,18 +70,30 @@ async def _storage_call(fn: Callable[[], Awaitable[Any]], failure: str) -> tuple
         return None, _error(503, "unavailable", "storage unavailable, try again")
 
 
+def admin_denied(ctx: WebContext, headers: Headers) -> Response | None:
+    """The answer to a request without the admin key (401), or with the admin API off (503); None: let it in."""
+    key = ctx.http.admin_key
+    if not key:
+        return _error(503, "disabled", "admin API disabled (set http.admin_key)")
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not is_admin_key(key, token.strip()):
+        return _error(401, "unauthorized", "the admin key is needed (Authorization: Bearer KEY)",
+                      {"WWW-Authenticate": "Bearer"})
+    return None
+
+
+def admin_gate(ctx: WebContext) -> Gate:
+    """The admin key checked from the headers before a body is read (web/limits.py)."""
+    async def gate(scope: Scope) -> Response | None:
+        return admin_denied(ctx, Headers(scope=scope))
+    return gate
+
+
 def admin_router(ctx: WebContext) -> APIRouter:
     router = APIRouter(prefix="/admin", tags=["admin"])
 
     def denied(request: Request) -> Response | None:
-        key = ctx.http.admin_key
-        if not key:
-            return _error(503, "disabled", "admin API disabled (set http.admin_key)")
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not is_admin_key(key, token.strip()):
-            return _error(401, "unauthorized", "the admin key is needed (Authorization: Bearer KEY)",
-                          {"WWW-Authenticate": "Bearer"})
-        return None
+        return admin_denied(ctx, request.headers)
 
     def who(request: Request) -> str:
         return f"admin-api {request.client.host}" if request.client else "admin-api"
@@ -97,9 +115,10 @@ def admin_router(ctx: WebContext) -> APIRouter:
         if (resp := denied(request)) is not None:
             return resp
         try:
-            body: Any = await request.json()
+            # orjson: nesting deeper than 1024 is a JSONDecodeError (a ValueError), never a RecursionError
+            body: Any = orjson.loads(await request.body())
         except ValueError:
-            return _invalid("body", "must be a JSON object")
+            return _invalid("body", "must be a JSON object (at most 1024 levels deep)")
         if not isinstance(body, dict):
             return _invalid("body", "must be a JSON object")
         unknown = sorted(set(body) - _BODY_FIELDS)

@@ -17,6 +17,7 @@ from fastapi.staticfiles import StaticFiles
 
 from .context import WebContext
 from .jsonresponse import OrjsonResponse
+from .limits import BodyLimit, BodyLimits, Route
 
 
 DOCS_ASSETS = "/docs-assets"   # Swagger UI and ReDoc files, served by the gateway
@@ -77,11 +78,19 @@ def create_app(ctx: WebContext) -> FastAPI:
     async def metrics() -> Response:
         return Response(ctx.metrics(), media_type="text/plain; version=0.0.4")
 
+    routes: list[Route] = []
     if ctx.registry is not None:
-        from .registry_api import install as install_registry
+        from .registry_api import install as install_registry, registry_gate
         install_registry(app, ctx.registry, ctx)   # /api/v1 (lists, subscribers), /confirm, /unsubscribe
+        gate = registry_gate(ctx.registry, ctx)
+        routes += [Route("/api/v1/", suffix="/subscribers/import", method="POST", gate=gate,
+                         limit=BodyLimit(ctx.http.max_import_body, ctx.http.import_body_timeout)),
+                   Route("/api/v1/", gate=gate)]
 
-    from .admin import admin_router
+    from .admin import admin_gate, admin_router
     app.include_router(admin_router(ctx))   # /admin (block lists), admin key
+    routes.append(Route("/admin/", gate=admin_gate(ctx)))
 
+    # Every request body bounded by size and time; credentials checked before one is read.
+    app.add_middleware(BodyLimits, default=BodyLimit(ctx.http.max_body, ctx.http.body_timeout), routes=routes)
     return app

@@ -4,7 +4,9 @@ Authentication: ``Authorization: Bearer <key>`` (or ``X-API-Key``). An account
 key sees only its own account's lists; another account's list answers 404
 exactly like one that does not exist (P-HARVEST). The operators' admin key
 (``http.admin_key``) acts for the account named in ``X-Account`` and may issue
-API keys.
+API keys. A request with a body is authenticated from its headers before the
+body is read (``registry_gate``, run by ``web/limits.py``, which also bounds
+the body: 413 / 408).
 
 Errors are JSON: ``{"error": code, "errors": [{"field", "reason"}]}`` for 422,
 ``{"error": code, "reason", "field"?}`` otherwise.
@@ -19,16 +21,20 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
 from fastapi.encoders import jsonable_encoder
-from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope
 
 from ..registry import csvimport
 from ..registry.model import Conflict, Invalid, NotFound, RateLimited, RegistryUnavailable
 from .admin import is_admin_key
 from .context import WebContext
 from .jsonresponse import OrjsonResponse
+from .limits import Gate
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..registry.service import RegistryService
@@ -185,6 +191,11 @@ def _error(status: int, error: str, reason: str, field: str | None = None, heade
     return OrjsonResponse(body, status_code=status, headers=headers)
 
 
+def _unavailable_response() -> OrjsonResponse:
+    return _error(503, "unavailable", "the registry database is unavailable; try again shortly",
+                  headers={"Retry-After": "5"})
+
+
 class ApiError(Exception):
     def __init__(self, status: int, error: str, reason: str, headers: dict | None = None):
         self.status, self.error, self.reason, self.headers = status, error, reason, headers
@@ -232,8 +243,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RegistryUnavailable)
     async def _unavailable(request: Request, exc: RegistryUnavailable):
-        return _error(503, "unavailable", "the registry database is unavailable; try again shortly",
-                      headers={"Retry-After": "5"})
+        return _unavailable_response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        # FastAPI's own 400 for a body it cannot parse (e.g. JSON nested deeper than
+        # Python's json takes): the registry's error format on the registry's routes
+        if not _is_registry_route(request):
+            return await http_exception_handler(request, exc)
+        return _error(exc.status_code, "bad_request" if exc.status_code == 400 else "http_error", str(exc.detail),
+                      headers=exc.headers)
 
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError):
@@ -245,24 +264,56 @@ def _bulk_limit(reg, rows: int) -> None:
         raise Invalid("subscribers", f"at most {reg.settings.max_bulk} rows per import ({rows} sent)")
 
 
+# ------------------------------------------------------------------ credentials
+def _key(authorization: str | None, x_api_key: str | None) -> str:
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    if x_api_key:
+        return x_api_key.strip()
+    raise ApiError(401, "unauthorized", "an API key is needed (Authorization: Bearer KEY)",
+                   {"WWW-Authenticate": "Bearer"})
+
+
+def _unknown_key() -> ApiError:
+    return ApiError(401, "unauthorized", "unknown API key", {"WWW-Authenticate": "Bearer"})
+
+
+_CHECKED = "api_key_account"   # scope["state"] key: (key, account) the gate found
+
+
+def registry_gate(reg: "RegistryService", ctx: WebContext) -> Gate:
+    """The API key (or admin key) checked from the headers before a body is read
+    (web/limits.py): none or an unknown one is answered 401 at once; the account
+    found is left in the request's state for the route's own dependency."""
+    async def gate(scope: Scope) -> Response | None:
+        headers = Headers(scope=scope)
+        try:
+            key = _key(headers.get("authorization"), headers.get("x-api-key"))
+            if is_admin_key(ctx.http.admin_key, key):
+                return None
+            name = await reg.account_for_api_key(key)
+        except ApiError as exc:
+            return _error(exc.status, exc.error, exc.reason, headers=exc.headers)
+        except RegistryUnavailable:
+            return _unavailable_response()
+        if name is None:
+            refused = _unknown_key()
+            return _error(refused.status, refused.error, refused.reason, headers=refused.headers)
+        scope.setdefault("state", {})[_CHECKED] = (key, name)
+        return None
+    return gate
+
+
 # ------------------------------------------------------------------ the router
 def registry_router(reg: "RegistryService", ctx: WebContext) -> APIRouter:
     router = APIRouter(prefix="/api/v1", tags=[TAG], responses=_ERRORS)
 
-    def _key(authorization: str | None, x_api_key: str | None) -> str:
-        if authorization:
-            scheme, _, value = authorization.partition(" ")
-            if scheme.lower() == "bearer" and value.strip():
-                return value.strip()
-        if x_api_key:
-            return x_api_key.strip()
-        raise ApiError(401, "unauthorized", "an API key is needed (Authorization: Bearer KEY)",
-                       {"WWW-Authenticate": "Bearer"})
-
     def _is_admin(key: str) -> bool:
         return is_admin_key(ctx.http.admin_key, key)
 
-    async def account(authorization: Annotated[str | None, Header()] = None,
+    async def account(request: Request, authorization: Annotated[str | None, Header()] = None,
                       x_api_key: Annotated[str | None, Header()] = None,
                       x_account: Annotated[str | None, Header(description="admin key only: the account "
                                                                           "to act for")] = None) -> str:
@@ -271,9 +322,10 @@ def registry_router(reg: "RegistryService", ctx: WebContext) -> APIRouter:
             if not x_account:
                 raise Invalid("X-Account", "the admin key acts for the account named in the X-Account header")
             return x_account
-        name = await reg.account_for_api_key(key)
+        checked = request.scope.get("state", {}).get(_CHECKED)
+        name = checked[1] if checked is not None and checked[0] == key else await reg.account_for_api_key(key)
         if name is None:
-            raise ApiError(401, "unauthorized", "unknown API key", {"WWW-Authenticate": "Bearer"})
+            raise _unknown_key()
         acc = ctx.accounts.cached(name)
         if acc is not None and acc.suspended:
             raise ApiError(403, "suspended", "this account is suspended (P-STRIKE)")
