@@ -171,7 +171,8 @@ class Gateway:
                                     pool_timeout=st.pool_timeout)
         await migrate(self.engine)
         self.accounts = AccountStore(self.engine, scrypt_n=cfg.auth.scrypt_n, clock=self.clock,
-                                     max_concurrent_verifications=cfg.auth.max_concurrent_verifications)
+                                     max_concurrent_verifications=cfg.auth.max_concurrent_verifications,
+                                     db_timeout=cfg.storage.connect_timeout)
         await self.accounts.start()
         self.blocklist = BlockList(self.engine, clock=self.clock)   # P-BLOCK, polled for changes
         await self.blocklist.start()

@@ -4,51 +4,118 @@ needs no database once the account is loaded.
 
 The database sits behind tests/faultproxy.py (the machine's own PostgreSQL is
 never stopped): ``blackhole`` accepts TCP and never answers, as a hung
-server or a dropped route does; ``cut`` refuses connections."""
+server or a dropped route does; ``cut`` closes every connection and refuses
+new ones. Before this, with the database black-holed, an authenticated
+session's MAIL hung until the session timeout, AUTH took asyncpg's 60 s
+connect timeout, and a registry lookup overran its 3 s because the caller
+waited on the shared load without a deadline of its own."""
 from __future__ import annotations
 
 import asyncio
-import time
+import base64
 
 import pytest
 from sqlalchemy.engine import make_url
 
-from conftest import MESSAGE, PG_HOST, PG_PORT
+from conftest import MESSAGE, PG_PORT
 from faultproxy import FaultProxy
-from smtp_client import cmd, dot_stuff, reply, session
+from smtp_client import cmd, dot_stuff, raw_session, reply, session
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(180)
+
+# The issue's target: any SMTP command answered within 15 s at the default
+# settings while PostgreSQL is black-holed. These are deadlines (the test
+# fails if a reply never comes), not speed measurements.
+ANSWER_WITHIN = 15.0
 
 
 @pytest.fixture
 async def pg_proxy(pg_url):
-    proxy = await FaultProxy(PG_HOST if PG_HOST != "localhost" else "127.0.0.1", PG_PORT).start()
+    proxy = await FaultProxy("127.0.0.1", PG_PORT).start()
     url = make_url(pg_url).set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
     yield proxy, url
     await proxy.stop()
 
 
-async def timed(coro) -> tuple[bytes, float]:
-    t = time.monotonic()
-    r = await asyncio.wait_for(coro, 60)
-    return r, time.monotonic() - t
+async def answer(coro) -> bytes:
+    return await asyncio.wait_for(coro, ANSWER_WITHIN)
 
 
-async def test_probe(gateway_factory, sink, pg_proxy):
+def plain(login: str, password: str) -> bytes:
+    return b"AUTH PLAIN " + base64.b64encode(b"\0" + login.encode() + b"\0" + password.encode())
+
+
+async def relay_one(reader, writer) -> list[bytes]:
+    out = []
+    for line in (b"MAIL FROM:<alice@example.com>", b"RCPT TO:<bob@example.org>", b"DATA"):
+        out.append(await answer(cmd(reader, writer, line)))
+    writer.write(dot_stuff(MESSAGE) + b".\r\n")
+    await writer.drain()
+    out.append(await answer(reply(reader)))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["blackhole", "cut"])
+async def test_plain_relay_and_auth_need_no_database(gateway_factory, sink, pg_proxy, mode, caplog):
     proxy, url = pg_proxy
     h = await gateway_factory(sink, storage={"url": url})
     await h.add_account()
+    await h.add_account("bob", "pw-bob", domains=("bob.example",))
+    await h.gw.accounts.refresh()
+    reader, writer = await session(h.port())               # alice, authenticated while the database is up
+    await proxy.set_mode(mode)
+
+    # 1. plain relay in the open session: relayed, twice (the second one needs no database wait at all)
+    for _ in range(2):
+        replies = await relay_one(reader, writer)
+        assert replies[0].startswith(b"250") and replies[1].startswith(b"250"), replies
+        assert replies[3].startswith(b"250 2.0.0 OK: relayed"), replies
+    await cmd(reader, writer, b"QUIT")
+    writer.close()
+    assert len(sink.messages) == 2
+
+    # 2. a new session: AUTH of a known account is answered from the snapshot, and it relays
+    r2, w2, _ = await raw_session(h.port())
+    assert (await answer(cmd(r2, w2, b"EHLO client.test"))).startswith(b"250")
+    assert (await answer(cmd(r2, w2, plain("bob", "pw-bob")))).startswith(b"235")
+    assert (await answer(cmd(r2, w2, plain("bob", "pw-bob")))).startswith(b"503")   # already authenticated
+    w2.close()
+
+    # 3. an account the snapshot does not know would need the database: a clear 454, in time, no traceback
+    r3, w3, _ = await raw_session(h.port())
+    assert (await answer(cmd(r3, w3, b"EHLO client.test"))).startswith(b"250")
+    got = await answer(cmd(r3, w3, plain("newcomer", "pw")))
+    assert got.startswith(b"454 4.7.0"), got
+    w3.close()
+    assert not [r for r in caplog.records if r.exc_info and "AUTH" in r.getMessage()]
+
+    # 4. the database comes back: nothing was lost, and it is read again
+    await proxy.set_mode("pass")
+    await h.add_account("carol", "pw-carol", domains=("carol.example",))
+    r4, w4, _ = await raw_session(h.port())
+    assert (await answer(cmd(r4, w4, b"EHLO client.test"))).startswith(b"250")
+    assert (await answer(cmd(r4, w4, plain("carol", "pw-carol")))).startswith(b"235")
+    w4.close()
+
+
+async def test_list_mail_lookup_keeps_its_deadline(gateway_factory, sink, pg_proxy):
+    """A registry lookup that needs the database (a list recipient not in any
+    cache) is deferred within lookup_timeout + the caller's margin, never
+    accepted, even though the driver's own cancellation may hang."""
+    proxy, url = pg_proxy
+    h = await gateway_factory(sink, storage={"url": url}, registry={"secret": "0123456789abcdef0123456789abcdef",
+                                                                    "lookup_timeout": 1.0})
+    await h.add_account()
+    await h.gw.registry.create_list("alice", name="News", list_id="news.example.com",
+                                    senders=["news@example.com"], confirm_from="confirm@example.com")
+    h.gw.registry.cache.snapshots = None        # misses, not the list's in-memory snapshot
     reader, writer = await session(h.port())
+    assert (await answer(cmd(reader, writer, b"MAIL FROM:<news@example.com>"))).startswith(b"250")
+    # one lookup while the database answers, so the lookup pool holds an open connection
+    assert (await answer(cmd(reader, writer, b"RCPT TO:<stranger@example.org>"))).startswith(b"550 5.7.1")
     await proxy.set_mode("blackhole")
-    for line in (b"MAIL FROM:<alice@example.com>", b"RCPT TO:<bob@example.org>", b"DATA"):
-        r, dt = await timed(cmd(reader, writer, line))
-        print(line, r, round(dt, 2))
-    writer.write(dot_stuff(MESSAGE) + b".\r\n")
-    r, dt = await timed(reply(reader))
-    print("end of data", r, round(dt, 2))
-    t = time.monotonic()
-    try:
-        r2, w2 = await asyncio.wait_for(session(h.port()), 90)
-        print("new session with AUTH ok", round(time.monotonic() - t, 2))
-    except Exception as exc:
-        print("new session AUTH", repr(exc), round(time.monotonic() - t, 2))
+    got = await asyncio.wait_for(cmd(reader, writer, b"RCPT TO:<reader@example.org>"), 1.0 + 0.5 + 3.0)
+    assert got.startswith(b"451 4.3.0"), got
+    await cmd(reader, writer, b"QUIT")
+    writer.close()
+    assert sink.messages == []

@@ -48,7 +48,7 @@ def parse_network(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 class AccountStore:
     def __init__(self, engine: AsyncEngine, scrypt_n: int = DEFAULT_N,
                  clock: Callable[[], float] = time.time, refresh_interval: float = 1.0,
-                 max_concurrent_verifications: int = 2):
+                 max_concurrent_verifications: int = 2, db_timeout: float = 5.0):
         self.engine = engine
         self.scrypt_n = scrypt_n
         # What an unknown account's AUTH is checked against: the configured
@@ -59,6 +59,14 @@ class AccountStore:
         self.clock = clock
         self.refresh_interval = refresh_interval
         self._by_name: dict[str, Account] = {}
+        # name -> stored password hash, from the same snapshot: AUTH of a known
+        # account needs no database (a password changed elsewhere arrives with
+        # the next refresh, within refresh_interval).
+        self._hashes: dict[str, str] = {}
+        # Each database wait of the AUTH path (an account newer than the
+        # snapshot) has this deadline; the background refresh has its own.
+        self.db_timeout = db_timeout
+        self._rehashes: set[asyncio.Task] = set()
         self._networks: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]] = []
         self._loaded_at = 0.0
         self._refresh_lock = asyncio.Lock()
@@ -71,7 +79,7 @@ class AccountStore:
             async with self.engine.connect() as conn:
                 rows = (await conn.execute(sa.select(accounts.c.id, accounts.c.name, accounts.c.status,
                                                      accounts.c.contact, accounts.c.allow_subdomains,
-                                                     accounts.c.allow_forwarding))).all()
+                                                     accounts.c.allow_forwarding, accounts.c.password_hash))).all()
                 fwds = (await conn.execute(sa.select(account_forwarders.c.account_id,
                                                      account_forwarders.c.address))).all()
                 nets = (await conn.execute(sa.select(account_networks.c.account_id,
@@ -88,8 +96,10 @@ class AccountStore:
             for acc_id, address in fwds:
                 fwd_by.setdefault(acc_id, []).append(address)
             by_name: dict[str, Account] = {}
+            hashes: dict[str, str] = {}
             networks: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]] = []
-            for acc_id, name, status, contact, allow_sub, allow_fwd in rows:
+            for acc_id, name, status, contact, allow_sub, allow_fwd, pw_hash in rows:
+                hashes[name] = pw_hash
                 acc = Account(acc_id, name, AccountStatus(status), contact, bool(allow_sub),
                               tuple(net_by.get(acc_id, ())), tuple(dom_by.get(acc_id, ())),
                               bool(allow_fwd), tuple(sorted(fwd_by.get(acc_id, ()))))
@@ -98,6 +108,7 @@ class AccountStore:
             # Most specific network first, so nested client networks map to the right account.
             networks.sort(key=lambda item: -item[0].prefixlen)
             self._by_name = by_name
+            self._hashes = hashes
             self._networks = networks
             self._loaded_at = self.clock()
 
@@ -115,6 +126,8 @@ class AccountStore:
 
     async def stop(self) -> None:
         await self._task.stop()
+        for task in list(self._rehashes):
+            task.cancel()
 
     def cached(self, name: str) -> Account | None:
         return self._by_name.get(name)
@@ -135,19 +148,29 @@ class AccountStore:
     async def authenticate(self, name: str, password: bytes) -> Account | None:
         """The account if the credentials are right (suspended accounts included:
         the caller decides what to answer), else None."""
-        async with self.engine.connect() as conn:
-            row = (await conn.execute(sa.select(accounts.c.name, accounts.c.password_hash)
-                                      .where(accounts.c.name == name))).first()
-        stored = row.password_hash if row else None
+        stored = self._hashes.get(name)
+        if stored is None:
+            # Not in the snapshot: unknown, or created since the last refresh.
+            # Only this case asks the database, within its own deadline (a
+            # TimeoutError or database error reaches the caller: 454 4.7.0).
+            async with asyncio.timeout(self.db_timeout):
+                async with self.engine.connect() as conn:
+                    row = (await conn.execute(sa.select(accounts.c.name, accounts.c.password_hash)
+                                              .where(accounts.c.name == name))).first()
+            stored = row.password_hash if row else None
         async with self._verify_slots:
             ok = await verify_password_async(password, stored if stored is not None else self.dummy_hash)
         if not ok or stored is None:
             return None
-        if hash_params(stored) != (self.scrypt_n, R, P):
-            await self._rehash(name, password, stored)
+        if hash_params(stored) != (self.scrypt_n, R, P) and len(self._rehashes) < 16:
+            # in the background: the AUTH reply never waits for a database write
+            task = asyncio.get_running_loop().create_task(self._rehash(name, password, stored))
+            self._rehashes.add(task)
+            task.add_done_callback(self._rehashes.discard)
         acc = self._by_name.get(name)
         if acc is None:  # created since the last snapshot
-            await self.refresh()
+            async with asyncio.timeout(self.db_timeout):
+                await self.refresh()
             acc = self._by_name.get(name)
         return acc
 
@@ -160,10 +183,13 @@ class AccountStore:
             async with self._verify_slots:
                 new_hash = await asyncio.get_running_loop().run_in_executor(
                     None, hash_password, password, self.scrypt_n)
-            async with self.engine.begin() as conn:
-                await conn.execute(accounts.update().where(accounts.c.name == name)
-                                   .where(accounts.c.password_hash == stored)
-                                   .values(password_hash=new_hash))
+            async with asyncio.timeout(self.db_timeout):
+                async with self.engine.begin() as conn:
+                    await conn.execute(accounts.update().where(accounts.c.name == name)
+                                       .where(accounts.c.password_hash == stored)
+                                       .values(password_hash=new_hash))
+            if self._hashes.get(name) == stored:
+                self._hashes[name] = new_hash
             log.info("account %s: password hash renewed at scrypt n=%d", name, self.scrypt_n)
         except Exception:
             log.warning("account %s: renewing the password hash failed", name, exc_info=True)
@@ -199,6 +225,8 @@ class AccountStore:
             acc_id = await self._id(conn, name)
             await conn.execute(accounts.update().where(accounts.c.id == acc_id)
                                .values(password_hash=pw_hash, updated_at=self.clock()))
+        if name in self._hashes:
+            self._hashes[name] = pw_hash
 
     async def set_status(self, name: str, status: AccountStatus) -> None:
         async with self.engine.begin() as conn:

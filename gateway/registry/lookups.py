@@ -6,12 +6,21 @@ from __future__ import annotations
 import asyncio
 from typing import Callable
 
-from .base import RegistryBase
+from .base import RegistryBase, log
 from .model import Invalid, MailingList, RecipientStatus, RegistryUnavailable, normalize_address, sender_matcher
+
+
+SENDERS_PROBE_INTERVAL = 2.0   # seconds between the background retries while the database is down
 
 
 class Lookups(RegistryBase):
     _inflight: dict[tuple, tuple[int, asyncio.Task]]
+    # The sender map survives what the cache forgets (TTL, invalidation, a
+    # dropped channel): the last entries read per account, and whether every
+    # account's were read at once (then an account missing here had no list).
+    _last_senders: dict[str, tuple]
+    _senders_preloaded: bool
+    _senders_probe: asyncio.Task | None
 
     async def list_for_sender(self, account_name: str, mail_from: str) -> MailingList | None:
         """The account's list whose envelope sender (address or VERP pattern)
@@ -27,12 +36,22 @@ class Lookups(RegistryBase):
             return None
         entries = self.cache.get_senders(account_name)
         if entries is None:
-            try:
-                entries = await self._coalesced(("senders", account_name), self._load_senders, account_name)
-            except RegistryUnavailable:
-                entries = self.cache.get_senders(account_name, allow_stale=True)
-                if entries is None:
-                    raise
+            last = self._last_senders.get(account_name, () if self._senders_preloaded else None)
+            if last is not None and self._senders_probe is not None:
+                # The database failed a moment ago and a background task retries
+                # it: answer from what was last read instead of waiting again.
+                # (Plain relay of an authenticated session needs no database.)
+                entries = last
+            else:
+                try:
+                    entries = await self._coalesced(("senders", account_name), self._load_senders, account_name)
+                except RegistryUnavailable:
+                    entries = self.cache.get_senders(account_name, allow_stale=True)
+                    if entries is None:
+                        entries = last
+                    self._senders_down()
+                    if entries is None:
+                        raise
         for match, lst in entries:
             if match(sender):
                 return lst
@@ -40,16 +59,49 @@ class Lookups(RegistryBase):
 
     async def _load_senders(self, account_name: str) -> tuple:
         gen = self.cache.generation
-        lists = await self._db(self.store.lists(account_name=account_name))
+        entries = self._sender_entries(await self._db(self.store.lists(account_name=account_name)))
+        self.cache.put_senders(account_name, entries, gen)
+        self._last_senders[account_name] = entries
+        return entries
+
+    @staticmethod
+    def _sender_entries(lists: list[MailingList]) -> tuple:
         exact: list[tuple[str, MailingList]] = []
         wild: list[tuple[str, MailingList]] = []
         for lst in lists:
             for pattern in lst.senders:
                 (wild if "*" in pattern else exact).append((pattern, lst))
         wild.sort(key=lambda item: -len(item[0]))   # the most specific pattern wins
-        entries = tuple((sender_matcher(p), lst) for p, lst in exact + wild)
-        self.cache.put_senders(account_name, entries, gen)
-        return entries
+        return tuple((sender_matcher(p), lst) for p, lst in exact + wild)
+
+    async def preload_senders(self) -> None:
+        """Read every account's lists at once (start-up, and the retry while the
+        database is down): from then on an account the database cannot be asked
+        about is answered from here, and one that had no list has none."""
+        lists = await self._db(self.store.lists())
+        by_account: dict[str, list[MailingList]] = {}
+        for lst in lists:
+            by_account.setdefault(lst.account, []).append(lst)
+        self._last_senders = {name: self._sender_entries(found) for name, found in by_account.items()}
+        self._senders_preloaded = True
+
+    def _senders_down(self) -> None:
+        if self._senders_probe is None:
+            log.warning("registry database unavailable: list senders are answered from memory until it is back")
+            self._senders_probe = asyncio.get_running_loop().create_task(self._probe_senders())
+
+    async def _probe_senders(self) -> None:
+        try:
+            while True:
+                await asyncio.sleep(SENDERS_PROBE_INTERVAL)
+                try:
+                    await self.preload_senders()
+                except RegistryUnavailable:
+                    continue
+                log.warning("registry database answers again: list senders are read from it")
+                return
+        finally:
+            self._senders_probe = None
 
     async def recipient_status(self, list_id: str, address: str) -> RecipientStatus:
         """"confirmed" (may be mailed), "pending", "unsubscribed" (opted out:
@@ -86,7 +138,15 @@ class Lookups(RegistryBase):
             self._inflight[key] = current
             task.add_done_callback(self._forget_inflight(key, current))
             task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
-        return await asyncio.shield(current[1])
+        # The caller's own deadline: the shared load has lookup_timeout, but a
+        # driver that blocks in its cancellation (asyncpg cancelling on a
+        # black-holed connection) must not hold this caller beyond it.
+        try:
+            async with asyncio.timeout(self.settings.lookup_timeout + 0.5):
+                return await asyncio.shield(current[1])
+        except TimeoutError:
+            raise RegistryUnavailable(
+                f"registry database did not answer within {self.settings.lookup_timeout:g} s") from None
 
     def _forget_inflight(self, key: tuple, current: tuple[int, asyncio.Task]) -> Callable[[asyncio.Task], None]:
         """The done callback of a coalesced load: forget it, unless a newer one took its key."""

@@ -23,6 +23,7 @@ from .admin import Admin
 from .cache import Channel, ListSnapshots, LocalChannel, PostgresChannel, RedisChannel, SubscriptionCache
 from .links import OPTOUT_VIAS
 from .lookups import Lookups
+from .model import RegistryUnavailable
 from .settings import RegistrySettings
 from .store import Budget, Event, RegistryStore
 from .tokens import Keys
@@ -116,6 +117,9 @@ class RegistryService(Lookups, Admin):
                                                  refresh=settings.snapshot_refresh)
         self.channel: Channel | None = None
         self._inflight: dict[tuple, tuple[int, asyncio.Task]] = {}
+        self._last_senders: dict[str, tuple] = {}
+        self._senders_preloaded = False
+        self._senders_probe: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._outbox_task: asyncio.Task | None = None
         self._outbox_kick = asyncio.Event()
@@ -160,6 +164,11 @@ class RegistryService(Lookups, Admin):
         elif self.mode == "redis":  # a CLI process: publish only, never serve from the cache
             self.channel = RedisChannel(self.cache, self.settings.redis_url, self.settings.channel,
                                         self.settings.ping_interval)
+        if listen:
+            try:
+                await self.preload_senders()
+            except RegistryUnavailable as exc:   # then per account, as the lookups need them
+                log.warning("could not read the list senders at start: %s", exc)
         if outbox and self.relay is not None and self.keys is not None:
             self._outbox_task = asyncio.get_running_loop().create_task(self._outbox())
 
@@ -175,6 +184,8 @@ class RegistryService(Lookups, Admin):
             await asyncio.wait(list(self._tasks), timeout=5)
             for t in self._tasks:
                 t.cancel()
+        if self._senders_probe is not None:
+            self._senders_probe.cancel()
         if self.channel is not None:
             await self.channel.stop()
             self.channel = None

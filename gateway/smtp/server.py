@@ -406,8 +406,10 @@ class GatewaySMTP(AioSMTP):
             return
         try:
             account = await self.ctx.accounts.authenticate(login_text, password)
-        except Exception:
-            log.exception("account store unavailable during AUTH")
+        except Exception as exc:
+            # a database that is down or overran its deadline: expected, no traceback
+            log.warning("AUTH for %s from %s: account store unavailable (%s)", login_text[:100],
+                        sess.peer_ip, type(exc).__name__)
             await self.reply(replies.AUTH_TEMP_FAILURE)
             return
         if account is None:
