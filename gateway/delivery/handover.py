@@ -108,54 +108,58 @@ class Handover:
         self._prefetched = waiting
 
     async def rcpt(self, address: EnvelopeAddress, params: dict[str, str | bool]) -> Reply | Rendered:
-        """Hand over one recipient that passed the rcpt checks; the reply for the client."""
+        """Hand over one recipient that passed the rcpt checks; the reply for the client.
+        (One coroutine on purpose: it runs for every recipient.)"""
         tx = self.tx
         recorded = len(tx.ledger)
+        local = local_kind(tx, address)
+        target = relay_target(tx, address)
+        upstream = None
         try:
-            return await self._rcpt(tx, address, params)
+            if local:
+                reply: Reply | Rendered = replies.RECIPIENT_OK
+            elif tx.mailing_list is not None:
+                # List mail: one copy per recipient (its own unsubscribe link), in
+                # an upstream transaction of its own. One client transaction takes
+                # one list recipient: with two, the upstream could take one copy
+                # and refuse the other, and no single reply to the client's DATA
+                # would be true for both (a 250 loses the refused copy, a 4xx makes
+                # the client send the taken one again, a 5xx bounces it).
+                if any(not r.local for r in tx.recipients):
+                    tx.mark("rcpt")
+                    tx.refused_recipients += 1
+                    reply = replies.LIST_ONE_RECIPIENT
+                    outcome = Outcome("list_one_recipient", Result.FAIL, "this list transaction has its recipient",
+                                      reply, Phase.RCPT, address.addr)
+                    tx.ledger.append(outcome)
+                    self._d.events.publish(Refusal(tx.session, outcome, tx, address.addr, "gateway"))
+                    return reply
+                upstream, reply = await self._begin()
+                if upstream is not None:
+                    reply = await upstream.rcpt(address.addr, [])
+                    if not reply.is_positive:
+                        await upstream.close()
+                        upstream = None
+            else:
+                shared = self._shared
+                if shared is None:
+                    shared, reply = await self._begin()
+                    self._shared = shared
+                if shared is not None:
+                    # An SRS bounce goes to the original sender its address decodes to.
+                    reply = await shared.rcpt(target or address.addr, [])
+            tx.mark("rcpt")
+            if reply.is_positive:
+                tx.recipients.append(Recipient(address, params, reply, local, upstream, target))
+            else:
+                tx.refused_recipients += 1
+                outcome = Outcome("relay_rcpt", Result.FAIL, reply.render(), reply, Phase.RCPT, address.addr)
+                tx.ledger.append(outcome)
+                self._d.events.publish(Refusal(tx.session, outcome, tx, address.addr, "upstream"))
+            return reply
         finally:
             if self._d.events.wants(OutcomeRecorded):
                 self._published(recorded)
-
-    async def _rcpt(self, tx: Transaction, address: EnvelopeAddress,
-                    params: dict[str, str | bool]) -> Reply | Rendered:
-        local = local_kind(tx, address)
-        upstream = None
-        if local:
-            reply: Reply | Rendered = replies.RECIPIENT_OK
-        elif tx.mailing_list is not None:
-            # List mail: one copy per recipient (its own unsubscribe link), in
-            # an upstream transaction of its own. One client transaction takes
-            # one list recipient: with two, the upstream could take one copy
-            # and refuse the other, and no single reply to the client's DATA
-            # would be true for both (a 250 loses the refused copy, a 4xx makes
-            # the client send the taken one again, a 5xx bounces it).
-            if any(not r.local for r in tx.recipients):
-                tx.mark("rcpt")
-                tx.refused_recipients += 1
-                reply = replies.LIST_ONE_RECIPIENT
-                outcome = Outcome("list_one_recipient", Result.FAIL, "this list transaction has its recipient",
-                                  reply, Phase.RCPT, address.addr)
-                tx.ledger.append(outcome)
-                self._d.events.publish(Refusal(tx.session, outcome, tx, address.addr, "gateway"))
-                return reply
-            upstream, reply = await self._begin()
-            if upstream is not None:
-                reply = await upstream.rcpt(address.addr, [])
-                if not reply.is_positive:
-                    await upstream.close()
-                    upstream = None
-        else:
-            reply = await self._shared_rcpt(address)
-        tx.mark("rcpt")
-        if reply.is_positive:
-            tx.recipients.append(Recipient(address, params, reply, local, upstream, relay_target(tx, address)))
-        else:
-            tx.refused_recipients += 1
-            outcome = Outcome("relay_rcpt", Result.FAIL, reply.render(), reply, Phase.RCPT, address.addr)
-            tx.ledger.append(outcome)
-            self._d.events.publish(Refusal(tx.session, outcome, tx, address.addr, "upstream"))
-        return reply
 
     async def _begin(self) -> tuple["UpstreamTransaction | None", Reply | Rendered]:
         tx = self.tx
@@ -171,15 +175,6 @@ class Handover:
             tx.upstreams_skipped = utx.skipped
         return utx, reply
 
-    async def _shared_rcpt(self, address: EnvelopeAddress) -> Reply | Rendered:
-        if self._shared is None:
-            utx, reply = await self._begin()
-            if utx is None:
-                return reply
-            self._shared = utx
-        # An SRS bounce goes to the original sender its address decodes to.
-        return await self._shared.rcpt(relay_target(self.tx, address) or address.addr, [])
-
     # ------------------------------------------------------------------ DATA
     async def deliver(self) -> Reply | Rendered:
         """Hand the message over: to the gateway's own handlers, and to the
@@ -188,7 +183,40 @@ class Handover:
         transaction is released, whatever happens."""
         recorded = len(self.tx.ledger)
         try:
-            return await self._deliver()
+            tx = self.tx
+            copies = [(r, r.upstream) for r in tx.recipients if r.upstream is not None]
+            shared = self._shared
+            owned = self.take_upstreams()
+            try:
+                local_reply = await self._deliver_local() if any(r.local for r in tx.recipients) else None
+                if local_reply is not None:
+                    self._refused(local_reply, "deliver_local", "gateway")
+                    return local_reply
+                if all(r.local for r in tx.recipients):
+                    tx.decision = "local"
+                    return replies.HANDLED_LOCALLY.with_suffix(f", trace id {tx.trace_id}")
+                if tx.mailing_list is not None:
+                    reply = await self._relay_list_copies(copies)
+                else:
+                    assert shared is not None   # a relayed recipient opened it
+                    reply = await shared.data(self._d.finalizer.finalize(tx))
+                    if not reply.is_positive:
+                        self._refused(reply, "relay", "upstream")
+            finally:
+                for utx in owned:
+                    await utx.close()
+            tx.mark("relayed")
+            if reply.is_positive:
+                fwd = forwarded(tx)
+                if fwd is not None:
+                    what = (f"SRS bounce of {fwd.original} to {fwd.rewrite}" if fwd.kind == "bounce" else
+                            f"forwarded ({fwd.evidence}), envelope sender {fwd.rewrite or fwd.original}")
+                    tx.ledger.append(Outcome("forwarding", Result.PASS, what + ", relayed unchanged under the trace"))
+                skipped = f" ({', '.join(tx.upstreams_skipped)} skipped: circuit open)" if tx.upstreams_skipped else ""
+                tx.ledger.append(Outcome("relay", Result.PASS, f"upstream {tx.upstream}{skipped}"))
+                return replies.RELAYED.with_suffix(f", trace id {tx.trace_id} ({reply.text})")
+            tx.ledger.append(Outcome("relay", Result.FAIL, reply.render(), reply))
+            return reply
         finally:
             if self._d.events.wants(OutcomeRecorded):
                 self._published(recorded)
@@ -198,42 +226,6 @@ class Handover:
         events = self._d.events
         for outcome in self.tx.ledger[recorded:]:
             events.outcome(outcome)
-
-    async def _deliver(self) -> Reply | Rendered:
-        tx = self.tx
-        copies = [(r, r.upstream) for r in tx.recipients if r.upstream is not None]
-        shared = self._shared
-        owned = self.take_upstreams()
-        try:
-            local_reply = await self._deliver_local()
-            if local_reply is not None:
-                self._refused(local_reply, "deliver_local", "gateway")
-                return local_reply
-            if all(r.local for r in tx.recipients):
-                tx.decision = "local"
-                return replies.HANDLED_LOCALLY.with_suffix(f", trace id {tx.trace_id}")
-            if tx.mailing_list is not None:
-                reply = await self._relay_list_copies(copies)
-            else:
-                assert shared is not None   # a relayed recipient opened it
-                reply = await shared.data(self._d.finalizer.finalize(tx))
-                if not reply.is_positive:
-                    self._refused(reply, "relay", "upstream")
-        finally:
-            for utx in owned:
-                await utx.close()
-        tx.mark("relayed")
-        if reply.is_positive:
-            fwd = forwarded(tx)
-            if fwd is not None:
-                what = (f"SRS bounce of {fwd.original} to {fwd.rewrite}" if fwd.kind == "bounce" else
-                        f"forwarded ({fwd.evidence}), envelope sender {fwd.rewrite or fwd.original}")
-                tx.ledger.append(Outcome("forwarding", Result.PASS, what + ", relayed unchanged under the trace"))
-            skipped = f" ({', '.join(tx.upstreams_skipped)} skipped: circuit open)" if tx.upstreams_skipped else ""
-            tx.ledger.append(Outcome("relay", Result.PASS, f"upstream {tx.upstream}{skipped}"))
-            return replies.RELAYED.with_suffix(f", trace id {tx.trace_id} ({reply.text})")
-        tx.ledger.append(Outcome("relay", Result.FAIL, reply.render(), reply))
-        return reply
 
     async def _deliver_local(self) -> Reply | Rendered | None:
         tx = self.tx

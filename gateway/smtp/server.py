@@ -622,7 +622,7 @@ class GatewaySMTP(AioSMTP):
         label = address.addr
         handover = self.handover
         assert handover is not None
-        if handover.wants_prefetch and self._reader._buffer:  # type: ignore[attr-defined]
+        if self._reader._buffer and handover.wants_prefetch:  # type: ignore[attr-defined]
             handover.prefetch(bytes(self._reader._buffer))  # type: ignore[attr-defined]
         verdict = await self.ctx.pipeline.run(Phase.RCPT, tx, tx.ledger, address, item_label=label)
         if not verdict.accepted:
