@@ -83,6 +83,18 @@ if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
 
 
+async def eventually(predicate, what: str, timeout: float = 10.0) -> None:
+    """Wait (polling every 20 ms) until ``predicate()`` is true; AssertionError
+    naming ``what`` after ``timeout`` seconds."""
+    async def wait():
+        while not predicate():
+            await asyncio.sleep(0.02)
+    try:
+        await asyncio.wait_for(wait(), timeout)
+    except asyncio.TimeoutError:
+        raise AssertionError(f"not within {timeout} s: {what}") from None
+
+
 def need(condition: bool, reason: str) -> None:
     """Skip with a visible reason, except under CI=true where it must run."""
     if not condition:

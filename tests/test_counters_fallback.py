@@ -17,7 +17,7 @@ import aiosmtplib
 import httpx
 import pytest
 
-from conftest import need, tcp_reachable
+from conftest import eventually, need, tcp_reachable
 from faultproxy import FaultProxy
 
 DEADLINE = 0.3          # [counters] timeout in these tests
@@ -90,16 +90,6 @@ def fallback_metric(h) -> float:
 
 def counter_lines(caplog, text: str) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == "gateway.counters" and text in r.getMessage()]
-
-
-async def eventually(predicate, what: str, timeout: float = 10.0) -> None:
-    async def wait():
-        while not predicate():
-            await asyncio.sleep(0.02)
-    try:
-        await asyncio.wait_for(wait(), timeout)
-    except asyncio.TimeoutError:
-        raise AssertionError(f"not within {timeout} s: {what}") from None
 
 
 async def down_then_back(h, proxy: FaultProxy, mode: str, caplog, check_time: bool) -> None:

@@ -12,7 +12,7 @@ import aiosmtplib
 import httpx
 import pytest
 
-from conftest import MESSAGE
+from conftest import MESSAGE, eventually
 from faultproxy import FaultProxy
 
 TIMEOUT = 0.5          # the hung upstream's connect/greeting timeout in these tests
@@ -30,16 +30,6 @@ async def send_one(port: int) -> None:
     c = await send(port)
     await c.sendmail("alice@example.com", ["bob@example.org"], MESSAGE)
     await c.quit()
-
-
-async def eventually(predicate, what: str, timeout: float = 10.0) -> None:
-    async def wait():
-        while not predicate():
-            await asyncio.sleep(0.02)
-    try:
-        await asyncio.wait_for(wait(), timeout)
-    except asyncio.TimeoutError:
-        raise AssertionError(f"not within {timeout} s: {what}") from None
 
 
 def metric(text: str, name: str, upstream: str) -> float:
