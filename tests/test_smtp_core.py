@@ -10,7 +10,7 @@ import pytest
 from gateway.core.transaction import Outcome, Phase
 
 from conftest import MESSAGE
-from smtp_client import cmd, proxied_session, raw_session
+from smtp_client import cmd, proxied_session, raw_session, session
 from smtp_client import reply as read_reply
 
 
@@ -532,7 +532,38 @@ async def test_bug_in_a_check_defers_with_451(sink, gateway_factory):
     with pytest.raises(aiosmtplib.SMTPSenderRefused) as err:
         await c.mail("alice@example.com")
     assert err.value.code == 451 and err.value.message.startswith("4.3.0")
+    # the reply names no exception (that is for the ledger and the log)
+    assert err.value.message == "4.3.0 Temporary internal error, try again later", err.value.message
     await c.quit()
+    ledger = [rec for rec in h.log_records() if rec.get("decision") == "deferred"][0]["ledger"]
+    assert {"check": "boom", "result": "error", "detail": "internal error: RuntimeError"}.items() <= ledger[-1].items()
+
+
+async def test_data_timeout_is_announced_as_such(sink, gateway_factory):
+    h = await gateway_factory(sink, smtp={"data_timeout": 0.5})
+    await h.add_account()
+    reader, writer = await session(h.port())
+    assert (await cmd(reader, writer, b"MAIL FROM:<alice@example.com>")).startswith(b"250")
+    assert (await cmd(reader, writer, b"RCPT TO:<bob@example.org>")).startswith(b"250")
+    assert (await cmd(reader, writer, b"DATA")).startswith(b"354")
+    writer.write(b"Subject: never ends\r\n\r\nstill writing")
+    await writer.drain()
+    got = await asyncio.wait_for(read_reply(reader), 10)
+    assert got == b"421 4.4.2 P-LOAD DATA timeout: the message did not end in time, closing\r\n", got
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    assert sink.messages == []
+
+
+async def test_too_many_transactions_has_its_own_reply(sink, gateway_factory):
+    h = await gateway_factory(sink, smtp={"max_transactions": 1})
+    await h.add_account()
+    reader, writer = await session(h.port())
+    assert (await cmd(reader, writer, b"MAIL FROM:<alice@example.com>")).startswith(b"250")
+    assert (await cmd(reader, writer, b"RSET")).startswith(b"250")
+    got = await cmd(reader, writer, b"MAIL FROM:<alice@example.com>")
+    assert got == b"421 4.7.0 P-LOAD Too many transactions in this session, closing\r\n", got
+    writer.close()
 
 
 async def test_bug_outside_checks_defers_with_451(sink, gateway_factory, monkeypatch):

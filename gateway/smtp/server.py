@@ -305,7 +305,7 @@ class GatewaySMTP(AioSMTP):
             # A refused greeting is no greeting: MAIL must still answer 503 "send EHLO/HELO first".
             sess.helo = None
             aio.host_name = None
-            await self.reply(refusal_reply, refusal.detail or None)
+            await self.reply(refusal_reply, _client_detail(refusal))
             return False
         return True
 
@@ -552,7 +552,7 @@ class GatewaySMTP(AioSMTP):
             await self.reply(replies.ARG_SYNTAX, "MAIL FROM:<address>")
             return
         if sess.transactions >= self.ctx.config.smtp.max_transactions:
-            await self.close_with(replies.TOO_MANY_COMMANDS)
+            await self.close_with(replies.TOO_MANY_TRANSACTIONS)
             return
         if self.listener.require_auth and sess.account is None:
             sess.ledger.append(Outcome("mail_auth_required", Result.FAIL, "submission listener needs AUTH",
@@ -588,7 +588,7 @@ class GatewaySMTP(AioSMTP):
         if not verdict.accepted:
             refusal, refusal_reply = _refusal(verdict)
             self._refuse_tx(tx, refusal)
-            await self.reply(refusal_reply, refusal.detail or None)
+            await self.reply(refusal_reply, _client_detail(refusal))
             return
         sess.transactions += 1
         self.tx = tx
@@ -629,7 +629,7 @@ class GatewaySMTP(AioSMTP):
             refusal, refusal_reply = _refusal(verdict)
             tx.refused_recipients += 1
             self.ctx.events.publish(Refusal(tx.session, refusal, tx, label))
-            await self.reply(refusal_reply, refusal.detail or None)
+            await self.reply(refusal_reply, _client_detail(refusal))
             return
         # Where the recipient goes (upstream, list copy, the gateway's own
         # mailboxes) is delivery's business; the client gets its answer.
@@ -655,7 +655,9 @@ class GatewaySMTP(AioSMTP):
             return
         await self.push(replies.START_DATA.render().replace("354  ", "354 "))
         cfg = self.ctx.config.smtp
-        self._reset_timeout(cfg.data_timeout)
+        # The idle timer a little later than the DATA deadline, so the client
+        # hears that its DATA timed out, not that it was idle.
+        self._reset_timeout(cfg.data_timeout + 5.0)
         try:
             async with asyncio.timeout(cfg.data_timeout):
                 message, octets = await self._read_data(cfg.max_message_size)
@@ -663,7 +665,7 @@ class GatewaySMTP(AioSMTP):
             tx.decision = "aborted"
             self._record(tx.ledger, Outcome("session", Result.ERROR, "DATA timeout"))
             self._ended(tx)
-            await self.close_with(replies.COMMAND_TIMEOUT)
+            await self.close_with(replies.DATA_TIMEOUT)
             return
         self._reset_timeout()
         tx.mark("data_received")
@@ -674,7 +676,7 @@ class GatewaySMTP(AioSMTP):
         if not verdict.accepted:
             refusal, refusal_reply = _refusal(verdict)
             self.ctx.events.publish(Refusal(tx.session, refusal, tx))
-            await self._finish(refusal_reply, refusal.detail or None)
+            await self._finish(refusal_reply, _client_detail(refusal))
             return
         handover, self.handover = self.handover, None
         assert handover is not None
@@ -758,6 +760,15 @@ def _refusal(verdict: Verdict) -> tuple[Outcome, Reply | Rendered]:
     refusal = verdict.refusal
     assert refusal is not None and refusal.reply is not None
     return refusal, refusal.reply
+
+
+def _client_detail(refusal: Outcome) -> str | None:
+    """What of a refusal's detail the client sees: none for our own internal
+    errors (a check that raised or overran its deadline): the exception's
+    name and the deadline are for the ledger and the log, not the reply."""
+    if refusal.reply is replies.INTERNAL_ERROR:
+        return None
+    return refusal.detail or None
 
 
 def _check_mail_params(params: dict[str, str | bool], address: EnvelopeAddress) -> tuple[Reply, str] | None:
