@@ -37,6 +37,7 @@ from .smtp.server import GatewaySMTP
 from .state.counters import Counters, MemoryCounters, RedisCounters
 from .storage.db import create_engine, migrate
 from .txlog import TransactionLog
+from .state.deadline import within
 
 if TYPE_CHECKING:  # pragma: no cover
     import uvicorn
@@ -303,7 +304,7 @@ class Gateway:
             proto.force_close()
         for server in self._servers:
             try:
-                await asyncio.wait_for(server.wait_closed(), 2)
+                await within(server.wait_closed(), 2)
             except asyncio.TimeoutError:
                 pass
         await asyncio.sleep(0)  # let connection_lost callbacks run

@@ -26,6 +26,7 @@ from ..state.background import BackgroundTask
 from .matcher import EMPTY, Snapshot
 from .model import BlockEntry
 from .store import BlockStore
+from ..state.deadline import within
 
 log = logging.getLogger("gateway.blocklist")
 
@@ -61,10 +62,10 @@ class BlockList:
 
     async def poll_once(self) -> bool:
         """Reload if the counter moved (or the snapshot is old); True if it reloaded."""
-        version = await asyncio.wait_for(self.store.version(), self.timeout)
+        version = await within(self.store.version(), self.timeout)
         if version == self.snapshot.version and time.monotonic() - self._loaded_at < self.reload_interval:
             return False
-        await asyncio.wait_for(self.refresh(), self.timeout)
+        await within(self.refresh(), self.timeout)
         return True
 
     async def _refresher(self) -> None:

@@ -26,6 +26,7 @@ from typing import Callable
 
 from .resolver import DnsAnswer, Resolver, Status
 from .settings import DnsblSettings, DnsblZone, parse_code_range
+from ..state.background import stop_tasks
 
 log = logging.getLogger("gateway.dns.dnsbl")
 
@@ -388,6 +389,4 @@ class Dnsbl:
     async def stop(self) -> None:
         tasks = [t for t in [self._probe_task, *self._background] if t is not None]
         self._probe_task = None
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop_tasks(tasks, "DNSBL probes")

@@ -32,6 +32,7 @@ from typing import Any, Callable
 import orjson
 
 from .settings import ResolverSettings, parse_static_record, split_nameserver
+from ..state.deadline import within
 
 log = logging.getLogger("gateway.dns")
 
@@ -250,7 +251,7 @@ class Resolver:
         if timeout is None:
             return await asyncio.shield(task)
         try:
-            return await asyncio.wait_for(asyncio.shield(task), timeout)
+            return await within(asyncio.shield(task), timeout)
         except asyncio.TimeoutError:
             return DnsAnswer(name, rtype, Status.TIMEOUT, detail=f"no answer within {timeout:g}s")
 

@@ -50,6 +50,8 @@ from collections import OrderedDict
 from typing import Any, Awaitable, Callable, Sequence
 
 from .store import Event, RegistryStore, decode_events, encode_events
+from ..state.deadline import within
+from ..state.background import stop_tasks
 
 log = logging.getLogger("gateway.registry")
 
@@ -312,12 +314,7 @@ class ListSnapshots:
     async def stop(self) -> None:
         self.flush()
         worker, self._worker = self._worker, None
-        if worker is not None and not worker.done():
-            worker.cancel()
-            try:
-                await worker
-            except (asyncio.CancelledError, Exception):
-                pass
+        await stop_tasks([worker], "list snapshot loader")
 
 
 class SubscriptionCache:
@@ -420,17 +417,12 @@ class Channel:
 
     async def stop(self) -> None:
         self.cache.healthy = False
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._task = None
+        task, self._task = self._task, None
+        await stop_tasks([task], f"registry invalidation channel ({self.name})")
 
     async def _wait_connected(self, event: asyncio.Event, timeout: float) -> None:
         try:
-            await asyncio.wait_for(event.wait(), timeout)
+            await within(event.wait(), timeout)
         except asyncio.TimeoutError:
             log.warning("registry invalidation channel (%s) not connected yet: RCPT checks read the "
                         "database until it is", self.name)
@@ -499,7 +491,7 @@ class LocalChannel(Channel):
         first = True
         while True:
             try:
-                version = await asyncio.wait_for(self.store.version(), max(2.0, self.poll_interval * 4))
+                version = await within(self.store.version(), max(2.0, self.poll_interval * 4))
                 foreign = [v for v in range(self._seen + 1, version + 1) if v not in self.store.own_versions]
                 if first or foreign or version < self._seen:
                     self.cache.flush()
@@ -544,9 +536,9 @@ class PostgresChannel(RemoteChannel):
             self.connects += 1
             while not lost.is_set():
                 try:
-                    await asyncio.wait_for(lost.wait(), self.ping_interval)
+                    await within(lost.wait(), self.ping_interval)
                 except asyncio.TimeoutError:
-                    await asyncio.wait_for(conn.fetchval("SELECT 1"), max(1.0, self.ping_interval * 2))
+                    await within(conn.fetchval("SELECT 1"), max(1.0, self.ping_interval * 2))
             raise ConnectionError("LISTEN connection closed")
         finally:
             if conn is not None:
@@ -566,7 +558,7 @@ class RedisChannel(RemoteChannel):
 
     async def publish(self, events: Sequence[Event]) -> None:
         for payload in encode_events(events):
-            await asyncio.wait_for(self.client.publish(self.channel, payload), 5)
+            await within(self.client.publish(self.channel, payload), 5)
 
     async def _session(self) -> None:
         pubsub = self.client.pubsub()

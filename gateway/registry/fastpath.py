@@ -30,6 +30,8 @@ import logging
 from typing import Iterable
 
 from .model import MailingList, RecipientStatus
+from ..state.deadline import within
+from ..state.background import stop_tasks
 
 log = logging.getLogger("gateway.registry")
 
@@ -120,14 +122,11 @@ class FastLookups:
                 if not fut.done():
                     fut.set_exception(ConnectionError("registry lookups stopped"))
                     fut.exception()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop_tasks(list(self._tasks), "registry lookups")
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
-                await asyncio.wait_for(pool.close(), 5)
+                await within(pool.close(), 5)
             except Exception:
                 pool.terminate()
 

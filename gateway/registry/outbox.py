@@ -14,6 +14,7 @@ from typing import Any
 from .links import Links
 from .model import MailingList, display_address
 from .store import Budget
+from ..state.deadline import within
 
 log = logging.getLogger("gateway.registry")
 
@@ -126,7 +127,7 @@ class Outbox(Links):
         stale_after = max(60.0, self.settings.send_timeout * 2)
         while True:
             try:
-                await asyncio.wait_for(self._outbox_kick.wait(), self.settings.outbox_interval)
+                await within(self._outbox_kick.wait(), self.settings.outbox_interval)
             except asyncio.TimeoutError:
                 pass
             self._outbox_kick.clear()

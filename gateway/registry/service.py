@@ -27,6 +27,7 @@ from .model import RegistryUnavailable
 from .settings import RegistrySettings
 from .store import Budget, Event, RegistryStore
 from .tokens import Keys
+from ..state.background import stop_tasks
 
 log = logging.getLogger("gateway.registry")
 
@@ -173,19 +174,13 @@ class RegistryService(Lookups, Admin):
             self._outbox_task = asyncio.get_running_loop().create_task(self._outbox())
 
     async def stop(self) -> None:
-        if self._outbox_task is not None:
-            self._outbox_task.cancel()
-            try:
-                await self._outbox_task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._outbox_task = None
-        if self._tasks:
+        outbox, self._outbox_task = self._outbox_task, None
+        await stop_tasks([outbox], "registry outbox")
+        if self._tasks:   # confirmation sends and the like: a little time to finish, then cancelled
             await asyncio.wait(list(self._tasks), timeout=5)
-            for t in self._tasks:
-                t.cancel()
-        if self._senders_probe is not None:
-            self._senders_probe.cancel()
+            await stop_tasks(list(self._tasks), "registry background work")
+        probe, self._senders_probe = self._senders_probe, None
+        await stop_tasks([probe], "list-sender probe")
         if self.channel is not None:
             await self.channel.stop()
             self.channel = None

@@ -28,6 +28,7 @@ from ..config import RelaySettings, UpstreamSettings
 from ..core import replies
 from ..core.replies import Rendered, Reply
 from .breaker import Breaker
+from ..state.deadline import within
 
 log = logging.getLogger("gateway.relay")
 
@@ -181,7 +182,7 @@ class RelayPool:
             while up.idle:
                 conn = up.idle.popleft()
                 try:
-                    await asyncio.wait_for(conn.smtp.quit(), 2)
+                    await within(conn.smtp.quit(), 2)
                 except Exception:
                     conn.close()
 
@@ -231,7 +232,7 @@ class RelayPool:
                          if up.breaker.state == "open"]
                 self._probe_wake.clear()
                 try:
-                    await asyncio.wait_for(self._probe_wake.wait(), max(0.01, min(waits, default=60.0)))
+                    await within(self._probe_wake.wait(), max(0.01, min(waits, default=60.0)))
                 except asyncio.TimeoutError:
                     pass
         finally:
@@ -291,7 +292,7 @@ class RelayPool:
 
     async def _quit(self, conn: _Connection) -> None:
         try:
-            await asyncio.wait_for(conn.smtp.quit(), conn.upstream.settings.command_timeout)
+            await within(conn.smtp.quit(), conn.upstream.settings.command_timeout)
         except Exception:
             conn.close()
 

@@ -34,6 +34,7 @@ from ..core.events import Authenticated, Refusal, SessionEnded, TransactionEnded
 from ..core.replies import Rendered, Reply
 from ..core.transaction import Outcome, Phase, Result, SessionInfo, TlsInfo, Transaction, Verdict, session_id
 from .context import SmtpContext
+from ..state.deadline import within
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import ListenerSettings
@@ -206,7 +207,7 @@ class GatewaySMTP(AioSMTP):
             log.warning("PROXY header expected from untrusted peer %s: closing", sess.peer_ip)
             return False
         try:
-            data = await asyncio.wait_for(get_proxy(self._reader), self.listener.proxy_timeout)
+            data = await within(get_proxy(self._reader), self.listener.proxy_timeout)
         except (asyncio.TimeoutError, asyncio.IncompleteReadError):
             return False
         if not data.valid:

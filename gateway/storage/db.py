@@ -13,6 +13,9 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from ..state.deadline import within
+from ..state.background import stop_tasks
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 log = logging.getLogger("gateway.storage")
@@ -130,7 +133,7 @@ class WalCheckpointer:
             if left <= 0 or self._failed >= target:
                 return False
             try:
-                await asyncio.wait_for(self._changed.wait(), left)
+                await within(self._changed.wait(), left)
             except asyncio.TimeoutError:
                 return False
         return True
@@ -147,15 +150,10 @@ class WalCheckpointer:
             if left <= 0:
                 break
             try:
-                await asyncio.wait_for(self._changed.wait(), left)
+                await within(self._changed.wait(), left)
             except asyncio.TimeoutError:
                 break
-        if not self._task.done():
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await stop_tasks([self._task], "SQLite checkpointer")
         if self.pending:
             log.warning("SQLite WAL not checkpointed before shutdown (a reader held it): deleted data stays "
                         "in the -wal file until the next checkpoint (SQLite makes one when the last "
@@ -189,7 +187,7 @@ class WalCheckpointer:
                 "SQLite WAL checkpoint %s (attempt %d): a reader still holds an older snapshot; deleted "
                 "data stays in the -wal file until it succeeds; retrying in %g s", result, attempt, delay)
             try:
-                await asyncio.wait_for(self._kick.wait(), delay)
+                await within(self._kick.wait(), delay)
             except asyncio.TimeoutError:
                 pass
 
