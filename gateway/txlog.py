@@ -12,6 +12,7 @@ from typing import IO
 
 import orjson
 
+from .core.logsafe import json_safe
 from .core.events import EventBus, Refusal, SessionEnded, TransactionEnded
 from .core.transaction import Outcome, Phase, SessionInfo, Transaction
 
@@ -70,6 +71,16 @@ def transaction_record(tx: Transaction) -> dict:
     return d
 
 
+def _encode(record: dict) -> bytes:
+    """The record as one JSON line. A client string holding a non-UTF-8 byte
+    (kept as a lone surrogate, core/logsafe.py) makes orjson refuse the
+    record; then it is cleaned and encoded again, so the line is never lost."""
+    try:
+        return orjson.dumps(record) + b"\n"
+    except TypeError:
+        return orjson.dumps(json_safe(record), default=repr) + b"\n"
+
+
 def _carried(sess: SessionInfo) -> None:
     sess.lines_logged += 1
     sess.ledger_logged = len(sess.ledger)
@@ -88,14 +99,15 @@ class TransactionLog:
 
     def write(self, record: dict) -> None:
         self.last = record
+        line = _encode(record)
         if not self._pending:
             try:
                 asyncio.get_running_loop().call_soon(self.flush)
             except RuntimeError:  # no loop (command-line use): write at once
-                self._pending.append(orjson.dumps(record) + b"\n")
+                self._pending.append(line)
                 self.flush()
                 return
-        self._pending.append(orjson.dumps(record) + b"\n")
+        self._pending.append(line)
 
     def flush(self) -> None:
         if not self._pending:

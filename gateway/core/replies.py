@@ -93,6 +93,7 @@ START_DATA = R(354, "", "End data with <CR><LF>.<CR><LF>")
 # --- session / protocol (P-STD) ---------------------------------------------------
 SYNTAX_ERROR = R(500, "5.5.2", "Syntax error, command unrecognized", "P-STD")
 LINE_TOO_LONG = R(500, "5.5.2", "Line too long", "P-STD")
+COMMAND_BARE_CR = R(500, "5.5.2", "Bare CR in command line", "P-STD")
 ARG_SYNTAX = R(501, "5.5.4", "Syntax error in parameters or arguments", "P-STD")
 EXPN_DISABLED = R(502, "5.5.1", "EXPN gives nothing", "P-HARVEST")
 BAD_SEQUENCE = R(503, "5.5.1", "Bad sequence of commands", "P-STD")
@@ -129,6 +130,7 @@ AUTH_ALREADY = R(503, "5.5.1", "Already authenticated", "P-STD")
 AUTH_MECHANISM = R(504, "5.5.4", "Unrecognized authentication type", "P-STD")
 AUTH_ABORTED = R(501, "5.7.0", "Authentication aborted", "P-STD")
 AUTH_BAD_BASE64 = R(501, "5.5.2", "Cannot decode base64", "P-STD")
+AUTH_LINE_TOO_LONG = R(500, "5.5.6", "Authentication exchange line is too long", "P-STD")
 AUTH_TEMP_FAILURE = R(454, "4.7.0", "Temporary authentication failure", None)
 
 # --- relay (P-RELAY) ----------------------------------------------------------------

@@ -33,6 +33,7 @@ from ..core.address import AddressError, EnvelopeAddress, parse_params, parse_pa
 from ..core.events import Authenticated, Refusal, SessionEnded, TransactionEnded
 from ..core.replies import Rendered, Reply
 from ..core.transaction import Outcome, Phase, Result, SessionInfo, TlsInfo, Transaction, Verdict, session_id
+from ..core.logsafe import text_safe
 from .context import SmtpContext
 from ..state.deadline import within
 
@@ -98,23 +99,31 @@ class GatewaySMTP(AioSMTP):
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
-        self.ctx.sessions.discard(self)
-        if self._counted_ip is not None:
-            self.ctx.connections.closed(self._counted_ip)
-            self._counted_ip = None
-        if self.tx is not None and self.tx.decision == "open":
-            self.tx.decision = "aborted"
-            self._record(self.tx.ledger, Outcome("session", Result.ERROR, "client disconnected"))
-            self._ended(self.tx)
-        # Nothing is relayed: the upstream transactions are reset and their
-        # connections go back to the pool.
-        if self.handover is not None:
-            self.handover.release_soon()
-            self.handover = None
-        self.tx = None
-        if self.gsession is not None:
-            self.ctx.events.publish(SessionEnded(self.gsession))
-        super().connection_lost(error)
+        # What the session holds is given back first (the upstream connections,
+        # the connection count); the bookkeeping comes after and cannot raise.
+        try:
+            handover, self.handover = self.handover, None
+            if handover is not None:
+                # Nothing is relayed: the upstream transactions are reset and
+                # their connections go back to the pool.
+                handover.release_soon()
+        finally:
+            self.ctx.sessions.discard(self)
+            if self._counted_ip is not None:
+                self.ctx.connections.closed(self._counted_ip)
+                self._counted_ip = None
+            tx, self.tx = self.tx, None
+            try:
+                if tx is not None and tx.decision == "open":
+                    tx.decision = "aborted"
+                    self._record(tx.ledger, Outcome("session", Result.ERROR, "client disconnected"))
+                    self._ended(tx)
+                if self.gsession is not None:
+                    self.ctx.events.publish(SessionEnded(self.gsession))
+            except Exception:   # publish already shields every subscriber; this is the last net
+                log.exception("session %s: bookkeeping at disconnect failed",
+                              self.gsession.id if self.gsession else "?")
+            super().connection_lost(error)
 
     def eof_received(self) -> bool | None:
         # aiosmtpd logs disconnects loudly; a client closing is normal.
@@ -243,6 +252,11 @@ class GatewaySMTP(AioSMTP):
                     await self.close_with(replies.TOO_MANY_COMMANDS)
                     return
                 line = line.rstrip(b"\r\n")
+                if b"\r" in line:
+                    # "EHLO x<CR>AUTH PLAIN ...": one line to us, two to a client
+                    # or MTA that ends lines at CR. Refused, as bare CR is in DATA.
+                    await self.reply(replies.COMMAND_BARE_CR)
+                    continue
                 verb_bytes, _, arg_bytes = line.partition(b" ")
                 try:
                     verb = verb_bytes.upper().decode("ascii")
@@ -409,7 +423,7 @@ class GatewaySMTP(AioSMTP):
             account = await self.ctx.accounts.authenticate(login_text, password)
         except Exception as exc:
             # a database that is down or overran its deadline: expected, no traceback
-            log.warning("AUTH for %s from %s: account store unavailable (%s)", login_text[:100],
+            log.warning("AUTH for %s from %s: account store unavailable (%s)", text_safe(login_text, 100),
                         sess.peer_ip, type(exc).__name__)
             await self.reply(replies.AUTH_TEMP_FAILURE)
             return
@@ -440,13 +454,23 @@ class GatewaySMTP(AioSMTP):
 
     async def _challenge(self, prompt: bytes) -> bytes | None:
         await self.push(b"334 " + base64.b64encode(prompt))
-        line = (await self._reader.readuntil(b"\n")).strip()
+        try:
+            line = (await self._reader.readuntil(b"\n")).strip()
+        except asyncio.LimitOverrunError as exc:
+            # RFC 4954 4: one reply for the whole over-long line, read to its end
+            await self._discard_long_line(exc.consumed)
+            await self.reply(replies.AUTH_LINE_TOO_LONG)
+            return None
         if line == b"*":
             await self.reply(replies.AUTH_ABORTED)
             return None
+        return await self._b64(line)
+
+    async def _b64(self, data: str | bytes) -> bytes | None:
+        """Decoded base64, or None after a 501 (bad base64, or not even ASCII)."""
         try:
-            return base64.b64decode(line, validate=True)
-        except binascii.Error:
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):   # ValueError: a str holding non-ASCII characters
             await self.reply(replies.AUTH_BAD_BASE64)
             return None
 
@@ -456,10 +480,8 @@ class GatewaySMTP(AioSMTP):
             if blob is None:
                 return None
         else:
-            try:
-                blob = base64.b64decode(args[1], validate=True)
-            except binascii.Error:
-                await self.reply(replies.AUTH_BAD_BASE64)
+            blob = await self._b64(args[1])
+            if blob is None:
                 return None
         parts = blob.split(b"\x00")
         if len(parts) != 3:
@@ -475,10 +497,8 @@ class GatewaySMTP(AioSMTP):
     async def _auth_login(self, args: list[str]) -> tuple[bytes, bytes] | None:
         login: bytes | None
         if len(args) == 2:
-            try:
-                login = base64.b64decode(args[1], validate=True)
-            except binascii.Error:
-                await self.reply(replies.AUTH_BAD_BASE64)
+            login = await self._b64(args[1])
+            if login is None:
                 return None
         else:
             login = await self._challenge(b"Username:")
@@ -685,16 +705,23 @@ class GatewaySMTP(AioSMTP):
         await self._finish(final)
 
     async def _finish(self, reply: Reply | Rendered, detail: str | None = None) -> None:
-        tx = self.tx
+        """The client's answer to DATA, then the bookkeeping: nothing runs
+        between the upstream's answer and the client's reply but the reply
+        itself, and nothing the bookkeeping does can change it."""
+        tx, self.tx = self.tx, None
         assert tx is not None   # DATA's transaction, still open
+        handover, self.handover = self.handover, None   # None once delivered; open when refused
         tx.final_reply = reply
         if tx.decision == "open":
             tx.decision = "relayed" if reply.is_positive else ("deferred" if reply.is_transient else "refused")
         tx.mark("done")
-        self._ended(tx)
-        tx.message = None
-        await self._reset_transaction()
-        await self.reply(reply, detail)
+        try:
+            await self.reply(reply, detail)
+        finally:
+            tx.message = None
+            self._ended(tx)
+            if handover is not None:
+                await handover.release()
 
     async def _read_data(self, limit: int) -> tuple[bytes | None, int]:
         """Read the DATA stream up to CRLF.CRLF; return (unstuffed bytes, octets).
