@@ -14,22 +14,18 @@ app in this process, as the gateway does):
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import orjson
 import pytest
-import uvicorn
 
-from gateway.accounts.store import AccountStore
-from gateway.blocklist.service import BlockList
 from gateway.config import ConfigError, HttpSettings, from_mapping
 from gateway.registry.service import RegistryService
 from gateway.registry.settings import RegistrySettings
-from gateway.storage.db import create_engine, migrate
-from gateway.web.app import create_app
 from gateway.web.context import WebContext
+
+from webkit import serve, shut, web_stores
 
 ADMIN_KEY = "test-http-limits-admin-key"
 MB = 1024 * 1024
@@ -55,36 +51,24 @@ def _rss_kib() -> int:
 @pytest.fixture
 async def web(tmp_path, request) -> AsyncIterator[Web]:
     http = HttpSettings(port=0, admin_key=ADMIN_KEY, **getattr(request, "param", LIMITS))
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'web.db'}")
-    await migrate(engine)
-    accounts = AccountStore(engine, scrypt_n=2 ** 4)
-    await accounts.start()
-    blocklist = BlockList(engine)
-    await blocklist.start()
-    registry = RegistryService(engine, RegistrySettings(), secret=b"test-http-limits-registry-secret",
-                               hostname="gw.example", accounts=accounts)
-    await registry.start(listen=False, outbox=False)
-    await accounts.add("carol", "pw-carol")
-    await accounts.add_domain("carol", "carol.example", approved_by="test")
-    key = await registry.issue_api_key("carol")
-    lst = await registry.create_list("carol", name="News", list_id="news.carol.example",
-                                     senders=["news@carol.example"], confirm_from="confirm@carol.example")
-    ctx = WebContext(http=http, accounts=accounts, blocklist=blocklist, registry=registry,
-                     readiness=lambda: "ready", metrics=lambda: b"")
-    sock = socket.create_server(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(ctx), loop="none", log_level="warning", lifespan="off",
-                                           access_log=False))
-    server.install_signal_handlers = lambda: None
-    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
-    try:
-        yield Web(sock.getsockname()[1], key, lst.id, registry)
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
-        await registry.stop()
-        await blocklist.stop()
-        await accounts.stop()
-        await engine.dispose()
+    async with web_stores(tmp_path) as stores:
+        engine, accounts, blocklist = stores.engine, stores.accounts, stores.blocklist
+        registry = RegistryService(engine, RegistrySettings(), secret=b"test-http-limits-registry-secret",
+                                   hostname="gw.example", accounts=accounts)
+        await registry.start(listen=False, outbox=False)
+        await accounts.add("carol", "pw-carol")
+        await accounts.add_domain("carol", "carol.example", approved_by="test")
+        key = await registry.issue_api_key("carol")
+        lst = await registry.create_list("carol", name="News", list_id="news.carol.example",
+                                         senders=["news@carol.example"], confirm_from="confirm@carol.example")
+        ctx = WebContext(http=http, accounts=accounts, blocklist=blocklist, registry=registry,
+                         readiness=lambda: "ready", metrics=lambda: b"")
+        server, task, port = await serve(ctx)
+        try:
+            yield Web(port, key, lst.id, registry)
+        finally:
+            await shut(server, task)
+            await registry.stop()
 
 
 @dataclass

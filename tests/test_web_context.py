@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -24,55 +23,27 @@ import pytest
 import uvicorn
 
 from gateway.accounts.model import AccountStatus
-from gateway.accounts.store import AccountStore
-from gateway.blocklist.service import BlockList
 from gateway.config import HttpSettings
 from gateway.registry.service import RegistryService
 from gateway.registry.settings import RegistrySettings
-from gateway.storage.db import create_engine, migrate
-from gateway.web.app import create_app
 from gateway.web.context import Readiness, WebContext, readiness_of
+
+import webkit
+from webkit import Stores, shut, web_stores
 
 ADMIN_KEY = "test-web-context-admin-key"
 WEB = Path(__file__).resolve().parent.parent / "gateway" / "web"
 
 
-class Stores:
-    def __init__(self, engine, accounts: AccountStore, blocklist: BlockList):
-        self.engine, self.accounts, self.blocklist = engine, accounts, blocklist
-
-
 @pytest.fixture
 async def stores(tmp_path) -> AsyncIterator[Stores]:
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'web.db'}")
-    await migrate(engine)
-    accounts = AccountStore(engine, scrypt_n=2 ** 4)
-    await accounts.start()
-    blocklist = BlockList(engine)
-    await blocklist.start()
-    try:
-        yield Stores(engine, accounts, blocklist)
-    finally:
-        await blocklist.stop()
-        await accounts.stop()
-        await engine.dispose()
+    async with web_stores(tmp_path) as s:
+        yield s
 
 
 async def serve(ctx: WebContext) -> tuple[uvicorn.Server, asyncio.Task, str]:
-    """The app of ``ctx`` served by uvicorn on an ephemeral loopback port, as the gateway serves it."""
-    sock = socket.create_server(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(ctx), loop="none", log_level="warning",
-                                           lifespan="off", access_log=False))
-    server.install_signal_handlers = lambda: None
-    # The socket listens already: a request sent before uvicorn accepts waits in
-    # the backlog, within the client's timeout.
-    return server, asyncio.get_running_loop().create_task(server.serve(sockets=[sock])), f"http://127.0.0.1:{port}"
-
-
-async def shut(server: uvicorn.Server, task: asyncio.Task) -> None:
-    server.should_exit = True
-    await asyncio.wait_for(task, 10)
+    server, task, port = await webkit.serve(ctx)
+    return server, task, f"http://127.0.0.1:{port}"
 
 
 def context(stores: Stores, state: list[Readiness], *, registry: RegistryService | None = None,
