@@ -17,7 +17,7 @@ import base64
 import pytest
 from sqlalchemy.engine import make_url
 
-from conftest import MESSAGE, PG_PORT
+from conftest import MESSAGE, PG_PORT, eventually
 from faultproxy import FaultProxy
 from smtp_client import cmd, dot_stuff, raw_session, reply, session
 
@@ -58,7 +58,10 @@ async def relay_one(reader, writer) -> list[bytes]:
 @pytest.mark.parametrize("mode", ["blackhole", "cut"])
 async def test_plain_relay_and_auth_need_no_database(gateway_factory, sink, pg_proxy, mode, caplog):
     proxy, url = pg_proxy
-    h = await gateway_factory(sink, storage={"url": url})
+    # lookup_timeout above ANSWER_WITHIN: MAIL is answered in time only if it does not wait for the
+    # database when it has an earlier answer (the list senders read at start)
+    h = await gateway_factory(sink, storage={"url": url}, registry={"secret": "0123456789abcdef0123456789abcdef",
+                                                                    "lookup_timeout": 2 * ANSWER_WITHIN})
     await h.add_account()
     await h.add_account("bob", "pw-bob", domains=("bob.example",))
     await h.gw.accounts.refresh()
@@ -87,7 +90,10 @@ async def test_plain_relay_and_auth_need_no_database(gateway_factory, sink, pg_p
     got = await answer(cmd(r3, w3, plain("newcomer", "pw")))
     assert got.startswith(b"454 4.7.0"), got
     w3.close()
-    assert not [r for r in caplog.records if r.exc_info and "AUTH" in r.getMessage()]
+    # an outage is expected, not a bug: no traceback from the gateway, and the account refresher says it once
+    assert not [r for r in caplog.records if r.exc_info and r.name.startswith("gateway")], \
+        [r.getMessage() for r in caplog.records if r.exc_info]
+    assert sum("account snapshot refresh failed" in r.getMessage() for r in caplog.records) <= 1
 
     # 4. the database comes back: nothing was lost, and it is read again
     await proxy.set_mode("pass")
@@ -116,6 +122,38 @@ async def test_list_mail_lookup_keeps_its_deadline(gateway_factory, sink, pg_pro
     await proxy.set_mode("blackhole")
     got = await asyncio.wait_for(cmd(reader, writer, b"RCPT TO:<reader@example.org>"), 1.0 + 0.5 + 3.0)
     assert got.startswith(b"451 4.3.0"), got
+    await cmd(reader, writer, b"QUIT")
+    writer.close()
+    assert sink.messages == []
+
+
+async def test_list_created_then_database_away_is_never_plain_relay(gateway_factory, sink, pg_proxy):
+    """The list senders kept in memory answer MAIL while the database is away,
+    but not after a list changed: a sender that may have just become a list's
+    is deferred (451) rather than relayed as plain mail past the opt-in check."""
+    proxy, url = pg_proxy
+    h = await gateway_factory(sink, storage={"url": url}, registry={"secret": "0123456789abcdef0123456789abcdef",
+                                                                    "lookup_timeout": 1.0})
+    await h.add_account()
+    reader, writer = await session(h.port())
+    # the steady state: the account's senders were read (no list yet), MAIL needs no database
+    assert (await answer(cmd(reader, writer, b"MAIL FROM:<news@example.com>"))).startswith(b"250")
+    await cmd(reader, writer, b"RSET")
+    await h.gw.registry.create_list("alice", name="News", list_id="news.example.com",
+                                    senders=["news@example.com"], confirm_from="confirm@example.com")
+    await eventually(lambda: not h.gw.registry._last_senders, "the list change to reach the sender map")
+    await proxy.set_mode("blackhole")
+    got = await answer(cmd(reader, writer, b"MAIL FROM:<news@example.com>"))
+    assert got.startswith(b"451 4.3.0"), got
+    await proxy.set_mode("pass")
+    for _ in range(50):       # bounded: the database answers again within a few probes
+        got = await answer(cmd(reader, writer, b"MAIL FROM:<news@example.com>"))
+        if got.startswith(b"250"):
+            break
+        await asyncio.sleep(0.2)
+    assert got.startswith(b"250"), got
+    # now it is list mail: a recipient who never subscribed is refused
+    assert (await answer(cmd(reader, writer, b"RCPT TO:<stranger@example.org>"))).startswith(b"550 5.7.1")
     await cmd(reader, writer, b"QUIT")
     writer.close()
     assert sink.messages == []

@@ -240,8 +240,10 @@ async def test_zero_means_no_budget(start, sink):
 # ------------------------------------------------------------------ several gateways, one budget
 async def test_gateways_sharing_the_database_share_the_budget(start, sink, storage_url):
     clock = Clock()
-    gw_a = await start(sink, clock)
-    gw_b = await start(sink, clock)
+    # Six concurrent budget takes by two gateways on one SQLite file wait for its write lock in turn:
+    # the database deadline is widened so a loaded machine does not turn the wait into a 503.
+    gw_a = await start(sink, clock, lookup_timeout=15.0)
+    gw_b = await start(sink, clock, lookup_timeout=15.0)
     keys = await _accounts(gw_a)
     alice = keys["alice"]
     async with _client(gw_a) as a, _client(gw_b) as b:

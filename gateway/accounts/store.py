@@ -113,12 +113,20 @@ class AccountStore:
             self._loaded_at = self.clock()
 
     async def _refresher(self) -> None:
+        failing = False
         while True:
             await asyncio.sleep(self.refresh_interval)
             try:
                 await self.refresh()
-            except Exception:  # keep serving the last snapshot; the database may come back
-                log.warning("account snapshot refresh failed", exc_info=True)
+            except Exception as exc:  # keep serving the last snapshot; the database may come back
+                if not failing:       # once per outage, no traceback: an outage is expected, not a bug
+                    log.warning("account snapshot refresh failed, serving the last snapshot until the database "
+                                "answers: %s", str(exc) or type(exc).__name__)
+                failing = True
+            else:
+                if failing:
+                    log.warning("account snapshot refresh works again")
+                failing = False
 
     async def start(self) -> None:
         await self.refresh()

@@ -78,7 +78,7 @@ class BlockList:
             except Exception as exc:  # keep serving the last snapshot; the database may come back
                 if not self.failing:
                     log.warning("block list refresh failed, enforcing the last snapshot (version %d): %s",
-                                self.snapshot.version, exc or type(exc).__name__)
+                                self.snapshot.version, str(exc) or type(exc).__name__)
                 self.failing = True
             else:
                 if self.failing:

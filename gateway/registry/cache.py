@@ -327,6 +327,9 @@ class SubscriptionCache:
         self._entries: OrderedDict[tuple[str, str], tuple[str, float]] = OrderedDict()
         self._senders: OrderedDict[str, tuple[Any, float]] = OrderedDict()
         self.snapshots: ListSnapshots | None = None    # whole lists in memory (set by the service)
+        # called on a list change (its senders may differ): the service forgets
+        # the senders it would answer from while the database is away
+        self.on_lists_changed: Callable[[], None] | None = None
         self.stats = {"hits": 0, "misses": 0, "invalidations": 0, "flushes": 0}
 
     def __len__(self) -> int:
@@ -387,6 +390,8 @@ class SubscriptionCache:
                 self.stats["invalidations"] += 1
             elif kind == "l":
                 self._senders.clear()
+                if self.on_lists_changed is not None:
+                    self.on_lists_changed()
             else:
                 self.flush()
 

@@ -11,6 +11,10 @@ from .model import Invalid, MailingList, RecipientStatus, RegistryUnavailable, n
 
 
 SENDERS_PROBE_INTERVAL = 2.0   # seconds between the background retries while the database is down
+# How long MAIL waits for the database when it knows an earlier answer for the
+# account: past this the earlier answer is used and the read goes on in the
+# background (a black-holed database costs MAIL this, not lookup_timeout).
+SENDERS_STALE_WAIT = 0.25
 
 
 class Lookups(RegistryBase):
@@ -44,13 +48,15 @@ class Lookups(RegistryBase):
                 entries = last
             else:
                 try:
-                    entries = await self._coalesced(("senders", account_name), self._load_senders, account_name)
+                    entries = await self._coalesced(("senders", account_name), self._load_senders, account_name,
+                                                    wait=SENDERS_STALE_WAIT if last is not None else None)
                 except RegistryUnavailable:
+                    # the database failed, or is slower than the earlier answer is worth waiting for
                     entries = self.cache.get_senders(account_name, allow_stale=True)
                     if entries is None:
                         entries = last
-                    self._senders_down()
                     if entries is None:
+                        self._senders_down()
                         raise
         for match, lst in entries:
             if match(sender):
@@ -59,7 +65,12 @@ class Lookups(RegistryBase):
 
     async def _load_senders(self, account_name: str) -> tuple:
         gen = self.cache.generation
-        entries = self._sender_entries(await self._db(self.store.lists(account_name=account_name)))
+        try:
+            lists = await self._db(self.store.lists(account_name=account_name))
+        except RegistryUnavailable:
+            self._senders_down()      # from now on answered from memory while a probe retries
+            raise
+        entries = self._sender_entries(lists)
         self.cache.put_senders(account_name, entries, gen)
         self._last_senders[account_name] = entries
         return entries
@@ -84,6 +95,14 @@ class Lookups(RegistryBase):
             by_account.setdefault(lst.account, []).append(lst)
         self._last_senders = {name: self._sender_entries(found) for name, found in by_account.items()}
         self._senders_preloaded = True
+
+    def _forget_last_senders(self) -> None:
+        """A list changed (here or on another gateway): what was last read may
+        lack its senders, so it is no answer while the database is away. Until
+        the next read, list mail of an account needs the database (else 451),
+        never plain relay past the opt-in checks."""
+        self._last_senders = {}
+        self._senders_preloaded = False
 
     def _senders_down(self) -> None:
         if self._senders_probe is None:
@@ -130,7 +149,10 @@ class Lookups(RegistryBase):
         async with asyncio.timeout(self.settings.lookup_timeout * 4):
             return await self.store.subscription_page(list_id, table, after, limit)
 
-    async def _coalesced(self, key: tuple, fn, *args):
+    async def _coalesced(self, key: tuple, fn, *args, wait: float | None = None):
+        """``fn(*args)`` as one task shared by concurrent callers with the same
+        ``key``; this caller waits for it at most ``wait`` seconds (default
+        lookup_timeout + 0.5), the task itself runs to its own deadline."""
         current = self._inflight.get(key)
         if current is None or current[0] != self.cache.generation:
             task = asyncio.get_running_loop().create_task(fn(*args))
@@ -141,12 +163,12 @@ class Lookups(RegistryBase):
         # The caller's own deadline: the shared load has lookup_timeout, but a
         # driver that blocks in its cancellation (asyncpg cancelling on a
         # black-holed connection) must not hold this caller beyond it.
+        limit = self.settings.lookup_timeout + 0.5 if wait is None else wait
         try:
-            async with asyncio.timeout(self.settings.lookup_timeout + 0.5):
+            async with asyncio.timeout(limit):
                 return await asyncio.shield(current[1])
         except TimeoutError:
-            raise RegistryUnavailable(
-                f"registry database did not answer within {self.settings.lookup_timeout:g} s") from None
+            raise RegistryUnavailable(f"registry database did not answer within {limit:g} s") from None
 
     def _forget_inflight(self, key: tuple, current: tuple[int, asyncio.Task]) -> Callable[[asyncio.Task], None]:
         """The done callback of a coalesced load: forget it, unless a newer one took its key."""

@@ -15,6 +15,7 @@ from .links import Links
 from .model import MailingList, display_address
 from .store import Budget
 from ..state.deadline import within
+from ..storage.db import is_outage
 
 log = logging.getLogger("gateway.registry")
 
@@ -125,6 +126,7 @@ class Outbox(Links):
         accounts over budget are skipped until their window turns."""
         sem = asyncio.Semaphore(self.settings.outbox_concurrency)
         stale_after = max(60.0, self.settings.send_timeout * 2)
+        failing = False
         while True:
             try:
                 await within(self._outbox_kick.wait(), self.settings.outbox_interval)
@@ -150,8 +152,17 @@ class Outbox(Links):
                     await asyncio.gather(*(one(item) for item in batch))
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.warning("confirmation outbox run failed", exc_info=True)
+            except Exception as exc:
+                if not is_outage(exc):
+                    log.warning("confirmation outbox run failed", exc_info=True)
+                elif not failing:        # an outage: once, no traceback; the queue waits in the database
+                    log.warning("confirmation outbox: database unavailable, retrying every %g s: %s",
+                                self.settings.outbox_interval, str(exc) or type(exc).__name__)
+                failing = failing or is_outage(exc)
+            else:
+                if failing:
+                    log.warning("confirmation outbox: database answers again")
+                failing = False
 
     def kick_outbox(self) -> None:
         self._outbox_kick.set()

@@ -121,6 +121,7 @@ class RegistryService(Lookups, Admin):
         self._last_senders: dict[str, tuple] = {}
         self._senders_preloaded = False
         self._senders_probe: asyncio.Task | None = None
+        self.cache.on_lists_changed = self._forget_last_senders
         self._tasks: set[asyncio.Task] = set()
         self._outbox_task: asyncio.Task | None = None
         self._outbox_kick = asyncio.Event()

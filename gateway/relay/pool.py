@@ -206,7 +206,7 @@ class RelayPool:
         if up.breaker.failure(timeout=isinstance(exc, TimeoutError), probe=probe):
             log.warning("upstream %s circuit open for %g s after %d consecutive failure(s) (last: %s): "
                         "skipped until a probe reaches it", up.name, up.breaker.backoff,
-                        up.breaker.consecutive_failures, exc or type(exc).__name__)
+                        up.breaker.consecutive_failures, str(exc) or type(exc).__name__)
             while up.idle:       # connections to a failing upstream are not worth keeping
                 up.idle.popleft().close()
             self._probe_wake.set()
@@ -243,7 +243,7 @@ class RelayPool:
         try:
             conn = await self._open(up)
         except _CONNECTION_ERRORS as exc:
-            log.info("upstream %s probe failed: %s", up.name, exc or type(exc).__name__)
+            log.info("upstream %s probe failed: %s", up.name, str(exc) or type(exc).__name__)
             self._failed(up, exc, probe=True)
             return
         except BaseException:
@@ -358,7 +358,7 @@ class RelayPool:
                 if conn is not None:
                     conn.close()
                 if fresh:
-                    log.warning("upstream %s unreachable: %s", up.name, exc or type(exc).__name__)
+                    log.warning("upstream %s unreachable: %s", up.name, str(exc) or type(exc).__name__)
                     self._failed(up, exc)
                     break  # next upstream
                 continue  # a stale pooled connection: retry once with a fresh one

@@ -205,3 +205,15 @@ class WalCheckpointer:
             log.debug("SQLite WAL checkpoint failed: %s", exc)
             return "error"
         return "busy" if busy else "ok"
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database is away (down, black-holed, refusing,
+    over its deadline) rather than that our code is wrong: an outage is
+    expected and logged once without a traceback, a bug with one."""
+    from sqlalchemy.exc import DBAPIError, TimeoutError as PoolTimeout
+
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated or isinstance(exc.orig, (OSError, TimeoutError)) or \
+            type(exc).__name__ in ("OperationalError", "InterfaceError")
+    return isinstance(exc, (OSError, TimeoutError, PoolTimeout, ConnectionError))
