@@ -80,15 +80,20 @@ def test_threshold_is_a_fraction_of_the_cap_and_zero_is_off():
 
 
 def test_victims_are_the_oldest_idle_and_only_as_many_as_over():
-    a, b, c, busy = _S("a", 3.0), _S("b", 1.0), _S("c", 2.0), _S("busy", 0.5, idle=False)
-    sessions = [a, b, c, busy]
+    busy, b, c, a = _S("busy", 0.5, idle=False), _S("b", 1.0), _S("c", 2.0), _S("a", 3.0)
+    sessions: evict.ConnectOrder[_S] = evict.ConnectOrder()
+    for s in (busy, b, c, a):                  # connect order
+        sessions.add(s)
     assert evict.victims(sessions, open_now=8, limit=8) == []
     assert evict.victims(sessions, open_now=9, limit=8) == [b]
     assert evict.victims(sessions, open_now=10, limit=8) == [b, c]
     assert evict.victims(sessions, open_now=20, limit=8) == [b, c, a]    # never the busy one
     assert evict.victims(sessions, open_now=20, limit=None) == []
     assert evict.make_room(sessions, 10, 8, now=5.0) == 2
-    assert [s.evicted for s in sessions] == [False, True, True, False]
+    assert [s.evicted for s in (busy, b, c, a)] == [False, True, True, False]
+    sessions.discard(b)
+    sessions.discard(b)                        # twice: a no-op
+    assert list(sessions) == [busy, c, a] and len(sessions) == 3 and b not in sessions
 
 
 def test_config_validates_the_new_keys(tmp_path):
