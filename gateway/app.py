@@ -10,7 +10,7 @@ import socket
 import ssl
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterator, MutableSet, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -32,6 +32,7 @@ from .relay.maildir import MaildirWriter
 from .relay.pool import RelayPool
 from .services import Services
 from .smtp.context import Network, Session, SmtpContext
+from .smtp.evict import ConnectOrder
 from .smtp.limits import ConnectionTracker
 from .smtp.server import GatewaySMTP
 from .state.counters import Counters, MemoryCounters, RedisCounters
@@ -77,7 +78,7 @@ class Gateway:
         self.txlog = txlog      # made in start(), after the ports are bound, when not given
         self.connections = ConnectionTracker()
         self.events = EventBus()     # outcomes, refusals, ends of transactions and sessions
-        self.sessions: set[Session] = set()
+        self.sessions: MutableSet[Session] = ConnectOrder()   # oldest first (smtp/evict.py)
         self.draining = False
         self.ready = False
         self.ports: dict[str, int] = {}

@@ -98,10 +98,20 @@ class SmtpSettings:
     max_message_size: int = 25 * 1024 * 1024
     max_recipients: int = 100
     idle_timeout: float = 300.0         # waiting for a command outside a transaction
+    # Until the session is authenticated (greeting, EHLO, STARTTLS, AUTH; a
+    # client-network session is authenticated at connect) every wait for a
+    # command is at most this long: squatting a connection slot costs an
+    # unauthenticated client 30 s, not idle_timeout (docs/architecture.md,
+    # "Timeouts and limits").
+    preauth_timeout: float = 30.0
     command_timeout: float = 300.0      # waiting for the next command inside one (RFC 5321 4.5.3.2.7)
     data_timeout: float = 600.0         # whole DATA transfer
     max_connections: int = 1000
     max_connections_per_ip: int = 50
+    # Fraction of max_connections: once that many sessions are open, each
+    # newcomer the connect checks accept closes the oldest idle
+    # unauthenticated session(s) (smtp/evict.py). 0 turns eviction off.
+    evict_unauthenticated_at: float = 0.9
     max_commands: int = 10000           # per session
     max_bogus_commands: int = 10
     max_transactions: int = 1000        # per session
@@ -113,11 +123,14 @@ class SmtpSettings:
 
     def __post_init__(self) -> None:
         for name in ("max_message_size", "max_recipients", "command_timeout", "idle_timeout",
-                     "data_timeout", "max_connections", "max_connections_per_ip", "max_commands",
+                     "preauth_timeout", "data_timeout", "max_connections", "max_connections_per_ip", "max_commands",
                      "max_bogus_commands", "max_transactions"):
             _positive(name, getattr(self, name))
         if self.grace_period < 0:
             raise ValueError("grace_period: must not be negative")
+        if not 0 <= self.evict_unauthenticated_at < 1:
+            raise ValueError(f"evict_unauthenticated_at: a fraction of max_connections at least 0 (off) and "
+                             f"below 1, got {self.evict_unauthenticated_at}")
         if not self.hostname or " " in self.hostname:
             raise ValueError(f"hostname: {self.hostname!r} is not a host name")
         if ":" in self.trace_header or " " in self.trace_header or not self.trace_header:

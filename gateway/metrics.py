@@ -9,13 +9,16 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from .core import replies
-from .core.events import Authenticated, EventBus, Refusal, TransactionEnded
+from .core.events import Authenticated, EventBus, Refusal, SessionEnded, TransactionEnded
 from .core.transaction import Phase
 
 # gateway_auth_total{outcome}: a refused AUTH by the reply it got; success
 # from the Authenticated event.
 _AUTH_OUTCOMES = {replies.AUTH_INVALID: "failure", replies.AUTH_SUSPENDED: "suspended",
                   replies.AUTH_TOO_MANY_FAILURES: "blocked"}
+# gateway_sessions_closed_total{reason}: sessions the gateway closed for
+# connection-level abuse, from SessionEnded's session.ended (smtp/server.py).
+_CLOSED_REASONS = {"preauth timeout": "preauth_timeout", "evicted": "evicted"}
 
 
 class _StatsCollector:
@@ -177,6 +180,11 @@ class Metrics:
         self.auth = Counter("gateway_auth_total", "AUTH attempts by outcome", ["outcome"], registry=r)
         self.sessions_refused = Counter("gateway_sessions_refused_total", "Connections refused at connect",
                                         ["check"], registry=r)
+        self.sessions_closed = Counter("gateway_sessions_closed_total", "Sessions closed before they "
+                                       "authenticated: idle past smtp.preauth_timeout, or evicted near the "
+                                       "connection cap", ["reason"], registry=r)
+        for reason in _CLOSED_REASONS.values():
+            self._child(self.sessions_closed, reason)   # both series exist from the start, at 0
         self.dnsbl_alerts = Counter("gateway_dnsbl_zone_alerts_total", "DNSBL zones disabled by health probes",
                                     ["zone"], registry=r)
         self.bytes_relayed = Counter("gateway_bytes_relayed_total", "Message bytes relayed", registry=r)
@@ -196,6 +204,7 @@ class Metrics:
         events.subscribe(TransactionEnded, self._on_transaction_ended)
         events.subscribe(Refusal, self._on_refusal)
         events.subscribe(Authenticated, self._on_authenticated)
+        events.subscribe(SessionEnded, self._on_session_ended)
 
     def _on_transaction_ended(self, event: TransactionEnded) -> None:
         self.observe_transaction(event.tx)
@@ -213,6 +222,11 @@ class Metrics:
 
     def _on_authenticated(self, event: Authenticated) -> None:
         self._child(self.auth, "success").inc()
+
+    def _on_session_ended(self, event: SessionEnded) -> None:
+        reason = _CLOSED_REASONS.get(event.session.ended)
+        if reason is not None:
+            self._child(self.sessions_closed, reason).inc()
 
     def observe_transaction(self, tx) -> None:
         child = self._child

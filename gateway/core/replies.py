@@ -109,6 +109,7 @@ TLS_ALREADY = R(503, "5.5.1", "TLS already active", "P-STD")
 TOO_MANY_BOGUS = R(421, "4.7.0", "Too many unrecognized commands, closing", "P-LOAD")
 TOO_MANY_COMMANDS = R(421, "4.7.0", "Too many commands in this session, closing", "P-LOAD")
 IDLE_TIMEOUT = R(421, "4.4.2", "Idle timeout, closing", "P-LOAD")
+PREAUTH_TIMEOUT = R(421, "4.4.2", "Timeout before authentication, closing", "P-LOAD")
 DATA_TIMEOUT = R(421, "4.4.2", "DATA timeout: the message did not end in time, closing", "P-LOAD")
 TOO_MANY_TRANSACTIONS = R(421, "4.7.0", "Too many transactions in this session, closing", "P-LOAD")
 SHUTTING_DOWN = R(421, "4.3.2", "Service shutting down, try again later")
@@ -117,6 +118,9 @@ INTERNAL_ERROR = R(451, "4.3.0", "Temporary internal error, try again later")
 # --- limits (P-LOAD) ------------------------------------------------------------------
 TOO_MANY_CONNECTIONS = R(421, "4.7.0", "Too many connections, try again later", "P-LOAD")
 TOO_MANY_CONNECTIONS_IP = R(421, "4.7.0", "Too many connections from your address, try again later", "P-LOAD")
+# Near the connection cap an idle session that never authenticated gives its slot to a newcomer.
+EVICTED_UNAUTHENTICATED = R(421, "4.7.0", "Too many connections: closing an idle unauthenticated session, "
+                            "try again later", "P-LOAD")
 MESSAGE_TOO_BIG = R(552, "5.3.4", "Message size exceeds fixed maximum message size", "P-LOAD")
 TOO_MANY_RECIPIENTS = R(452, "4.5.3", "Too many recipients", "P-LOAD")
 

@@ -13,13 +13,14 @@ from ..config import Config
 from ..core.events import EventBus
 from ..delivery import Delivery
 from ..pipeline import Pipeline
+from .evict import Evictable
 from .limits import ConnectionTracker
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-class Session(Protocol):
-    """What shutdown needs of an open session."""
+class Session(Evictable, Protocol):
+    """What shutdown and eviction need of an open session."""
 
     def shutdown_if_idle(self) -> bool: ...  # pragma: no cover - protocol
 

@@ -22,6 +22,7 @@ import ipaddress
 import logging
 import re
 import ssl
+import time
 
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,7 @@ from ..core.replies import Rendered, Reply
 from ..core.transaction import Outcome, Phase, Result, SessionInfo, TlsInfo, Transaction, Verdict, session_id
 from ..core.logsafe import text_safe
 from .context import SmtpContext
+from . import evict
 from ..state.deadline import within
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -81,6 +83,9 @@ class GatewaySMTP(AioSMTP):
         self._busy = False
         self._counted_ip: str | None = None
         self._closing = False
+        self._greeted = False          # the 220 was sent: from here on the session may be idle
+        self._preauth_timer = False    # the armed timer is preauth_timeout's (its own 421 on expiry)
+        self.opened_at = 0.0           # monotonic time at connect (eviction closes the oldest first)
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -95,6 +100,7 @@ class GatewaySMTP(AioSMTP):
         ssl_obj = transport.get_extra_info("ssl_object")
         if ssl_obj is not None:  # implicit TLS listener
             self.gsession.tls = _tls_info(ssl_obj)
+        self.opened_at = time.monotonic()   # not loop.time(): uvloop's is per loop turn, ms resolution
         self.ctx.sessions.add(self)
         super().connection_made(transport)
 
@@ -132,16 +138,24 @@ class GatewaySMTP(AioSMTP):
     def _reset_timeout(self, duration: float | None = None) -> None:
         # Inside a transaction the client holds an upstream transaction open:
         # it gets the command timeout; between transactions the idle timeout.
-        if duration is None and self.tx is not None:
-            duration = self.ctx.config.smtp.command_timeout
+        # Until it is authenticated no wait is longer than preauth_timeout.
+        self._preauth_timer = False
+        if duration is None:
+            cfg = self.ctx.config.smtp
+            duration = cfg.command_timeout if self.tx is not None else cfg.idle_timeout
+            if cfg.preauth_timeout < duration and (self.gsession is None or self.gsession.account is None):
+                duration = cfg.preauth_timeout
+                self._preauth_timer = True
         super()._reset_timeout(duration)
 
     def _timeout_cb(self) -> None:
+        preauth = self._preauth_timer
         if self.gsession is not None:
-            self.gsession.ended = "timeout"
+            self.gsession.ended = "preauth timeout" if preauth else "timeout"
         if self.transport is not None and not self.transport.is_closing():
             try:
-                self._writer.write((replies.IDLE_TIMEOUT.render() + "\r\n").encode())
+                reply = replies.PREAUTH_TIMEOUT if preauth else replies.IDLE_TIMEOUT
+                self._writer.write((reply.render() + "\r\n").encode())
             except Exception:  # pragma: no cover - transport already gone
                 pass
         super()._timeout_cb()
@@ -200,7 +214,12 @@ class GatewaySMTP(AioSMTP):
                 self.ctx.events.publish(Refusal(sess, refusal))
                 await self.close_with(refusal_reply)
                 return
+            cfg = self.ctx.config.smtp
+            evict.make_room(self.ctx.sessions, self.ctx.connections.total,
+                            evict.threshold(cfg.max_connections, cfg.evict_unauthenticated_at), time.monotonic())
             await self.push(f"220 {self.hostname} {self.__ident__}")
+            self._greeted = True
+            self._reset_timeout()   # the first wait for a command (a client-network session: not preauth)
             await self._command_loop()
         except (asyncio.CancelledError, ConnectionError):
             # The client went away (or we are closing it): not an error.
@@ -758,6 +777,32 @@ class GatewaySMTP(AioSMTP):
         if body.startswith(b"."):  # the first line lost its leading CRLF above
             body = body[1:]
         return body, len(body)
+
+    # --------------------------------------------------------------- eviction
+    @property
+    def session_info(self) -> SessionInfo | None:
+        return self.gsession
+
+    def evictable(self) -> bool:
+        """Idle and unauthenticated (smtp/evict.py): greeted, waiting for a
+        command with none arriving, no transaction, no account."""
+        return (self._greeted and not self._busy and not self._closing and self.tx is None
+                and self.gsession is not None and self.gsession.account is None
+                and self.transport is not None and not self.transport.is_closing()
+                and not self._reader._buffer)  # type: ignore[attr-defined]
+
+    def evict(self) -> None:
+        """421 4.7.0 and close, to make room for a newcomer; the slot is free at once."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        assert self.gsession is not None   # made in connection_made, before the session is listed
+        self.gsession.ended = "evicted"
+        self._closing = True
+        if self._counted_ip is not None:
+            self.ctx.connections.closed(self._counted_ip)
+            self._counted_ip = None
+        self._writer.write((replies.EVICTED_UNAUTHENTICATED.render() + "\r\n").encode())
+        self.transport.close()
 
     # --------------------------------------------------------------- shutdown
     def shutdown_if_idle(self) -> bool:
