@@ -60,12 +60,15 @@ class Delivery:
 
 
 class Handover:
-    __slots__ = ("_d", "tx", "_shared", "_prefetched")
+    __slots__ = ("_d", "tx", "_shared", "_pending", "_prefetched")
 
     def __init__(self, delivery: Delivery, tx: Transaction):
         self._d = delivery
         self.tx = tx
         self._shared: UpstreamTransaction | None = None
+        # A list recipient's upstream transaction while its RCPT is upstream:
+        # released with the others if the client leaves meanwhile.
+        self._pending: UpstreamTransaction | None = None
         self._prefetched: set[bytes] = set()
 
     # ------------------------------------------------------------------ RCPT
@@ -136,7 +139,11 @@ class Handover:
                     return reply
                 upstream, reply = await self._begin()
                 if upstream is not None:
-                    reply = await upstream.rcpt(address.addr, [])
+                    self._pending = upstream
+                    try:
+                        reply = await upstream.rcpt(address.addr, [])
+                    finally:
+                        self._pending = None
                     if not reply.is_positive:
                         await upstream.close()
                         upstream = None
@@ -151,6 +158,13 @@ class Handover:
             tx.mark("rcpt")
             if reply.is_positive:
                 tx.recipients.append(Recipient(address, params, reply, local, upstream, target))
+            elif reply is replies.UPSTREAM_BUSY:
+                # Our own bound ([relay] max_connections), not the upstream's
+                # judgement of the recipient.
+                tx.refused_recipients += 1
+                outcome = Outcome("upstream_busy", Result.ERROR, reply.render(), reply, Phase.RCPT, address.addr)
+                tx.ledger.append(outcome)
+                self._d.events.publish(Refusal(tx.session, outcome, tx, address.addr, "gateway"))
             else:
                 tx.refused_recipients += 1
                 outcome = Outcome("relay_rcpt", Result.FAIL, reply.render(), reply, Phase.RCPT, address.addr)
@@ -279,6 +293,9 @@ class Handover:
         the per-recipient ones of list mail), handed to the caller to close."""
         out = [self._shared] if self._shared is not None else []
         self._shared = None
+        if self._pending is not None:
+            out.append(self._pending)
+            self._pending = None
         for r in self.tx.recipients:
             if r.upstream is not None:
                 out.append(r.upstream)
