@@ -29,11 +29,20 @@ class CountingSink(Sink):
     live: int = 0
     peak: int = 0
     mail_reply: str | None = None
+    rcpt_gate: asyncio.Event | None = None     # set: RCPT is answered once the event is set
+    rcpt_waiting: int = 0
 
     async def handle_MAIL(self, server, session, envelope, address, options):
         if self.mail_reply:
             return self.mail_reply
         return await super().handle_MAIL(server, session, envelope, address, options)
+
+    async def handle_RCPT(self, server, session, envelope, address, options):
+        gate = self.rcpt_gate
+        if gate is not None:
+            self.rcpt_waiting += 1
+            await asyncio.wait_for(gate.wait(), TIMEOUT)
+        return await super().handle_RCPT(server, session, envelope, address, options)
 
     async def start(self) -> "CountingSink":
         loop = asyncio.get_running_loop()
@@ -329,3 +338,83 @@ async def test_config_refuses_bad_bounds(tmp_path):
         from_mapping(base_config(tmp_path, None, relay={"connection_wait": 10.0}, smtp={"command_timeout": 10.0}),
                      "gw.toml")
     assert err.value.key == "relay.connection_wait" and "smtp.command_timeout" in err.value.problem, err.value
+
+
+async def test_a_slot_handed_to_a_waiter_cancelled_that_turn_goes_on(counting_sink, gateway_factory):
+    """The race the queue must survive: a released connection is handed to
+    the first waiter, and that waiter is cancelled (its client gone) in the
+    same loop turn, before it runs. The connection goes on to the next
+    waiter; no slot is lost."""
+    sink = counting_sink
+    h = await _gateway(gateway_factory, [sink], max_connections=1, connection_wait=30.0)
+    relay = h.gw.relay
+
+    def begin():
+        return asyncio.get_running_loop().create_task(
+            relay.begin("alice@example.com", [], utf8=False, eight_bit=False, size=None))
+
+    holder, reply_ = await relay.begin("alice@example.com", [], utf8=False, eight_bit=False, size=None)
+    assert holder is not None and reply_.is_positive
+    first = begin()
+    await eventually(lambda: relay.waiting == 1, "the first waiter is in line")
+    second = begin()
+    await eventually(lambda: relay.waiting == 2, "the second waiter is behind it")
+
+    conn = holder._conn
+    assert (await conn.smtp.execute_command(b"RSET")).code == 250   # what holder.close() does first
+    holder._closed = True                       # then released here by hand, in this very turn:
+    relay._release(conn, reusable=True)         # handed to the first waiter ...
+    first.cancel()                              # ... which is cancelled before it runs
+    utx, answer = await asyncio.wait_for(second, TIMEOUT)
+    assert utx is not None and answer.is_positive, answer
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert relay.open == 1 and relay.waiting == 0 and sink.peak == 1
+    await utx.close()
+    assert relay.open == 1 and len(relay.upstreams[0].idle) == 1
+
+
+async def test_list_recipient_whose_client_leaves_mid_rcpt_gives_its_connection_back(counting_sink,
+                                                                                       gateway_factory):
+    """List mail: the client leaves while its list recipient's RCPT is at the
+    upstream. That upstream transaction is released with the session (it
+    was held nowhere before and its connection leaked), so with
+    max_connections = 1 the next list transaction gets its connection."""
+    from test_listmail_smtp import _confirmed, _list_message, _start
+
+    sink = counting_sink
+    h, _base = await _start(gateway_factory, sink, relay={"max_connections": 1, "connection_wait": 2.0})
+    relay = h.gw.relay
+    lst = await h.gw.registry.create_list("alice", name="News", list_id="news.example.com",
+                                          senders=["news@example.com"], confirm_from="confirm@example.com")
+    await _confirmed(h, sink, lst.id, ["reader0@example.org", "reader1@example.org"])
+    start = len(sink.messages)
+
+    sink.rcpt_gate = gate = asyncio.Event()
+    reader, writer = await session(h.port())
+    try:
+        assert (await cmd(reader, writer, b"MAIL FROM:<news@example.com>")).startswith(b"250")
+        writer.write(b"RCPT TO:<reader0@example.org>\r\n")
+        await writer.drain()
+        await eventually(lambda: sink.rcpt_waiting == 1, "the list recipient's RCPT is at the upstream")
+    finally:
+        writer.close()
+    await eventually(lambda: not h.gw.sessions, "the gateway saw the client leave")
+    sink.rcpt_gate = None
+    gate.set()
+
+    reader, writer = await session(h.port())
+    try:
+        assert (await cmd(reader, writer, b"MAIL FROM:<news@example.com>")).startswith(b"250")
+        answer = await cmd(reader, writer, b"RCPT TO:<reader1@example.org>")
+        assert answer.startswith(b"250"), answer
+        assert (await cmd(reader, writer, b"DATA")).startswith(b"354")
+        writer.write(_list_message() + b".\r\n")
+        await writer.drain()
+        assert (await reply(reader)).startswith(b"250 2.0.0 OK: relayed")
+        await cmd(reader, writer, b"QUIT")
+    finally:
+        writer.close()
+    await sink.wait_for(start + 1)
+    assert [m.rcpt_tos for m in sink.messages[start:]] == [["reader1@example.org"]]
+    assert relay.stats["connection_busy"] == 0 and relay.open <= 1

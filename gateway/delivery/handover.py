@@ -142,8 +142,13 @@ class Handover:
                     self._pending = upstream
                     try:
                         reply = await upstream.rcpt(address.addr, [])
-                    finally:
+                    except BaseException:
+                        # Cancelled: the client is gone (aiosmtpd cancels at EOF,
+                        # before connection_lost releases the handover).
                         self._pending = None
+                        upstream.abandon()
+                        raise
+                    self._pending = None
                     if not reply.is_positive:
                         await upstream.close()
                         upstream = None

@@ -120,6 +120,9 @@ class UpstreamTransaction:
             log.warning("upstream %s failed during RCPT: %s", self.upstream, exc)
             self._broken = True
             return replies.UPSTREAM_TEMP_FAILURE
+        except BaseException:
+            self._broken = True      # cancelled mid-command: the connection's state is unknown
+            raise
         if resp.code in (250, 251):
             self.accepted_rcpts += 1
             return replies.RECIPIENT_OK
@@ -143,9 +146,22 @@ class UpstreamTransaction:
             log.warning("upstream %s failed during DATA: %s", self.upstream, exc)
             self._broken = True
             return replies.UPSTREAM_TEMP_FAILURE
+        except BaseException:
+            self._broken = True      # cancelled mid-DATA: the connection's state is unknown
+            raise
         self._done = True
         self._conn.messages += 1
         return replies.from_upstream(resp.code, resp.message)
+
+    def abandon(self) -> None:
+        """End the transaction at once, without RSET (its client is gone in
+        the middle of a command): the connection is closed, its slot freed."""
+        if self._closed:
+            return
+        self._closed = True
+        self._broken = True
+        self._conn.say_quit_and_close()
+        self._pool._free_slot(self._conn)
 
     async def close(self) -> None:
         """End the transaction: return the connection to the pool (after RSET
@@ -184,6 +200,7 @@ class RelayPool:
         self.max_connections = settings.max_connections
         self.open = 0                                   # slots held: connections in use, idle, opening, quitting
         self._waiters: deque[tuple[asyncio.Future, Upstream]] = deque()
+        self._busy_warned = -60.0
         # connection_waits: transactions that found every slot taken and waited;
         # connection_busy: of those, the ones deferred with 451 4.4.5 after connection_wait;
         # idle_evicted: idle connections closed to make room for another upstream's.
@@ -370,8 +387,8 @@ class RelayPool:
         victim.slot = False          # its slot is ours now
         victim.say_quit_and_close()
         self.stats["idle_evicted"] += 1
-        log.info("upstream %s: idle connection closed to make room for one to %s (relay.max_connections "
-                 "= %d reached)", victim.upstream.name, up.name, self.max_connections)
+        log.debug("upstream %s: idle connection closed to make room for one to %s (relay.max_connections "
+                  "= %d reached)", victim.upstream.name, up.name, self.max_connections)
         return True
 
     async def _wait(self, up: Upstream, seconds: float) -> "bool | _Connection":
@@ -393,10 +410,18 @@ class RelayPool:
                 except ValueError:
                     pass
             if isinstance(exc, TimeoutError):
-                self.stats["connection_busy"] += 1
                 return False
             raise
         return True if got is None else got
+
+    def _deferred(self) -> None:
+        self.stats["connection_busy"] += 1
+        now = time.monotonic()
+        if now - self._busy_warned >= 60.0:      # one line a minute while it lasts; the metrics count all
+            self._busy_warned = now
+            log.warning("upstream connections busy: all relay.max_connections = %d in use for "
+                        "relay.connection_wait = %g s, clients deferred with 451 4.4.5 (%d so far)",
+                        self.max_connections, self.settings.connection_wait, self.stats["connection_busy"])
 
     def _give_back(self, got: "_Connection | None") -> None:
         if got is None:
@@ -527,8 +552,7 @@ class RelayPool:
                 if got is False:
                     got = await self._wait(up, self.settings.connection_wait)
                     if got is False:
-                        log.info("upstream connections busy: relay.max_connections = %d in use for %g s "
-                                 "(relay.connection_wait)", self.max_connections, self.settings.connection_wait)
+                        self._deferred()
                         return None, replies.UPSTREAM_BUSY
                 if isinstance(got, _Connection):
                     conn, fresh = got, False
