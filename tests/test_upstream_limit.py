@@ -290,9 +290,11 @@ async def test_one_session_holds_at_most_one_upstream_connection(counting_sink, 
     """The per-session bound, by construction (delivery/handover.py): a
     session has one transaction at a time; a client transaction opens one
     upstream transaction at its first relayed RCPT and shares it with every
-    later recipient (an SRS bounce's decoded RCPT goes into the same one),
-    and list mail takes one list recipient per transaction (the
-    test_listmail_smtp one-recipient test). With max_connections = 1 and no
+    later recipient (an SRS bounce's decoded RCPT goes into the same one:
+    the SRS test below), and list mail takes one list recipient per
+    transaction (test_listmail_smtp's one-recipient test; a cancelled one is
+    given back: the mid-RCPT test above). So: at most one upstream
+    connection per session. With max_connections = 1 and no
     wait, a second connection for the session would be deferred at once:
     none is, through recipients, RSET, a new MAIL and a finished DATA."""
     sink = counting_sink
@@ -418,3 +420,28 @@ async def test_list_recipient_whose_client_leaves_mid_rcpt_gives_its_connection_
     await sink.wait_for(start + 1)
     assert [m.rcpt_tos for m in sink.messages[start:]] == [["reader1@example.org"]]
     assert relay.stats["connection_busy"] == 0 and relay.open <= 1
+
+
+async def test_srs_bounce_recipients_share_the_one_upstream_transaction(counting_sink, gateway_factory):
+    """Forwarded mail (SRS0 envelope sender) and a bounce to two SRS
+    addresses in one transaction: each RCPT is decoded to its original
+    sender and goes into the transaction's one upstream transaction, so
+    max_connections = 1 without any wait serves it."""
+    from smtp_client import send
+    from test_forwarding import bounce, dsn_message, forwarding_gateway, third_party_message
+
+    sink = counting_sink
+    h = await forwarding_gateway(gateway_factory, sink, relay={"max_connections": 1, "connection_wait": 0.0})
+    for sender in ("news@example.org", "info@example.net"):
+        r = await send(h.port(), third_party_message(), mail_from=sender, rcpt="someone@gmail.example",
+                       auth=True)
+        assert r.startswith(b"250"), r
+    await sink.wait_for(2)
+    srs_addrs = [m.mail_from for m in sink.messages]
+    assert all("SRS0=" in a for a in srs_addrs), srs_addrs
+    answers = await bounce(h.port(), srs_addrs, data=dsn_message())
+    assert all(a.startswith(b"250") for a in answers[:3]), answers
+    assert answers[3].startswith(b"250 2.0.0 OK: relayed"), answers
+    await sink.wait_for(3)
+    assert sorted(sink.messages[2].rcpt_tos) == ["info@example.net", "news@example.org"]
+    assert h.gw.relay.stats["connection_busy"] == 0 and sink.peak == 1
