@@ -222,8 +222,7 @@ class Handover:
                     if not reply.is_positive:
                         self._refused(reply, "relay", "upstream")
             finally:
-                for utx in owned:
-                    await utx.close()
+                await _close_all(owned)
             tx.mark("relayed")
             if reply.is_positive:
                 fwd = forwarded(tx)
@@ -310,14 +309,24 @@ class Handover:
     async def release(self) -> None:
         """Nothing is relayed: the upstream transactions are reset (RSET) and
         their connections go back to the pool."""
-        for utx in self.take_upstreams():
-            await utx.close()
+        await _close_all(self.take_upstreams())
 
     def release_soon(self) -> None:
         """``release`` from a synchronous callback (the client is gone)."""
         loop = asyncio.get_running_loop()
         for utx in self.take_upstreams():
             loop.create_task(utx.close())
+
+
+async def _close_all(owned: list["UpstreamTransaction"]) -> None:
+    """Close each (RSET unless done); cancelled meanwhile (the client left),
+    the ones not yet closed are abandoned: no connection is ever left held."""
+    try:
+        for utx in owned:
+            await utx.close()
+    finally:
+        for utx in owned:
+            utx.abandon()       # nothing for the ones closed
 
 
 def _ignore_result(task: asyncio.Task) -> None:
