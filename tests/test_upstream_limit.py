@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+import httpx
 import pytest
 from aiosmtpd.smtp import SMTP as AioSMTP
 
@@ -118,11 +119,11 @@ class Client:
         self.writer.close()
 
 
-async def _gateway(gateway_factory, sinks, **relay):
+async def _gateway(gateway_factory, sinks, http: bool = False, **relay):
     upstreams = [{"host": "127.0.0.1", "port": s.port, "connect_timeout": 2.0, "command_timeout": 5.0}
                  for s in sinks]
     h = await gateway_factory(sinks[0], relay={"upstreams": upstreams, **relay},
-                              smtp={"max_recipients": 10})
+                              smtp={"max_recipients": 10}, http={"enabled": http, "port": 0})
     await h.add_account()
     return h
 
@@ -189,12 +190,16 @@ async def test_nobody_releases_the_waiter_gets_451_4_4_5(counting_sink, gateway_
     451 4.4.5 (P-LOAD) after connection_wait, its transaction stays open,
     and once the connection is free the same client's next RCPT is taken."""
     sink = counting_sink
-    h = await _gateway(gateway_factory, [sink], max_connections=1, connection_wait=0.3)
+    h = await _gateway(gateway_factory, [sink], http=True, max_connections=1, connection_wait=0.3)
     relay = h.gw.relay
     holder, late = await Client.open(h.port(), 0), await Client.open(h.port(), 1)
     try:
         await holder.mail()
         assert (await holder.rcpt()).startswith(b"250")
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{h.gw.http_port}", timeout=TIMEOUT) as web:
+            r = await web.get("/readyz")
+        assert r.status_code == 200, r.text        # a full pool defers; the gateway is not unready
+        assert r.json()["upstream_connections"] == {"open": 1, "max": 1, "waiting": 0}, r.json()
         await late.mail()
         answer = await late.rcpt()
         assert answer == b"451 4.4.5 P-LOAD Upstream connections busy, try again later\r\n", answer
