@@ -219,8 +219,25 @@ class RelaySettings:
     breaker_open_on_timeout: bool = True
     breaker_backoff: float = 5.0
     breaker_backoff_max: float = 300.0
+    # Open upstream connections of this process, over all upstreams, in use
+    # and idle (relay/pool.py). A session holds at most one (one transaction
+    # at a time, one upstream transaction each), so 100 lets 100 sessions be
+    # between RCPT and the end of DATA at once: far more than one upstream MTA
+    # usually wants from one client (Postfix's smtpd_client_connection_count_limit
+    # is 50) while a handful of gateway processes stay below an upstream's
+    # process limit (Postfix default_process_limit 100). Past it a transaction
+    # reuses an idle connection, closes an idle one to another upstream, or
+    # waits (first come, first served) up to connection_wait seconds for one
+    # to be released; then its RCPT gets 451 4.4.5.
+    max_connections: int = 100
+    connection_wait: float = 5.0
 
     def __post_init__(self) -> None:
+        if not 1 <= self.max_connections <= 100_000:
+            raise ValueError(f"max_connections: must be within 1..100000, got {self.max_connections}")
+        if not 0 <= self.connection_wait <= 60:
+            raise ValueError(f"connection_wait: must be within 0..60 seconds (well under the client's "
+                             f"smtp.command_timeout), got {self.connection_wait}")
         if self.pool_size < 0:
             raise ValueError("pool_size: must not be negative")
         _positive("idle_timeout", self.idle_timeout)
@@ -387,6 +404,11 @@ class Config:
 def _validate_semantics(cfg: Config) -> None:
     """Cross-section checks that need more than one section."""
     _validate_checks(cfg)
+    if cfg.relay.connection_wait >= cfg.smtp.command_timeout:
+        raise ConfigError(cfg.source, "relay.connection_wait",
+                          f"{cfg.relay.connection_wait:g} s must be less than smtp.command_timeout "
+                          f"({cfg.smtp.command_timeout:g} s): the client would give up on its RCPT before the "
+                          f"gateway answers it")
     for tls_file in (cfg.tls.cert_file, cfg.tls.key_file):
         if tls_file and not Path(tls_file).is_file():
             raise ConfigError(cfg.source, "tls.cert_file" if tls_file == cfg.tls.cert_file else "tls.key_file",

@@ -64,6 +64,17 @@ class _StatsCollector:
             for key, value in relay.stats.items():
                 fam.add_metric([key], value)
             yield fam
+            g = GaugeMetricFamily("gateway_upstream_connections_open", "Upstream connections open (in use, idle, "
+                                  "being opened or quit), over all upstreams; at most relay.max_connections")
+            g.add_metric([], relay.open)
+            yield g
+            g = GaugeMetricFamily("gateway_upstream_connections_max", "relay.max_connections")
+            g.add_metric([], relay.max_connections)
+            yield g
+            g = GaugeMetricFamily("gateway_upstream_connection_waiters",
+                                  "Transactions waiting for an upstream connection slot now")
+            g.add_metric([], relay.waiting)
+            yield g
             yield from _breaker_metrics(relay)
         counters = getattr(gw, "counters", None)
         if counters is not None and hasattr(counters, "health"):

@@ -359,7 +359,9 @@ async def test_vrfy_and_expn_reveal_nothing(sink, gateway_factory):
 
 
 async def test_command_timeout_inside_transaction_releases_upstream(sink, gateway_factory):
-    h = await gateway_factory(sink, smtp={"idle_timeout": 30, "command_timeout": 0.5})
+    # relay.connection_wait must stay below the command timeout (config.py)
+    h = await gateway_factory(sink, smtp={"idle_timeout": 30, "command_timeout": 0.5},
+                              relay={"connection_wait": 0.1})
     await h.add_account()
     reader, writer, _ = await raw_session(h.port())
     await cmd(reader, writer, b"EHLO x")

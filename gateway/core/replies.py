@@ -150,6 +150,9 @@ BAD_RECIPIENT_SYNTAX = R(553, "5.1.3", "Bad recipient address syntax", "P-STD")
 UPSTREAM_UNAVAILABLE = R(451, "4.4.1", "Upstream relay unavailable, try again later")
 UPSTREAM_TEMP_FAILURE = R(451, "4.4.1", "Upstream relay failed temporarily, try again later")
 UPSTREAM_NO_SMTPUTF8 = R(451, "4.6.7", "No upstream relay supports SMTPUTF8, try again later")
+# [relay] max_connections reached and no connection freed within connection_wait
+# (RFC 3463 X.4.5: mail system congestion)
+UPSTREAM_BUSY = R(451, "4.4.5", "Upstream connections busy, try again later", "P-LOAD")
 SERVICE_MAILBOX_FAILED = R(451, "4.3.0", "Could not store message, try again later")
 
 _ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")

@@ -60,12 +60,15 @@ class Delivery:
 
 
 class Handover:
-    __slots__ = ("_d", "tx", "_shared", "_prefetched")
+    __slots__ = ("_d", "tx", "_shared", "_pending", "_prefetched")
 
     def __init__(self, delivery: Delivery, tx: Transaction):
         self._d = delivery
         self.tx = tx
         self._shared: UpstreamTransaction | None = None
+        # A list recipient's upstream transaction while its RCPT is upstream:
+        # released with the others if the client leaves meanwhile.
+        self._pending: UpstreamTransaction | None = None
         self._prefetched: set[bytes] = set()
 
     # ------------------------------------------------------------------ RCPT
@@ -136,7 +139,16 @@ class Handover:
                     return reply
                 upstream, reply = await self._begin()
                 if upstream is not None:
-                    reply = await upstream.rcpt(address.addr, [])
+                    self._pending = upstream
+                    try:
+                        reply = await upstream.rcpt(address.addr, [])
+                    except BaseException:
+                        # Cancelled: the client is gone (aiosmtpd cancels at EOF,
+                        # before connection_lost releases the handover).
+                        self._pending = None
+                        upstream.abandon()
+                        raise
+                    self._pending = None
                     if not reply.is_positive:
                         await upstream.close()
                         upstream = None
@@ -151,6 +163,13 @@ class Handover:
             tx.mark("rcpt")
             if reply.is_positive:
                 tx.recipients.append(Recipient(address, params, reply, local, upstream, target))
+            elif reply is replies.UPSTREAM_BUSY:
+                # Our own bound ([relay] max_connections), not the upstream's
+                # judgement of the recipient.
+                tx.refused_recipients += 1
+                outcome = Outcome("upstream_busy", Result.ERROR, reply.render(), reply, Phase.RCPT, address.addr)
+                tx.ledger.append(outcome)
+                self._d.events.publish(Refusal(tx.session, outcome, tx, address.addr, "gateway"))
             else:
                 tx.refused_recipients += 1
                 outcome = Outcome("relay_rcpt", Result.FAIL, reply.render(), reply, Phase.RCPT, address.addr)
@@ -203,8 +222,7 @@ class Handover:
                     if not reply.is_positive:
                         self._refused(reply, "relay", "upstream")
             finally:
-                for utx in owned:
-                    await utx.close()
+                await _close_all(owned)
             tx.mark("relayed")
             if reply.is_positive:
                 fwd = forwarded(tx)
@@ -279,6 +297,9 @@ class Handover:
         the per-recipient ones of list mail), handed to the caller to close."""
         out = [self._shared] if self._shared is not None else []
         self._shared = None
+        if self._pending is not None:
+            out.append(self._pending)
+            self._pending = None
         for r in self.tx.recipients:
             if r.upstream is not None:
                 out.append(r.upstream)
@@ -288,14 +309,24 @@ class Handover:
     async def release(self) -> None:
         """Nothing is relayed: the upstream transactions are reset (RSET) and
         their connections go back to the pool."""
-        for utx in self.take_upstreams():
-            await utx.close()
+        await _close_all(self.take_upstreams())
 
     def release_soon(self) -> None:
         """``release`` from a synchronous callback (the client is gone)."""
         loop = asyncio.get_running_loop()
         for utx in self.take_upstreams():
             loop.create_task(utx.close())
+
+
+async def _close_all(owned: list["UpstreamTransaction"]) -> None:
+    """Close each (RSET unless done); cancelled meanwhile (the client left),
+    the ones not yet closed are abandoned: no connection is ever left held."""
+    try:
+        for utx in owned:
+            await utx.close()
+    finally:
+        for utx in owned:
+            utx.abandon()       # nothing for the ones closed
 
 
 def _ignore_result(task: asyncio.Task) -> None:

@@ -53,6 +53,12 @@ class Breaker:
     def start_probe(self) -> None:
         self.state = HALF_OPEN
 
+    def postpone(self) -> None:
+        """The probe could not run (no free connection slot): open again for
+        the current back-off, neither a failure nor a success."""
+        self.state = OPEN
+        self.open_until = self._clock() + self.backoff
+
     def success(self) -> None:
         self.state = CLOSED
         self.consecutive_failures = 0

@@ -11,6 +11,18 @@ Each upstream has a circuit breaker (relay/breaker.py): an upstream that
 failed is skipped without being tried until its back-off ends and a
 background probe reaches it again; when no upstream is left the one whose
 back-off ends first is tried anyway.
+
+The open connections of the pool, over all upstreams, in use and idle (and
+being opened or quit), never exceed ``[relay] max_connections``: each holds
+a slot, counted by ``RelayPool.open``. A transaction that needs a new
+connection takes a free slot (an integer compare, no await), else closes the
+least recently used idle connection to another upstream and takes its slot,
+else waits, first come first served, up to ``connection_wait`` seconds. A
+released connection goes straight to the first waiter (itself when the
+waiter wants its upstream, else its slot), so a slot is never free while
+someone waits. A waiter that times out gets ``451 4.4.5`` (UPSTREAM_BUSY);
+one that is cancelled (its client left) leaves the queue, and a slot handed
+to it in that same moment goes on to the next.
 """
 from __future__ import annotations
 
@@ -20,6 +32,7 @@ import ssl
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import cast
 
 import aiosmtplib
 from aiosmtplib.errors import SMTPException, SMTPResponseException
@@ -41,6 +54,7 @@ class _Connection:
     upstream: "Upstream"
     messages: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    slot: bool = True       # still counted in RelayPool.open (given back exactly once)
 
     @property
     def alive(self) -> bool:
@@ -51,6 +65,18 @@ class _Connection:
             self.smtp.close()
         except Exception:  # pragma: no cover - closing a broken transport
             pass
+
+    def say_quit_and_close(self) -> None:
+        """QUIT without waiting for the answer: the transport sends what is
+        buffered before it closes, so the upstream sees a polite end and the
+        slot is free at once."""
+        transport = cast("asyncio.WriteTransport | None", self.smtp.transport)
+        if transport is not None and not transport.is_closing():
+            try:
+                transport.write(b"QUIT\r\n")
+            except Exception:  # pragma: no cover - a transport breaking just now
+                pass
+        self.close()
 
 
 @dataclass(eq=False)
@@ -77,6 +103,7 @@ class UpstreamTransaction:
         self._utf8 = utf8
         self._broken = False
         self._done = False
+        self._closed = False
         self.accepted_rcpts = 0
         self.skipped = skipped      # upstreams not tried before this one: their breaker was open
 
@@ -93,6 +120,9 @@ class UpstreamTransaction:
             log.warning("upstream %s failed during RCPT: %s", self.upstream, exc)
             self._broken = True
             return replies.UPSTREAM_TEMP_FAILURE
+        except BaseException:
+            self._broken = True      # cancelled mid-command: the connection's state is unknown
+            raise
         if resp.code in (250, 251):
             self.accepted_rcpts += 1
             return replies.RECIPIENT_OK
@@ -116,21 +146,39 @@ class UpstreamTransaction:
             log.warning("upstream %s failed during DATA: %s", self.upstream, exc)
             self._broken = True
             return replies.UPSTREAM_TEMP_FAILURE
+        except BaseException:
+            self._broken = True      # cancelled mid-DATA: the connection's state is unknown
+            raise
         self._done = True
         self._conn.messages += 1
         return replies.from_upstream(resp.code, resp.message)
 
+    def abandon(self) -> None:
+        """End the transaction at once, without RSET (its client is gone in
+        the middle of a command): the connection is closed, its slot freed."""
+        if self._closed:
+            return
+        self._closed = True
+        self._broken = True
+        self._conn.say_quit_and_close()
+        self._pool._free_slot(self._conn)
+
     async def close(self) -> None:
         """End the transaction: return the connection to the pool (after RSET
         when the transaction did not complete), or drop it if it is broken."""
+        if self._closed:
+            return
+        self._closed = True
         conn = self._conn
-        if not self._broken and not self._done:
-            try:
+        try:
+            if not self._broken and not self._done:
+                self._broken = True          # until RSET is answered (cancelled meanwhile: dropped)
                 resp = await conn.smtp.execute_command(b"RSET", timeout=conn.upstream.settings.command_timeout)
                 self._broken = resp.code != 250
-            except _CONNECTION_ERRORS:
-                self._broken = True
-        self._pool._release(conn, reusable=not self._broken)
+        except _CONNECTION_ERRORS:
+            self._broken = True
+        finally:
+            self._pool._release(conn, reusable=not self._broken)
 
 
 def _command(verb: bytes, prefix: bytes, address: str, options: list[str], utf8: bool) -> list[bytes]:
@@ -149,7 +197,15 @@ class RelayPool:
         self._sweeper: asyncio.Task | None = None
         self._prober: asyncio.Task | None = None
         self._probe_wake = asyncio.Event()
-        self.stats = {"connections_opened": 0, "connections_reused": 0, "failovers": 0}
+        self.max_connections = settings.max_connections
+        self.open = 0                                   # slots held: connections in use, idle, opening, quitting
+        self._waiters: deque[tuple[asyncio.Future, Upstream]] = deque()
+        self._busy_warned = -60.0
+        # connection_waits: transactions that found every slot taken and waited;
+        # connection_busy: of those, the ones deferred with 451 4.4.5 after connection_wait;
+        # idle_evicted: idle connections closed to make room for another upstream's.
+        self.stats = {"connections_opened": 0, "connections_reused": 0, "failovers": 0,
+                      "connection_waits": 0, "connection_busy": 0, "idle_evicted": 0}
 
     def _upstream(self, settings: UpstreamSettings) -> Upstream:
         s = self.settings
@@ -157,7 +213,19 @@ class RelayPool:
                                           s.breaker_open_on_timeout, self._clock))
 
     def set_upstreams(self, upstreams: list[UpstreamSettings]) -> None:
+        for up in self.upstreams:
+            while up.idle:
+                self._drop(up.idle.popleft())
         self.upstreams = [self._upstream(u) for u in upstreams]
+
+    @property
+    def waiting(self) -> int:
+        """Transactions waiting for a connection slot now."""
+        return sum(1 for fut, _ in self._waiters if not fut.done())
+
+    def connections(self) -> dict[str, int]:
+        """The connection bound (for /readyz)."""
+        return {"open": self.open, "max": self.max_connections, "waiting": self.waiting}
 
     def health(self) -> dict[str, dict]:
         """Each upstream's breaker (for /readyz), in failover order."""
@@ -185,6 +253,8 @@ class RelayPool:
                     await within(conn.smtp.quit(), 2)
                 except Exception:
                     conn.close()
+                finally:
+                    self._free_slot(conn)
 
     async def _sweep(self) -> None:
         while True:
@@ -195,7 +265,7 @@ class RelayPool:
                 while up.idle:
                     conn = up.idle.popleft()
                     if now - conn.last_used > self.settings.idle_timeout or not conn.alive:
-                        conn.close()
+                        self._drop(conn)
                     else:
                         keep.append(conn)
                 up.idle = keep
@@ -208,7 +278,7 @@ class RelayPool:
                         "skipped until a probe reaches it", up.name, up.breaker.backoff,
                         up.breaker.consecutive_failures, str(exc) or type(exc).__name__)
             while up.idle:       # connections to a failing upstream are not worth keeping
-                up.idle.popleft().close()
+                self._drop(up.idle.popleft())
             self._probe_wake.set()
 
     def _succeeded(self, up: Upstream) -> None:
@@ -240,6 +310,24 @@ class RelayPool:
                 task.cancel()
 
     async def _probe(self, up: Upstream) -> None:
+        got: bool | _Connection = self._reserve(up)
+        if got is False:
+            try:
+                got = await self._wait(up, self.settings.connection_wait)
+            except BaseException:
+                up.breaker.state = "open"
+                raise
+            if got is False:
+                # Every slot in use for the whole wait: the upstreams in use
+                # carry the traffic; this one is probed again after its back-off.
+                log.info("upstream %s probe postponed: every upstream connection slot is in use", up.name)
+                up.breaker.postpone()
+                self._probe_wake.set()
+                return
+        if isinstance(got, _Connection):       # handed a connection to this very upstream: it answers
+            self._succeeded(up)
+            self._release(got, reusable=True)
+            return
         try:
             conn = await self._open(up)
         except _CONNECTION_ERRORS as exc:
@@ -253,6 +341,8 @@ class RelayPool:
         self._release(conn, reusable=True)
 
     async def _open(self, up: Upstream) -> _Connection:
+        """Open a connection in the slot the caller holds (given back if the
+        open fails or is cancelled)."""
         st = up.settings
         ctx = None
         if st.tls != "none":
@@ -263,12 +353,108 @@ class RelayPool:
         smtp = aiosmtplib.SMTP(hostname=st.host, port=st.port, local_hostname=self.helo_name,
                                use_tls=st.tls == "implicit", start_tls=st.tls == "starttls",
                                tls_context=ctx, timeout=st.connect_timeout)
-        await smtp.connect()
-        await smtp.ehlo()
-        if st.username:
-            await smtp.login(st.username, st.password)
+        try:
+            await smtp.connect()
+            await smtp.ehlo()
+            if st.username:
+                await smtp.login(st.username, st.password)
+        except BaseException:
+            try:
+                smtp.close()
+            except Exception:  # pragma: no cover - closing a half-open transport
+                pass
+            self._free_slot(None)
+            raise
         self.stats["connections_opened"] += 1
         return _Connection(smtp, up)
+
+    # ------------------------------------------------------ the connection bound
+    def _reserve(self, up: Upstream) -> bool:
+        """A slot for a new connection to ``up`` without waiting: True (a free
+        slot, now held), or an idle connection of another upstream closed to
+        make room (True, its slot passes on); False when every slot is taken
+        by a connection in use."""
+        if self.open < self.max_connections:        # the fast path: one compare
+            self.open += 1
+            return True
+        victim: _Connection | None = None
+        for other in self.upstreams:
+            if other.idle and (victim is None or other.idle[0].last_used < victim.last_used):
+                victim = other.idle[0]
+        if victim is None:
+            return False
+        victim.upstream.idle.popleft()
+        victim.slot = False          # its slot is ours now
+        victim.say_quit_and_close()
+        self.stats["idle_evicted"] += 1
+        log.debug("upstream %s: idle connection closed to make room for one to %s (relay.max_connections "
+                  "= %d reached)", victim.upstream.name, up.name, self.max_connections)
+        return True
+
+    async def _wait(self, up: Upstream, seconds: float) -> "bool | _Connection":
+        """Wait in line for a slot: True (a slot, held), a released connection
+        to ``up`` (its slot with it), or False after ``seconds``."""
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        entry = (fut, up)
+        self._waiters.append(entry)
+        self.stats["connection_waits"] += 1
+        try:
+            got = await within(fut, seconds)
+        except BaseException as exc:
+            if fut.done() and not fut.cancelled():
+                self._give_back(fut.result())    # handed over in the very turn we gave up
+            else:
+                fut.cancel()
+                try:
+                    self._waiters.remove(entry)
+                except ValueError:
+                    pass
+            if isinstance(exc, TimeoutError):
+                return False
+            raise
+        return True if got is None else got
+
+    def _deferred(self) -> None:
+        self.stats["connection_busy"] += 1
+        now = time.monotonic()
+        if now - self._busy_warned >= 60.0:      # one line a minute while it lasts; the metrics count all
+            self._busy_warned = now
+            log.warning("upstream connections busy: all relay.max_connections = %d in use for "
+                        "relay.connection_wait = %g s, clients deferred with 451 4.4.5 (%d so far)",
+                        self.max_connections, self.settings.connection_wait, self.stats["connection_busy"])
+
+    def _give_back(self, got: "_Connection | None") -> None:
+        if got is None:
+            self._free_slot(None)
+        else:
+            self._release(got, reusable=True)
+
+    def _next_waiter(self) -> tuple[asyncio.Future, Upstream] | None:
+        waiters = self._waiters
+        while waiters:
+            entry = waiters.popleft()
+            if not entry[0].done():
+                return entry
+        return None
+
+    def _free_slot(self, conn: _Connection | None) -> None:
+        """A connection is gone (or ``None``: an open failed): its slot goes
+        to the first waiter, else back to the free ones."""
+        if conn is not None:
+            if not conn.slot:
+                return
+            conn.slot = False
+        waiter = self._next_waiter() if self._waiters else None
+        if waiter is not None:
+            waiter[0].set_result(None)
+        else:
+            self.open -= 1
+
+    def _drop(self, conn: _Connection) -> None:
+        """Close a connection at once (idle and expired, broken, or its
+        transaction cancelled) and give its slot back."""
+        conn.close()
+        self._free_slot(conn)
 
     def _take_idle(self, up: Upstream) -> _Connection | None:
         now = time.monotonic()
@@ -277,24 +463,41 @@ class RelayPool:
             if conn.alive and now - conn.last_used <= self.settings.idle_timeout:
                 self.stats["connections_reused"] += 1
                 return conn
-            conn.close()
+            self._drop(conn)
         return None
 
     def _release(self, conn: _Connection, reusable: bool) -> None:
         up = conn.upstream
         if (reusable and conn.alive and conn.messages < self.settings.max_messages_per_connection
-                and len(up.idle) < self.settings.pool_size and up in self.upstreams):
-            conn.last_used = time.monotonic()
-            up.idle.append(conn)
+                and up in self.upstreams):
+            waiter = self._next_waiter() if self._waiters else None
+            if waiter is not None:
+                fut, wanted = waiter
+                if wanted is up:
+                    conn.last_used = time.monotonic()
+                    self.stats["connections_reused"] += 1
+                    fut.set_result(conn)             # the connection and its slot
+                else:
+                    conn.slot = False                # its slot goes to the waiter
+                    conn.say_quit_and_close()
+                    fut.set_result(None)
+                return
+            if len(up.idle) < self.settings.pool_size:
+                conn.last_used = time.monotonic()
+                up.idle.append(conn)
+                return
+        if conn.alive:
+            asyncio.get_running_loop().create_task(self._quit(conn))
         else:
-            if conn.alive:
-                asyncio.get_running_loop().create_task(self._quit(conn))
+            self._free_slot(conn)
 
     async def _quit(self, conn: _Connection) -> None:
         try:
             await within(conn.smtp.quit(), conn.upstream.settings.command_timeout)
         except Exception:
             conn.close()
+        finally:
+            self._free_slot(conn)
 
     async def begin(self, mail_from: str, options: list[str], utf8: bool, eight_bit: bool,
                     size: int | None) -> tuple[UpstreamTransaction | None, Reply | Rendered]:
@@ -344,6 +547,15 @@ class RelayPool:
         for attempt in range(2):
             conn = self._take_idle(up) if attempt == 0 else None
             fresh = conn is None
+            if conn is None:
+                got: bool | _Connection = self._reserve(up)
+                if got is False:
+                    got = await self._wait(up, self.settings.connection_wait)
+                    if got is False:
+                        self._deferred()
+                        return None, replies.UPSTREAM_BUSY
+                if isinstance(got, _Connection):
+                    conn, fresh = got, False
             try:
                 if conn is None:
                     conn = await self._open(up)
@@ -356,12 +568,16 @@ class RelayPool:
                                                        timeout=up.settings.command_timeout)
             except _CONNECTION_ERRORS as exc:
                 if conn is not None:
-                    conn.close()
+                    self._drop(conn)
                 if fresh:
                     log.warning("upstream %s unreachable: %s", up.name, str(exc) or type(exc).__name__)
                     self._failed(up, exc)
                     break  # next upstream
                 continue  # a stale pooled connection: retry once with a fresh one
+            except BaseException:
+                if conn is not None:     # cancelled (the client left) mid-MAIL: not reusable
+                    self._drop(conn)
+                raise
             reply = replies.from_upstream(resp.code, resp.message)
             if resp.code == 421:       # closing the channel: as good as unreachable
                 self._failed(up, SMTPResponseException(resp.code, resp.message))

@@ -47,11 +47,15 @@ def readiness_of(*, ready: bool, draining: bool, upstream: bool = True) -> Readi
 
 
 def health_of(relay, counters) -> dict:
-    """The details /readyz shows: each upstream's breaker (relay/breaker.py)
-    and the counters' store (state/counters.py: memory, redis or fallback)."""
+    """The details /readyz shows: each upstream's breaker (relay/breaker.py),
+    the upstream connections open, their bound and the transactions waiting
+    for one (relay/pool.py: a full pool defers, it does not make the gateway
+    unready), and the counters' store (state/counters.py: memory, redis or
+    fallback)."""
     out: dict = {}
     if relay is not None:
         out["upstreams"] = relay.health()
+        out["upstream_connections"] = relay.connections()
     if counters is not None and hasattr(counters, "health"):
         out["counters"] = counters.health()
     return out
