@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from typing import cast
 
 import aiosmtplib
-from aiosmtplib.errors import SMTPException, SMTPResponseException
+from aiosmtplib.errors import SMTPException, SMTPResponseException, SMTPServerDisconnected
+from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
 from ..config import RelaySettings, UpstreamSettings
 from ..core import replies
@@ -104,7 +105,12 @@ class UpstreamTransaction:
         self._broken = False
         self._done = False
         self._closed = False
+        self._failure: str | None = None  # why DATA failed, logged at close (after the client's reply)
         self.accepted_rcpts = 0
+        # After the final dot, no answer: the upstream may hold the message the
+        # client is told to send again ("upstream_timeout_after_data" |
+        # "upstream_lost_after_data"; docs/architecture.md, "Duplicates by design").
+        self.duplicate_risk: str | None = None
         self.skipped = skipped      # upstreams not tried before this one: their breaker was open
 
     @property
@@ -129,28 +135,58 @@ class UpstreamTransaction:
         return replies.from_upstream(resp.code, resp.message)
 
     async def data(self, message: bytes) -> Reply | Rendered:
-        """Send the message; the returned reply is what the client must get."""
+        """Send the message; the returned reply is what the client must get.
+
+        DATA and the message go in two steps (what aiosmtplib's ``data()``
+        does in one) so that a failure is known to be before or after the
+        final dot: after it the upstream may have taken the message although
+        the client is deferred (``duplicate_risk``). Nothing is logged here:
+        the client's reply comes first, :meth:`close` logs the failure."""
         st = self._conn.upstream.settings
         if self._broken:
             return replies.UPSTREAM_TEMP_FAILURE
+        smtp = self._conn.smtp
+        dot_sent = False
         try:
-            resp = await self._conn.smtp.data(message, timeout=st.data_timeout)
-        except SMTPResponseException as exc:
+            start = await smtp.execute_command(b"DATA", timeout=st.data_timeout)
+            if start.code != 354:
+                self._done = True
+                if start.code == 421:
+                    self._broken = True
+                return replies.from_upstream(start.code, start.message)
+            protocol = smtp.protocol
+            if protocol is None:
+                raise SMTPServerDisconnected("Connection lost")
+            protocol.write(PERIOD_REGEX.sub(b"..", normalize_message_line_endings(message)) + b".\r\n")
+            dot_sent = True
+            resp = await protocol.read_response(timeout=st.data_timeout)
+        except SMTPResponseException as exc:     # a malformed answer
             self._done = True
-            if exc.code == 421:
-                self._broken = True
-            return replies.from_upstream(exc.code, exc.message)
+            self._broken = True
+            self._conn.close()
+            self._failure = f"{exc.code} {exc.message}"
+            if dot_sent:
+                self.duplicate_risk = "upstream_lost_after_data"
+            return replies.UPSTREAM_TEMP_FAILURE
         except _CONNECTION_ERRORS as exc:
             # The upstream may or may not have the message: the client keeps its
-            # copy and retries (a possible duplicate is better than a loss).
-            log.warning("upstream %s failed during DATA: %s", self.upstream, exc)
+            # copy and retries (a possible duplicate is better than a loss). The
+            # connection is closed, never reused: its next answer may be this one.
             self._broken = True
+            self._conn.close()
+            self._failure = str(exc) or type(exc).__name__
+            if dot_sent:
+                self.duplicate_risk = ("upstream_timeout_after_data" if isinstance(exc, TimeoutError)
+                                       else "upstream_lost_after_data")
             return replies.UPSTREAM_TEMP_FAILURE
         except BaseException:
             self._broken = True      # cancelled mid-DATA: the connection's state is unknown
             raise
         self._done = True
-        self._conn.messages += 1
+        if resp.code == 421:
+            self._broken = True
+        elif 200 <= resp.code < 300:
+            self._conn.messages += 1
         return replies.from_upstream(resp.code, resp.message)
 
     def abandon(self) -> None:
@@ -170,6 +206,10 @@ class UpstreamTransaction:
             return
         self._closed = True
         conn = self._conn
+        if self._failure is not None:
+            log.warning("upstream %s failed during DATA%s: %s", self.upstream,
+                        " after the final dot" if self.duplicate_risk else "", self._failure)
+            self._failure = None
         try:
             if not self._broken and not self._done:
                 self._broken = True          # until RSET is answered (cancelled meanwhile: dropped)
