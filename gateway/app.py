@@ -314,6 +314,9 @@ class Gateway:
         # Each component gets a bounded time: a stuck one is logged and left
         # behind, so SIGTERM always ends the process.
         steps = [
+            # Handovers whose client left during them run to their end (the relay's
+            # timeouts bound them): their upstream answer decides the log line.
+            ("handovers without a client", self.delivery.settled() if self.delivery is not None else None),
             ("registry", self.registry.stop() if self.registry is not None else None),
             ("relay pool", self.relay.close() if self.relay is not None else None),
             ("HTTP server", self._http_task),

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from .core import replies
-from .core.events import Authenticated, EventBus, Refusal, SessionEnded, TransactionEnded
+from .core.events import Authenticated, DuplicateRisk, EventBus, Refusal, SessionEnded, TransactionEnded
 from .core.transaction import Phase
 
 # gateway_auth_total{outcome}: a refused AUTH by the reply it got; success
@@ -19,6 +19,9 @@ _AUTH_OUTCOMES = {replies.AUTH_INVALID: "failure", replies.AUTH_SUSPENDED: "susp
 # gateway_sessions_closed_total{reason}: sessions the gateway closed for
 # connection-level abuse, from SessionEnded's session.ended (smtp/server.py).
 _CLOSED_REASONS = {"preauth timeout": "preauth_timeout", "evicted": "evicted"}
+
+DUPLICATE_RISK_CAUSES = ("client_gone", "upstream_timeout_after_data", "upstream_lost_after_data",
+                         "local_kept_relay_deferred")
 
 
 class _StatsCollector:
@@ -198,6 +201,13 @@ class Metrics:
             self._child(self.sessions_closed, reason)   # both series exist from the start, at 0
         self.dnsbl_alerts = Counter("gateway_dnsbl_zone_alerts_total", "DNSBL zones disabled by health probes",
                                     ["zone"], registry=r)
+        # Windows where a copy may be out while the client sends the message
+        # again (docs/architecture.md, "Duplicates by design"); every cause
+        # shown from the start, so a rate() needs no first occurrence.
+        self.duplicate_risk = Counter("gateway_duplicate_risk_total", "Transactions whose message may reach "
+                                      "the upstream twice, by cause", ["cause"], registry=r)
+        for cause in DUPLICATE_RISK_CAUSES:
+            self._child(self.duplicate_risk, cause)
         self.bytes_relayed = Counter("gateway_bytes_relayed_total", "Message bytes relayed", registry=r)
         self.latency = Histogram("gateway_transaction_seconds", "MAIL to final reply",
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
@@ -216,6 +226,7 @@ class Metrics:
         events.subscribe(Refusal, self._on_refusal)
         events.subscribe(Authenticated, self._on_authenticated)
         events.subscribe(SessionEnded, self._on_session_ended)
+        events.subscribe(DuplicateRisk, self._on_duplicate_risk)
 
     def _on_transaction_ended(self, event: TransactionEnded) -> None:
         self.observe_transaction(event.tx)
@@ -230,6 +241,9 @@ class Metrics:
                 outcome = _AUTH_OUTCOMES.get(reply) if isinstance(reply, replies.Reply) else None
                 if outcome is not None:
                     self._child(self.auth, outcome).inc()
+
+    def _on_duplicate_risk(self, event: DuplicateRisk) -> None:
+        self._child(self.duplicate_risk, event.cause).inc()
 
     def _on_authenticated(self, event: Authenticated) -> None:
         self._child(self.auth, "success").inc()

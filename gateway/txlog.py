@@ -51,6 +51,9 @@ def transaction_record(tx: Transaction) -> dict:
     d["decision"] = tx.decision
     if tx.final_reply is not None:
         d["reply"] = tx.final_reply.render()
+    if tx.duplicate_risk:
+        # the message may reach its recipients twice (docs/architecture.md, "Duplicates by design")
+        d["duplicate_risk"] = tx.duplicate_risk
     if tx.upstream:
         d["upstream"] = tx.upstream
     if tx.upstreams_skipped:

@@ -2,13 +2,17 @@
 whoever listens (the transaction log, the metrics; later the strike ladder,
 the harvest guard, the message log).
 
-Five kinds, one frozen dataclass each:
+Six kinds, one frozen dataclass each:
 
 - :class:`OutcomeRecorded`: a check's outcome, as the pipeline records it;
 - :class:`Refusal`: a refusal the client gets, ours or the upstream's, for a
   session (connect, HELO, AUTH), a transaction (MAIL, DATA) or one recipient;
 - :class:`TransactionEnded`: a transaction is over, whatever ended it
   (relayed, refused, deferred, aborted by RSET/QUIT/disconnect/timeout);
+- :class:`DuplicateRisk`: after the client's reply to DATA (or its failed
+  attempt), a window opened where a copy may be out while the client will
+  send the message again (docs/architecture.md, "Duplicates by design");
+  published before the transaction's :class:`TransactionEnded`;
 - :class:`Authenticated`: a session authenticated with SMTP AUTH (a failed
   or refused AUTH is a :class:`Refusal` in phase AUTH);
 - :class:`SessionEnded`: a connection is gone, also one that never reached
@@ -51,6 +55,13 @@ class TransactionEnded:
 
 
 @dataclass(frozen=True, slots=True)
+class DuplicateRisk:
+    tx: Transaction                  # tx.duplicate_risk lists every cause of the transaction
+    cause: str                       # client_gone | upstream_timeout_after_data | upstream_lost_after_data
+    #                                  | local_kept_relay_deferred
+
+
+@dataclass(frozen=True, slots=True)
 class Authenticated:
     session: SessionInfo             # session.account, auth_login and auth_method are set
 
@@ -60,8 +71,8 @@ class SessionEnded:
     session: SessionInfo             # session.ended says how
 
 
-Event = Union[OutcomeRecorded, Refusal, TransactionEnded, Authenticated, SessionEnded]
-E = TypeVar("E", OutcomeRecorded, Refusal, TransactionEnded, Authenticated, SessionEnded)
+Event = Union[OutcomeRecorded, Refusal, TransactionEnded, DuplicateRisk, Authenticated, SessionEnded]
+E = TypeVar("E", OutcomeRecorded, Refusal, TransactionEnded, DuplicateRisk, Authenticated, SessionEnded)
 
 
 class EventBus:
@@ -91,4 +102,4 @@ class EventBus:
             self.publish(OutcomeRecorded(outcome))
 
 
-__all__ = ["Authenticated", "Event", "EventBus", "OutcomeRecorded", "Refusal", "SessionEnded", "TransactionEnded"]
+__all__ = ["Authenticated", "DuplicateRisk", "Event", "EventBus", "OutcomeRecorded", "Refusal", "SessionEnded", "TransactionEnded"]

@@ -198,9 +198,12 @@ class Transaction:
     started: float = field(default_factory=time.monotonic)
     wall_started: float = field(default_factory=time.time)
     timings: dict[str, float] = field(default_factory=dict)
-    decision: str = "open"          # relayed | refused | deferred | aborted | local
+    decision: str = "open"          # relayed | refused | deferred | aborted | local (delivering: during DATA's handover)
     final_reply: Reply | Rendered | None = None
     upstream: str | None = None
+    # A window where a copy may be out and the client sends the message again
+    # (delivery/handover.py settle(); docs/architecture.md "Duplicates by design").
+    duplicate_risk: str | None = None
     upstreams_skipped: tuple[str, ...] = ()       # before ``upstream``: skipped, their circuit open
     forwarding: ForwardingDecision | None = None   # forwarded mail / SRS bounce (gateway/forwarding.py)
     # What checks provide to later checks and to delivery (each check's SPEC

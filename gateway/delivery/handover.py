@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..core import replies
 from ..core.address import AddressError, EnvelopeAddress, parse_path
-from ..core.events import EventBus, OutcomeRecorded, Refusal
+from ..core.events import DuplicateRisk, EventBus, OutcomeRecorded, Refusal, TransactionEnded
 from ..core.replies import Rendered, Reply
 from ..core.transaction import Outcome, Phase, Recipient, Result, Transaction
 from ..forwarding import forwarded
@@ -54,13 +54,21 @@ class Delivery:
         self.local = local
         self.events = events
         self.registry = registry
+        # Handovers whose client went away meanwhile, running to their end (deliver()).
+        self.orphans: set[asyncio.Task] = set()
+
+    async def settled(self) -> None:
+        """Wait for the handovers whose client went away (at shutdown; the
+        relay's timeouts bound each)."""
+        while self.orphans:
+            await asyncio.wait(list(self.orphans))
 
     def open(self, tx: Transaction) -> "Handover":
         return Handover(self, tx)
 
 
 class Handover:
-    __slots__ = ("_d", "tx", "_shared", "_pending", "_prefetched")
+    __slots__ = ("_d", "tx", "_shared", "_pending", "_prefetched", "_settled", "_recorded")
 
     def __init__(self, delivery: Delivery, tx: Transaction):
         self._d = delivery
@@ -70,6 +78,10 @@ class Handover:
         # released with the others if the client leaves meanwhile.
         self._pending: UpstreamTransaction | None = None
         self._prefetched: set[bytes] = set()
+        # What the handover's answer was, recorded by settle() after the client's reply:
+        # (answer, check, by); for list mail ((copies, answers), "relay_list", "upstream").
+        self._settled: tuple | None = None
+        self._recorded = 0     # the ledger's length when DATA's handover began
 
     # ------------------------------------------------------------------ RCPT
     @property
@@ -197,47 +209,158 @@ class Handover:
     # ------------------------------------------------------------------ DATA
     async def deliver(self) -> Reply | Rendered:
         """Hand the message over: to the gateway's own handlers, and to the
-        upstream (the shared transaction, or one copy per list recipient).
-        250 only when every copy is safely handed over; every upstream
-        transaction is released, whatever happens."""
-        recorded = len(self.tx.ledger)
+        upstream (the shared transaction, or one copy per list recipient);
+        the reply for the client. 250 only when every copy is safely handed
+        over.
+
+        Between the upstream's answer and the client's reply nothing runs but
+        the reply (docs/architecture.md, "Duplicates by design"): the ledger
+        entries, the events and the upstream connections wait for
+        :meth:`settle` and :meth:`release`, which the server calls once the
+        reply is written (or could not be).
+
+        Once begun, a handover runs to its end even when the client goes
+        away meanwhile (aiosmtpd cancels the session at the client's EOF):
+        the upstream may take the message, and only its answer says whether
+        the client's copy is now a duplicate. Such a transaction is ended
+        here (:meth:`_without_client`), bounded by the relay's timeouts."""
+        tx = self.tx
+        self._recorded = len(tx.ledger)
+        tx.decision = "delivering"   # a disconnect now leaves the transaction's end to the handover
+        task = asyncio.get_running_loop().create_task(self._hand_over())
         try:
-            tx = self.tx
-            copies = [(r, r.upstream) for r in tx.recipients if r.upstream is not None]
-            shared = self._shared
-            owned = self.take_upstreams()
-            try:
-                local_reply = await self._deliver_local() if any(r.local for r in tx.recipients) else None
-                if local_reply is not None:
-                    self._refused(local_reply, "deliver_local", "gateway")
-                    return local_reply
-                if all(r.local for r in tx.recipients):
-                    tx.decision = "local"
-                    return replies.HANDLED_LOCALLY.with_suffix(f", trace id {tx.trace_id}")
-                if tx.mailing_list is not None:
-                    reply = await self._relay_list_copies(copies)
-                else:
-                    assert shared is not None   # a relayed recipient opened it
-                    reply = await shared.data(self._d.finalizer.finalize(tx))
-                    if not reply.is_positive:
-                        self._refused(reply, "relay", "upstream")
-            finally:
-                await _close_all(owned)
-            tx.mark("relayed")
-            if reply.is_positive:
-                fwd = forwarded(tx)
-                if fwd is not None:
-                    what = (f"SRS bounce of {fwd.original} to {fwd.rewrite}" if fwd.kind == "bounce" else
-                            f"forwarded ({fwd.evidence}), envelope sender {fwd.rewrite or fwd.original}")
-                    tx.ledger.append(Outcome("forwarding", Result.PASS, what + ", relayed unchanged under the trace"))
-                skipped = f" ({', '.join(tx.upstreams_skipped)} skipped: circuit open)" if tx.upstreams_skipped else ""
-                tx.ledger.append(Outcome("relay", Result.PASS, f"upstream {tx.upstream}{skipped}"))
-                return replies.RELAYED.with_suffix(f", trace id {tx.trace_id} ({reply.text})")
-            tx.ledger.append(Outcome("relay", Result.FAIL, reply.render(), reply))
-            return reply
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self._d.orphans.add(task)
+            task.add_done_callback(self._without_client)
+            raise
+
+    async def _hand_over(self) -> Reply | Rendered:
+        tx = self.tx
+        try:
+            reply = await self._hand_over_copies()
+        except Exception:
+            await self.release()       # our bug: the server defers the client (451); nothing stays open
+            raise
+        tx.mark("relayed")
+        if reply.is_positive and tx.decision != "local":
+            reply = replies.RELAYED.with_suffix(f", trace id {tx.trace_id} ({reply.text})")
+        if tx.decision == "delivering":
+            tx.decision = "relayed" if reply.is_positive else ("deferred" if reply.is_transient else "refused")
+        return reply
+
+    async def _hand_over_copies(self) -> Reply | Rendered:
+        tx = self.tx
+        local_reply = await self._deliver_local() if any(r.local for r in tx.recipients) else None
+        if local_reply is not None:
+            self._settled = (local_reply, "deliver_local", "gateway")
+            return local_reply
+        if all(r.local for r in tx.recipients):
+            tx.decision = "local"
+            self._settled = (replies.HANDLED_LOCALLY, "deliver_local", "gateway")
+            return replies.HANDLED_LOCALLY.with_suffix(f", trace id {tx.trace_id}")
+        if tx.mailing_list is not None:
+            return await self._relay_list_copies()
+        shared = self._shared
+        assert shared is not None   # a relayed recipient opened it
+        reply = await shared.data(self._d.finalizer.finalize(tx))
+        self._settled = (reply, "relay", "upstream")
+        return reply
+
+    def settle(self, written: bool) -> None:
+        """After the client's reply to DATA (``written``: it could be written):
+        the outcomes of the handover go to the ledger and the event bus, and
+        each duplicate window that opened is marked (``tx.duplicate_risk``)
+        and published (:class:`DuplicateRisk`). Called once, before the
+        transaction ends; never raises (the reply is out already)."""
+        tx = self.tx
+        settled, self._settled = self._settled, None
+        if settled is None:          # nothing was handed over (refused before), or settled already
+            return
+        try:
+            self._record(settled)
+            risks = self._duplicate_risks(settled, written)
+            if risks:
+                tx.duplicate_risk = ",".join(risks)
+                for cause in risks:
+                    self._d.events.publish(DuplicateRisk(tx, cause))
+        except Exception:  # pragma: no cover - bookkeeping never reaches the protocol
+            log.exception("transaction %s: recording the handover failed", tx.trace_id)
         finally:
             if self._d.events.wants(OutcomeRecorded):
-                self._published(recorded)
+                self._published(self._recorded)
+
+    def _record(self, settled: tuple) -> None:
+        tx = self.tx
+        answer, check, by = settled
+        if check == "relay_list":
+            copies, results = answer
+            failed = 0
+            for (r, _), one in zip(copies, results):
+                if not one.is_positive:
+                    failed += 1
+                    outcome = Outcome("relay_list", Result.FAIL, one.render(), one, Phase.DATA, r.address.addr)
+                    self._d.events.publish(Refusal(tx.session, outcome, tx, r.address.addr, "upstream"))
+            tx.ledger.append(Outcome("relay_list", Result.PASS if not failed else Result.FAIL,
+                                     f"{len(results) - failed}/{len(results)} copies taken"))
+            answer = combine(results)
+        elif not answer.is_positive:
+            self._refused(answer, check, by)
+        if check == "deliver_local":       # the handlers wrote their own ledger entries
+            return
+        if answer.is_positive:
+            fwd = forwarded(tx)
+            if fwd is not None:
+                what = (f"SRS bounce of {fwd.original} to {fwd.rewrite}" if fwd.kind == "bounce" else
+                        f"forwarded ({fwd.evidence}), envelope sender {fwd.rewrite or fwd.original}")
+                tx.ledger.append(Outcome("forwarding", Result.PASS, what + ", relayed unchanged under the trace"))
+            skipped = f" ({', '.join(tx.upstreams_skipped)} skipped: circuit open)" if tx.upstreams_skipped else ""
+            tx.ledger.append(Outcome("relay", Result.PASS, f"upstream {tx.upstream}{skipped}"))
+        else:
+            tx.ledger.append(Outcome("relay", Result.FAIL, answer.render(), answer))
+
+    def _duplicate_risks(self, settled: tuple, written: bool) -> list[str]:
+        """The duplicate windows this handover opened (docs/architecture.md,
+        "Duplicates by design"): the client's copy may go out again while a
+        copy is already out."""
+        tx = self.tx
+        final = tx.final_reply
+        risks: list[str] = []
+        if final is not None and final.is_positive and not written:
+            risks.append("client_gone")          # taken (upstream or our own handler), the client never heard
+        risks.extend(utx.duplicate_risk for utx in self._upstreams() if utx.duplicate_risk)
+        if (final is not None and final.is_transient and settled[1] != "deliver_local"
+                and any(r.local for r in tx.recipients)):
+            # Our own handlers took their recipients, then the relay deferred:
+            # the client sends the message again, to them too.
+            risks.append("local_kept_relay_deferred")
+        return risks
+
+    def _upstreams(self) -> list["UpstreamTransaction"]:
+        out = [self._shared] if self._shared is not None else []
+        out.extend(r.upstream for r in self.tx.recipients if r.upstream is not None)
+        return out
+
+    def _without_client(self, task: asyncio.Task) -> None:
+        """The end of a handover whose client went away during it: the
+        transaction is ended here as the server would have after its reply,
+        which no one could get (a positive one marks ``client_gone``)."""
+        self._d.orphans.discard(task)
+        tx = self.tx
+        try:
+            reply = task.result()
+        except BaseException as exc:    # the transaction still ends, with its log line
+            if not isinstance(exc, asyncio.CancelledError):
+                log.error("transaction %s: handover failed after the client left", tx.trace_id,
+                          exc_info=(type(exc), exc, exc.__traceback__))
+            reply = replies.INTERNAL_ERROR
+            tx.decision = "aborted"
+        tx.final_reply = reply
+        tx.mark("done")
+        self.settle(written=False)
+        tx.message = None
+        self._d.events.publish(TransactionEnded(tx))
+        self.release_soon()
 
     def _published(self, recorded: int) -> None:
         """Publish the outcomes delivery added to the ledger since ``recorded``."""
@@ -260,13 +383,14 @@ class Handover:
                     return reply
         return None
 
-    async def _relay_list_copies(self, copies: list) -> Reply | Rendered:
+    async def _relay_list_copies(self) -> Reply | Rendered:
         """One copy per recipient, each with its own List-Unsubscribe (RFC 8058)
         replacing whatever the customer set; the reply is reply.combine()'s."""
         tx = self.tx
         lst = tx.mailing_list
         registry = self._d.registry
         assert lst is not None and registry is not None   # called for list mail only, which needs the registry
+        copies = [(r, r.upstream) for r in tx.recipients if r.upstream is not None]
         body = list_body(tx.message or b"")
         finalize = self._d.finalizer.finalize
 
@@ -275,14 +399,7 @@ class Handover:
             return await utx.data(finalize(tx, addr, registry.list_headers(lst, addr), body))
 
         results = await asyncio.gather(*(one(r, utx) for r, utx in copies))
-        failed = 0
-        for (r, _), answer in zip(copies, results):
-            if not answer.is_positive:
-                failed += 1
-                outcome = Outcome("relay_list", Result.FAIL, answer.render(), answer, Phase.DATA, r.address.addr)
-                self._d.events.publish(Refusal(tx.session, outcome, tx, r.address.addr, "upstream"))
-        tx.ledger.append(Outcome("relay_list", Result.PASS if not failed else Result.FAIL,
-                                 f"{len(results) - failed}/{len(results)} copies taken"))
+        self._settled = ((copies, results), "relay_list", "upstream")
         return combine(results)
 
     def _refused(self, reply: Reply | Rendered, check: str, by: str) -> None:

@@ -720,7 +720,8 @@ class GatewaySMTP(AioSMTP):
             return
         handover, self.handover = self.handover, None
         assert handover is not None
-        final = await handover.deliver()  # releases every upstream transaction
+        final = await handover.deliver()
+        self.handover = handover   # settled and released by _finish, after the reply
         await self._finish(final)
 
     async def _finish(self, reply: Reply | Rendered, detail: str | None = None) -> None:
@@ -729,14 +730,19 @@ class GatewaySMTP(AioSMTP):
         itself, and nothing the bookkeeping does can change it."""
         tx, self.tx = self.tx, None
         assert tx is not None   # DATA's transaction, still open
-        handover, self.handover = self.handover, None   # None once delivered; open when refused
+        handover, self.handover = self.handover, None   # delivered (to settle) or open (refused)
         tx.final_reply = reply
         if tx.decision == "open":
             tx.decision = "relayed" if reply.is_positive else ("deferred" if reply.is_transient else "refused")
         tx.mark("done")
+        written = False
         try:
+            gone = self.transport is None or self.transport.is_closing()
             await self.reply(reply, detail)
+            written = not gone
         finally:
+            if handover is not None:
+                handover.settle(written)   # the handover's outcomes and duplicate windows (client_gone: not written)
             tx.message = None
             self._ended(tx)
             if handover is not None:
