@@ -9,7 +9,9 @@ the gateway counts it (gateway_duplicate_risk_total{cause}, read over HTTP
   within the relay's data_timeout (the client gets 451 and retries; the
   upstream may still have taken it);
 - upstream_lost_after_data: the upstream dropped the connection after the
-  final dot, before its answer.
+  final dot, before its answer;
+- local_kept_relay_deferred: a service mailbox kept its copy, then the
+  upstream deferred the message.
 """
 from __future__ import annotations
 
@@ -79,6 +81,8 @@ async def test_client_gone_before_the_upstreams_250_is_counted(gateway_factory):
         (record,) = [r for r in h.log_records() if r.get("event") == "transaction"]
         assert record["duplicate_risk"] == "client_gone"
         assert record["decision"] == "relayed" and record["reply"].startswith("250 ")
+        assert {"check": "relay", "result": "pass"}.items() <= next(
+            o for o in record["ledger"] if o["check"] == "relay").items()
         assert _counter(await _metrics(h), "client_gone") == 1.0
         assert _counter(await _metrics(h), "upstream_timeout_after_data") == 0.0
         assert len(sink.messages) == 1
@@ -175,3 +179,32 @@ async def test_an_upstream_silent_after_the_final_dot_is_counted(gateway_factory
 
 async def test_an_upstream_lost_after_the_final_dot_is_counted(gateway_factory):
     await _after_dot_case(gateway_factory, _drop, "upstream_lost_after_data")
+
+
+async def test_a_relay_deferral_after_a_local_copy_is_counted(sink, gateway_factory, tmp_path):
+    """A service mailbox kept its copy, then the upstream deferred the message:
+    the client's retry reaches the mailbox again (the only mixed outcome of
+    one transaction: list mail takes one recipient per transaction)."""
+    box = tmp_path / "svc"
+    h = await gateway_factory(sink, http={"enabled": True, "port": 0},
+                              smtp={"service_mailboxes": ["postmaster@gw.test"], "service_maildir": str(box)})
+    await h.add_account()
+    sink.data_reply = "451 4.3.0 try again later"
+    reader, writer = await session(h.port())
+    try:
+        assert (await cmd(reader, writer, b"MAIL FROM:<alice@example.com>")).startswith(b"250")
+        assert (await cmd(reader, writer, b"RCPT TO:<postmaster@gw.test>")).startswith(b"250")
+        assert (await cmd(reader, writer, b"RCPT TO:<bob@example.org>")).startswith(b"250")
+        assert (await cmd(reader, writer, b"DATA")).startswith(b"354")
+        writer.write(dot_stuff(MESSAGE) + b".\r\n")
+        await writer.drain()
+        assert (await reply(reader)).startswith(b"451 4.3.0 ")
+    finally:
+        writer.close()
+    from gateway.relay.maildir import MaildirWriter
+    assert len(MaildirWriter(box).keys()) == 1
+    await eventually(lambda: any(r.get("event") == "transaction" for r in h.log_records()),
+                     "the transaction's log line")
+    (record,) = [r for r in h.log_records() if r.get("event") == "transaction"]
+    assert record["duplicate_risk"] == "local_kept_relay_deferred"
+    assert _counter(await _metrics(h), "local_kept_relay_deferred") == 1.0
