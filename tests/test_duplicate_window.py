@@ -94,7 +94,7 @@ class FakeUpstream:
     """Just enough SMTP server on loopback for the gateway's relay: it takes
     MAIL, RCPT and the message, then does ``after_dot`` instead of answering."""
 
-    def __init__(self, after_dot: Callable[[asyncio.StreamWriter], Awaitable[None]]):
+    def __init__(self, after_dot: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]):
         self.after_dot = after_dot
         self.bodies: list[bytes] = []
         self.port = 0
@@ -126,7 +126,7 @@ class FakeUpstream:
                 writer.write(b"354 go ahead\r\n")
                 await writer.drain()
                 self.bodies.append(await asyncio.wait_for(reader.readuntil(b"\r\n.\r\n"), DEADLINE))
-                await self.after_dot(writer)
+                await self.after_dot(reader, writer)
                 return
             elif verb == b"QUIT":
                 writer.write(b"221 bye\r\n")
@@ -137,11 +137,11 @@ class FakeUpstream:
             await writer.drain()
 
 
-async def _silent(writer: asyncio.StreamWriter) -> None:
-    await asyncio.sleep(DEADLINE)                 # never answers the final dot (cut off by the test's stop)
+async def _silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await asyncio.wait_for(reader.read(), DEADLINE)   # never answers the final dot; ends when the gateway hangs up
 
 
-async def _drop(writer: asyncio.StreamWriter) -> None:
+async def _drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     writer.close()
 
 

@@ -5,7 +5,9 @@ The gateway proxies the client's transaction to the upstream as it happens
 the client's MAIL passed our checks, each RCPT once it passed ours, and the
 client's DATA is answered with the upstream's own answer. So a recipient the
 upstream refuses is refused to the client, and 250 after DATA means the
-upstream has the message: nothing accepted is ever lost.
+upstream has the message: nothing accepted is ever lost. The price is a
+possible duplicate when the answer to the final dot never comes
+(docs/architecture.md, "Duplicates by design").
 
 Each upstream has a circuit breaker (relay/breaker.py): an upstream that
 failed is skipped without being tried until its back-off ends and a
