@@ -94,8 +94,12 @@ class FakeUpstream:
     """Just enough SMTP server on loopback for the gateway's relay: it takes
     MAIL, RCPT and the message, then does ``after_dot`` instead of answering."""
 
-    def __init__(self, after_dot: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]):
+    def __init__(self, after_dot: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+                 release_354: asyncio.Event | None = None):
         self.after_dot = after_dot
+        self.release_354 = release_354     # set: DATA waits for it before its 354
+        self.data_commands = asyncio.Event()
+        self.hung_up = asyncio.Event()
         self.bodies: list[bytes] = []
         self.port = 0
         self._server: asyncio.AbstractServer | None = None
@@ -118,11 +122,18 @@ class FakeUpstream:
         for _ in range(50):                       # bounded: a relay needs a handful of commands
             line = await asyncio.wait_for(reader.readline(), DEADLINE)
             if not line:
+                self.hung_up.set()
                 return
             verb = line[:4].upper()
             if verb == b"EHLO":
                 writer.write(b"250-fake.test\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n")
             elif verb == b"DATA":
+                self.data_commands.set()
+                if self.release_354 is not None:
+                    await asyncio.wait_for(self.release_354.wait(), DEADLINE)
+                    if reader.at_eof():
+                        self.hung_up.set()
+                        return
                 writer.write(b"354 go ahead\r\n")
                 await writer.drain()
                 self.bodies.append(await asyncio.wait_for(reader.readuntil(b"\r\n.\r\n"), DEADLINE))
@@ -208,3 +219,32 @@ async def test_a_relay_deferral_after_a_local_copy_is_counted(sink, gateway_fact
     (record,) = [r for r in h.log_records() if r.get("event") == "transaction"]
     assert record["duplicate_risk"] == "local_kept_relay_deferred"
     assert _counter(await _metrics(h), "local_kept_relay_deferred") == 1.0
+
+
+async def test_a_client_gone_before_the_final_dot_went_upstream_stops_the_handover(gateway_factory):
+    """The other side of running a handover to its end: while no final dot
+    went upstream, a client that leaves stops it as before (nothing relayed,
+    no window, "aborted")."""
+    release = asyncio.Event()
+    up = await FakeUpstream(_drop, release_354=release).start()
+    try:
+        h = await gateway_factory(None, http={"enabled": True, "port": 0},
+                                  relay={"upstreams": [{"host": "127.0.0.1", "port": up.port,
+                                                        "connect_timeout": 2.0, "command_timeout": 2.0}]})
+        await h.add_account()
+        reader, writer = await _send_body(h.port())
+        await asyncio.wait_for(up.data_commands.wait(), DEADLINE)   # the upstream has DATA, not the message
+        writer.close()
+        await asyncio.wait_for(writer.wait_closed(), DEADLINE)
+        await eventually(lambda: any(r.get("event") == "transaction" for r in h.log_records()),
+                         "the transaction's log line")
+        release.set()
+        await asyncio.wait_for(up.hung_up.wait(), DEADLINE)          # the gateway gave the upstream up
+        (record,) = [r for r in h.log_records() if r.get("event") == "transaction"]
+        assert record["decision"] == "aborted" and "duplicate_risk" not in record
+        assert up.bodies == []
+        text = await _metrics(h)
+        assert all(_counter(text, cause) == 0.0 for cause in ("client_gone", "upstream_timeout_after_data",
+                                                            "upstream_lost_after_data"))
+    finally:
+        await up.stop()

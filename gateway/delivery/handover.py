@@ -68,7 +68,7 @@ class Delivery:
 
 
 class Handover:
-    __slots__ = ("_d", "tx", "_shared", "_pending", "_prefetched", "_settled", "_recorded")
+    __slots__ = ("_d", "tx", "_shared", "_pending", "_prefetched", "_settled", "_recorded", "_local_kept")
 
     def __init__(self, delivery: Delivery, tx: Transaction):
         self._d = delivery
@@ -82,6 +82,7 @@ class Handover:
         # (answer, check, by); for list mail ((copies, answers), "relay_list", "upstream").
         self._settled: tuple | None = None
         self._recorded = 0     # the ledger's length when DATA's handover began
+        self._local_kept = False   # every local handler took its recipients
 
     # ------------------------------------------------------------------ RCPT
     @property
@@ -219,11 +220,13 @@ class Handover:
         :meth:`settle` and :meth:`release`, which the server calls once the
         reply is written (or could not be).
 
-        Once begun, a handover runs to its end even when the client goes
-        away meanwhile (aiosmtpd cancels the session at the client's EOF):
-        the upstream may take the message, and only its answer says whether
-        the client's copy is now a duplicate. Such a transaction is ended
-        here (:meth:`_without_client`), bounded by the relay's timeouts."""
+        When the client goes away meanwhile (aiosmtpd cancels the session at
+        the client's EOF) the handover stops, as before, while no copy is out
+        (:meth:`_abandoned`); once a final dot went upstream it runs to its
+        end, bounded by the relay's timeouts: the upstream may take the
+        message, and only its answer says whether the client's copy is now a
+        duplicate (:meth:`_without_client`). Either way the transaction is
+        ended here."""
         tx = self.tx
         self._recorded = len(tx.ledger)
         tx.decision = "delivering"   # a disconnect now leaves the transaction's end to the handover
@@ -231,8 +234,13 @@ class Handover:
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
-            self._d.orphans.add(task)
-            task.add_done_callback(self._without_client)
+            if task.done() or any(utx.dot_sent for utx in self._upstreams()):
+                self._d.orphans.add(task)
+                task.add_done_callback(self._without_client)
+            else:
+                tx.decision = "aborted"
+                task.cancel()
+                task.add_done_callback(self._abandoned)
             raise
 
     async def _hand_over(self) -> Reply | Rendered:
@@ -252,6 +260,7 @@ class Handover:
     async def _hand_over_copies(self) -> Reply | Rendered:
         tx = self.tx
         local_reply = await self._deliver_local() if any(r.local for r in tx.recipients) else None
+        self._local_kept = local_reply is None and any(r.local for r in tx.recipients)
         if local_reply is not None:
             self._settled = (local_reply, "deliver_local", "gateway")
             return local_reply
@@ -340,6 +349,25 @@ class Handover:
         out = [self._shared] if self._shared is not None else []
         out.extend(r.upstream for r in self.tx.recipients if r.upstream is not None)
         return out
+
+    def _abandoned(self, task: asyncio.Task) -> None:
+        """The end of a handover stopped because its client left before any
+        final dot went upstream: nothing relayed (a local handler may have
+        kept its copy: then the client's retry repeats it, ``client_gone``)."""
+        tx = self.tx
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("transaction %s: handover failed as the client left", tx.trace_id,
+                      exc_info=(type(exc), exc, exc.__traceback__) if exc is not None else None)
+        outcome = Outcome("session", Result.ERROR, "client disconnected")
+        tx.ledger.append(outcome)
+        self._d.events.outcome(outcome)
+        if self._local_kept:
+            tx.duplicate_risk = "client_gone"
+            self._d.events.publish(DuplicateRisk(tx, "client_gone"))
+        tx.message = None
+        self._d.events.publish(TransactionEnded(tx))
+        self.release_soon()
 
     def _without_client(self, task: asyncio.Task) -> None:
         """The end of a handover whose client went away during it: the

@@ -113,6 +113,7 @@ class UpstreamTransaction:
         # client is told to send again ("upstream_timeout_after_data" |
         # "upstream_lost_after_data"; docs/architecture.md, "Duplicates by design").
         self.duplicate_risk: str | None = None
+        self.dot_sent = False       # the message and its final dot were handed to the connection
         self.skipped = skipped      # upstreams not tried before this one: their breaker was open
 
     @property
@@ -148,7 +149,6 @@ class UpstreamTransaction:
         if self._broken:
             return replies.UPSTREAM_TEMP_FAILURE
         smtp = self._conn.smtp
-        dot_sent = False
         try:
             start = await smtp.execute_command(b"DATA", timeout=st.data_timeout)
             if start.code != 354:
@@ -160,14 +160,14 @@ class UpstreamTransaction:
             if protocol is None:
                 raise SMTPServerDisconnected("Connection lost")
             protocol.write(PERIOD_REGEX.sub(b"..", normalize_message_line_endings(message)) + b".\r\n")
-            dot_sent = True
+            self.dot_sent = True
             resp = await protocol.read_response(timeout=st.data_timeout)
         except SMTPResponseException as exc:     # a malformed answer
             self._done = True
             self._broken = True
             self._conn.close()
             self._failure = f"{exc.code} {exc.message}"
-            if dot_sent:
+            if self.dot_sent:
                 self.duplicate_risk = "upstream_lost_after_data"
             return replies.UPSTREAM_TEMP_FAILURE
         except _CONNECTION_ERRORS as exc:
@@ -177,12 +177,15 @@ class UpstreamTransaction:
             self._broken = True
             self._conn.close()
             self._failure = str(exc) or type(exc).__name__
-            if dot_sent:
+            if self.dot_sent:
                 self.duplicate_risk = ("upstream_timeout_after_data" if isinstance(exc, TimeoutError)
                                        else "upstream_lost_after_data")
             return replies.UPSTREAM_TEMP_FAILURE
         except BaseException:
-            self._broken = True      # cancelled mid-DATA: the connection's state is unknown
+            # Cancelled (the client left before the final dot went upstream):
+            # the connection is mid-DATA, closed, never reused.
+            self._broken = True
+            self._conn.close()
             raise
         self._done = True
         if resp.code == 421:
