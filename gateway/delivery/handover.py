@@ -248,7 +248,10 @@ class Handover:
         try:
             reply = await self._hand_over_copies()
         except Exception:
-            await self.release()       # our bug: the server defers the client (451); nothing stays open
+            # Our bug: the server defers the client (451) and the transaction
+            # stays open, as before the handover; nothing stays open upstream.
+            tx.decision = "open"
+            await self.release()
             raise
         tx.mark("relayed")
         if reply.is_positive and tx.decision != "local":
