@@ -86,6 +86,9 @@ async def test_client_gone_before_the_upstreams_250_is_counted(gateway_factory):
         assert _counter(await _metrics(h), "client_gone") == 1.0
         assert _counter(await _metrics(h), "upstream_timeout_after_data") == 0.0
         assert len(sink.messages) == 1
+        relay = h.gw.relay
+        await eventually(lambda: relay.open == 1 and len(relay.upstreams[0].idle) == 1,
+                         "the connection is back in the pool, in its one slot")
     finally:
         await sink.stop()
 
@@ -179,6 +182,7 @@ async def _after_dot_case(gateway_factory, after_dot, cause: str) -> dict:
         text = await _metrics(h)
         assert _counter(text, cause) == 1.0
         assert _counter(text, "client_gone") == 0.0
+        await eventually(lambda: h.gw.relay.open == 0, "the broken connection's slot is given back")
         return record
     finally:
         await up.stop()
@@ -246,5 +250,6 @@ async def test_a_client_gone_before_the_final_dot_went_upstream_stops_the_handov
         text = await _metrics(h)
         assert all(_counter(text, cause) == 0.0 for cause in ("client_gone", "upstream_timeout_after_data",
                                                             "upstream_lost_after_data"))
+        await eventually(lambda: h.gw.relay.open == 0, "the mid-DATA connection's slot is given back")
     finally:
         await up.stop()
