@@ -261,8 +261,9 @@ class Metrics:
         child(self.recipients, "accepted").inc(len(tx.recipients))
         if tx.refused_recipients:
             child(self.recipients, "refused").inc(tx.refused_recipients)
-        if tx.decision == "relayed" and tx.message is not None:
-            self.bytes_relayed.inc(len(tx.message))
+        if tx.decision == "relayed" and tx.data_octets:
+            # the octets received (the message is freed before the bookkeeping runs)
+            self.bytes_relayed.inc(tx.data_octets)
         done = tx.timings.get("done")
         if done is not None:
             self.latency.observe(done / 1000.0)

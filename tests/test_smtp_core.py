@@ -514,6 +514,10 @@ async def test_bytes_relayed_unchanged_with_trace_prepended(sink, gateway_factor
     assert ("auth", "pass") in checks and ("rcpt_relay", "pass") in checks and ("relay", "pass") in checks
     assert rec["size"] == len(MESSAGE)
     assert rec["reply"].startswith("250 2.0.0")
+    # the bytes metric counts the client's message (not the trace headers), counted after the reply
+    relayed = [line for line in h.gw.metrics.render().decode().splitlines()
+               if line.startswith("gateway_bytes_relayed_total ")]
+    assert relayed == [f"gateway_bytes_relayed_total {float(len(MESSAGE))}"], relayed
 
 
 # ----------------------------------------------------------------- robustness
