@@ -36,6 +36,7 @@ from .smtp.evict import ConnectOrder
 from .smtp.limits import ConnectionTracker
 from .smtp.server import GatewaySMTP
 from .state.counters import Counters, MemoryCounters, RedisCounters
+from .state.ratelimit import RateLimiter, limiter_for
 from .storage.db import create_engine, migrate
 from .txlog import TransactionLog
 from .state.deadline import within
@@ -92,6 +93,7 @@ class Gateway:
         self.accounts: AccountStore | None = None
         self.blocklist: BlockList | None = None
         self.counters: Counters | None = None
+        self.rate_limiter: RateLimiter | None = None
         self.relay: RelayPool | None = None
         self.pipeline: Pipeline | None = None
         self.services: Services | None = None
@@ -185,6 +187,9 @@ class Gateway:
                                           retry_max=c.retry_max)
         else:
             self.counters = MemoryCounters(self.clock)
+        # Rate limits (issue 12) on the same backend: in Redis with the
+        # counters' client, deadline and fallback, else in memory.
+        self.rate_limiter = limiter_for(self.counters, self.clock)
         self.auth_limiter = AuthLimiter(self.counters, cfg.auth.max_failures_per_ip,
                                         cfg.auth.max_failures_per_account, cfg.auth.failure_window)
         # The resolver's shared DNS cache lives in the counters' Redis (same
@@ -207,6 +212,7 @@ class Gateway:
         self.registry = build_registry(cfg, self.engine, relay=self.relay, accounts=self.accounts, clock=self.clock)
         await self.registry.start()
         self.services = Services(config=cfg, accounts=self.accounts, counters=self.counters, registry=self.registry,
+                                 rate_limiter=self.rate_limiter,
                                  connections=self.connections, clock=self.clock,
                                  resolver=self.resolver, dnsbl=self.dnsbl, blocklist=self.blocklist)
         self.pipeline = build_pipeline(cfg.checks.order(), factories(self.services),

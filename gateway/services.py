@@ -14,6 +14,7 @@ from .dns.dnsbl import Dnsbl
 from .dns.resolver import Resolver
 from .smtp.limits import ConnectionTracker
 from .state.counters import Counters
+from .state.ratelimit import RateLimiter
 
 if TYPE_CHECKING:  # pragma: no cover
     # imported by app.py only where it is made, in start(); it imports nothing of this module
@@ -31,3 +32,4 @@ class Services:
     dnsbl: Dnsbl | None = None
     registry: RegistryService | None = None     # mailing lists
     blocklist: BlockList | None = None          # operator block lists
+    rate_limiter: RateLimiter | None = None     # rate limits, on the counters' backend (state/ratelimit.py)

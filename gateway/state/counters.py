@@ -201,6 +201,12 @@ class RedisCounters:
                 "fallbacks": self.fallbacks, "redis_errors": self.redis_errors}
 
     @property
+    def prefix(self) -> str:
+        """The key prefix (``[counters] key_prefix``): the rate limiter's keys
+        (state/ratelimit.py) share it."""
+        return self._prefix
+
+    @property
     def client(self):
         """The Redis client (redis.asyncio) these counters use: other users of
         the same Redis (the resolver's shared DNS cache) borrow it instead of
