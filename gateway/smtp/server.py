@@ -225,6 +225,16 @@ class GatewaySMTP(AioSMTP):
             # The client went away (or we are closing it): not an error.
             self._writer.close()
             raise
+        finally:
+            # However the loop ended, the session is over: a transport left
+            # open (half-closed after the client's EOF) would hold the
+            # session, its connection count and its socket for ever.
+            # aiosmtpd cancels this task at EOF, but on Python 3.11 a
+            # cancellation that lands in the loop turn an upstream reply
+            # completes aiosmtplib's asyncio.wait_for is lost, and the loop
+            # then meets the EOF itself.
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.close()
 
     async def _read_proxy_header(self) -> bool:
         sess = self.gsession
@@ -304,6 +314,8 @@ class GatewaySMTP(AioSMTP):
                 self._reset_timeout()  # the wait for the next command starts now
             except (asyncio.CancelledError, ConnectionError):
                 raise
+            except asyncio.IncompleteReadError:
+                return      # the client closed mid-command (mid-DATA, mid-AUTH): not our bug
             except Exception as error:  # our bug: defer, never bounce
                 status = await self.handle_exception(error)
                 await self.push(status)
