@@ -49,11 +49,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import gc
 import json
 import logging
 import random
 import re
+import socket
 import ssl
+import struct
 import sys
 import tempfile
 import time
@@ -557,7 +560,8 @@ async def one_session(sid: int, rng: random.Random, seeds: Seeds, report: Report
             r = rng.random()
             if r < 0.12:   # a pipelined batch, DATA only last (RFC 2920 3.1)
                 batch = [command(rng, seeds, conn.state, tls_listener=False) for _ in range(rng.randint(2, 8))]
-                batch = [ln for ln in batch if not ln.upper().startswith((b"DATA", b"STARTTLS", b"QUIT"))]
+                batch = [mutate_line(rng, ln) if rng.random() < 0.1 else ln for ln in batch
+                         if not ln.upper().startswith((b"DATA", b"STARTTLS", b"QUIT"))]
                 if rng.random() < 0.5:
                     batch.append(b"DATA")
                 await conn.send(b"".join(ln + eol(rng) for ln in batch), pieces=rng.choice([1, 1, 2, 7]))
@@ -602,10 +606,20 @@ async def one_session(sid: int, rng: random.Random, seeds: Seeds, report: Report
             writer.close()
         elif rng.random() < 0.3:
             report.ended["client reset"] += 1
-            writer.transport.abort()
+            _reset(writer)
         else:
             report.ended["client close"] += 1
             writer.close()
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with a TCP RST (SO_LINGER 0), not a FIN."""
+    sock = writer.get_extra_info("socket")
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except (OSError, AttributeError):
+        pass
+    writer.transport.abort()
 
 
 # -------------------------------------------------------------- log capture
@@ -672,6 +686,8 @@ async def fuzz(port: int, sink: Any, *, sessions: int, seed: int, tls_port: int 
     except (TimeoutError, OSError) as exc:
         report.violations.append({"kind": "after the run", "detail": repr(exc)})
     finally:
+        gc.collect()        # a task that ended with an exception nobody retrieved is logged now
+        await asyncio.sleep(0)
         for lg in watched:
             lg.removeHandler(captured)
     report.seconds = time.perf_counter() - start
