@@ -797,7 +797,6 @@ def fuzz_sections() -> dict[str, Any]:
         "listeners": [{"name": "plain", "address": "127.0.0.1", "port": 0, "tls": "none", "auth_without_tls": True},
                       {"name": "tls", "address": "127.0.0.1", "port": 0, "tls": "starttls"}],
         "auth": {"max_failures_per_ip": 1_000_000, "max_failures_per_account": 1_000_000},
-        "smtp": {"max_connections_per_ip": 1000},
     }
 
 
