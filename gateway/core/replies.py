@@ -12,6 +12,19 @@ from dataclasses import dataclass
 
 # Characters that must never reach the wire inside a reply text.
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+# RFC 5321 4.5.3.1.5: a reply line is at most 512 octets with its CRLF.
+MAX_LINE = 510
+
+
+def _fit(line: str) -> str:
+    """``line`` cut to MAX_LINE octets of UTF-8 (a client's detail, e.g. a
+    600-character parameter name, may be longer), with "..." where it was cut."""
+    if len(line) <= MAX_LINE // 4:
+        return line
+    data = line.encode("utf-8", "surrogatepass")
+    if len(data) <= MAX_LINE:
+        return line
+    return data[:MAX_LINE - 3].decode("utf-8", "ignore") + "..."
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +55,7 @@ class Reply:
         if detail:
             text = f"{text}: {detail}"
         parts.append(_UNSAFE.sub(" ", text))
-        return " ".join(parts)
+        return _fit(" ".join(parts))
 
     def with_suffix(self, suffix: str) -> "Rendered":
         """This reply with ``suffix`` appended to its text as is (e.g. ", trace id X")."""
@@ -63,7 +76,7 @@ class Rendered:
     text: str
 
     def render(self, detail: str | None = None) -> str:
-        return f"{self.code} {self.enhanced} {_UNSAFE.sub(' ', self.text)}"
+        return _fit(f"{self.code} {self.enhanced} {_UNSAFE.sub(' ', self.text)}")
 
     @property
     def is_positive(self) -> bool:

@@ -86,6 +86,7 @@ class GatewaySMTP(AioSMTP):
         self._greeted = False          # the 220 was sent: from here on the session may be idle
         self._preauth_timer = False    # the armed timer is preauth_timeout's (its own 421 on expiry)
         self.opened_at = 0.0           # monotonic time at connect (eviction closes the oldest first)
+        self._lost = False
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -107,6 +108,9 @@ class GatewaySMTP(AioSMTP):
     def connection_lost(self, error: Exception | None) -> None:
         # What the session holds is given back first (the upstream connections,
         # the connection count); the bookkeeping comes after and cannot raise.
+        if self._lost:      # once: a failed STARTTLS handshake calls it itself
+            return
+        self._lost = True
         try:
             handover, self.handover = self.handover, None
             if handover is not None:
@@ -221,10 +225,24 @@ class GatewaySMTP(AioSMTP):
             self._greeted = True
             self._reset_timeout()   # the first wait for a command (a client-network session: not preauth)
             await self._command_loop()
-        except (asyncio.CancelledError, ConnectionError):
+        except asyncio.CancelledError:
             # The client went away (or we are closing it): not an error.
             self._writer.close()
             raise
+        except ConnectionError:
+            # Not raised on: nobody awaits this task, and asyncio would log the
+            # exception of a reset client ("Task exception was never retrieved").
+            self._writer.close()
+        finally:
+            # However the loop ended, the session is over: a transport left
+            # open (half-closed after the client's EOF) would hold the
+            # session, its connection count and its socket for ever.
+            # aiosmtpd cancels this task at EOF, but on Python 3.11 a
+            # cancellation that lands in the loop turn an upstream reply
+            # completes aiosmtplib's asyncio.wait_for is lost, and the loop
+            # then meets the EOF itself.
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.close()
 
     async def _read_proxy_header(self) -> bool:
         sess = self.gsession
@@ -304,6 +322,8 @@ class GatewaySMTP(AioSMTP):
                 self._reset_timeout()  # the wait for the next command starts now
             except (asyncio.CancelledError, ConnectionError):
                 raise
+            except asyncio.IncompleteReadError:
+                return      # the client closed mid-command (mid-DATA, mid-AUTH): not our bug
             except Exception as error:  # our bug: defer, never bounce
                 status = await self.handle_exception(error)
                 await self.push(status)
@@ -390,6 +410,10 @@ class GatewaySMTP(AioSMTP):
             log.info("session %s: TLS handshake failed: %s", sess.id, exc)
             if self.transport is not None:
                 self.transport.close()
+            # The TLS layer tells this protocol connection_lost only after a
+            # completed handshake: here the session ends by itself, or it would
+            # hold its connection count and its place among the sessions for ever.
+            self.connection_lost(None)
             raise ConnectionResetError("TLS handshake failed") from None
         self.transport = transport = self._writer.transport
         ssl_obj = transport.get_extra_info("ssl_object")
