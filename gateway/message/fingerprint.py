@@ -62,8 +62,8 @@ from .parse import _codec_for, _ct_params, _ct_split, _part_headers, _text, deco
 # --------------------------------------------------------------------------------------
 
 VERSION = 1               # in the hash seed: keys of a changed normalization never match old ones
-MAX_TEXT = 64 * 1024      # characters of decoded text fingerprinted (the rest is ignored)
-HTML_RAW_FACTOR = 4       # at most MAX_TEXT * this characters of HTML are read to get MAX_TEXT of text
+MAX_TEXT = 16 * 1024      # characters of decoded text fingerprinted (the rest is ignored)
+HTML_RAW_FACTOR = 2       # at most MAX_TEXT * this characters of HTML are read (markup is not text)
 MAX_PARTS = 64            # MIME parts looked at
 MAX_DEPTH = 10            # MIME nesting followed
 SHINGLE = 4               # words per shingle
@@ -73,7 +73,7 @@ ROWS = 6                  # ... of this many signature values each (BANDS * ROWS
 THRESHOLD = 0.7           # estimated Jaccard similarity at which two messages are "similar"
 SHORT_PARAGRAPH = 2       # paragraphs of at most this many words are dropped (names, sign-offs)
 MIN_SHINGLES = 8          # fewer distinct shingles: a "weak" fingerprint (see Fingerprint.weak)
-INLINE_LIMIT = 32 * 1024  # fingerprint_async runs messages larger than this in an executor
+INLINE_LIMIT = 4 * 1024   # fingerprint_async runs larger messages in an executor or in slices
 
 _BIN_BITS = 7             # log2(PERMUTATIONS)
 _VALUE_BITS = 32 - _BIN_BITS
@@ -353,39 +353,99 @@ def html_to_text(s: str) -> str:
 # 2. Normalization
 # --------------------------------------------------------------------------------------
 
-_URL = re.compile(r"\b(?:(?:https?|ftp)://|www\.)(?:[^\s/<>\"'@]*@)?([^\s/<>\"'?#:]+)[^\s<>\"']*", re.I)
-_EMAIL = re.compile(r"[\w.+\-=]+@[\w\-]+(?:\.[\w\-]+)+")
-# tracking tokens: long runs of hex, or long runs of base64/url-safe characters with a digit in them
-_TOKEN_HEX = re.compile(r"\b[0-9a-fA-F]{12,}\b")
-_TOKEN_B64 = re.compile(r"(?<![\w/+=\-])(?=[\w+/=\-]*\d)[A-Za-z0-9_+/=\-]{20,}")
+_URL = re.compile(r"(?:(?:https?|ftp)://|www\.)(?:[^\s/<>\"'@]*@)?([^\s/<>\"'?#:]+)[^\s<>\"']*", re.I)
+# an address is found by its "@domain" (a literal first character: a fast search), the local
+# part by walking back from the "@" at most 64 characters (RFC 5321 4.5.3.1.1)
+_AT_DOMAIN = re.compile(r"@[\w\-]+(?:\.[\w\-]+)+")
+# tracking tokens: 12 or more hex / base64 / url-safe characters with a digit among them
+_TOKEN = re.compile(r"(?<![\w/+=\-])[A-Za-z0-9_+/=\-]{12,}")
+_DIGIT = re.compile(r"\d")
 _NUMBER = re.compile(r"\d+")
-# the greeting word(s), then a name of up to 40 characters before a comma, colon, "!" or the line end
+# the greeting word(s), then a name of up to 40 characters before a comma, colon, "!" or the line end;
+# looked for in the first GREETING_SPAN characters only (a greeting opens a message)
 _GREETING = re.compile(
     r"^[ \t>]*(dear|hi|hello|hey|greetings|good\s+(?:morning|afternoon|evening)|hallo|hola|bonjour|salut|ciao|"
     r"liebe[rs]?|sehr\s+geehrte[rs]?|beste|geachte|caro|cara|querido|querida|estimado|estimada)\b[^,:!\n]{0,40}[,:!]?",
     re.I | re.M)
+GREETING_SPAN = 4096
 _PARAGRAPH = re.compile(r"\n[ \t>]*\n\s*")
 # CJK ideographs, kana and hangul are one word each (no spaces between words there)
 _CJK = "\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff66-\uff9f"
 _WORD = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+")
+# ASCII paragraphs (most): every character but a letter or digit becomes a space, then str.split;
+# the same words as _WORD gives, at a fraction of the cost (str.translate has an ASCII fast path)
+_ASCII_SEP = {c: " " for c in range(128) if not chr(c).isalnum()}
+
+
+def _drop_addresses(text: str) -> str:
+    out: list[str] = []
+    pos = 0
+    for m in _AT_DOMAIN.finditer(text):
+        at = i = m.start()
+        stop = max(pos, at - 64)
+        while i > stop and (text[i - 1].isalnum() or text[i - 1] in "._+-="):
+            i -= 1
+        if i == at:  # "@name" alone: a mention, not an address
+            continue
+        out.append(text[pos:i])
+        out.append(" ")
+        pos = m.end()
+    if not out:
+        return text
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _token(m: re.Match[str]) -> str:
+    t = m.group(0)
+    return " " if _DIGIT.search(t) else t
 
 
 def normalize(text: str) -> list[list[str]]:
     """The paragraphs of ``text`` as lists of normalized words (the personalization removed)."""
+    return _long_only(_paragraphs(_greeting_off(text)))
+
+
+def _greeting_off(text: str) -> str:
     text = text.replace("\r", "")
-    text = _URL.sub(lambda m: " " + m.group(1).lower().rstrip(".") + " ", text)
-    text = _EMAIL.sub(" ", text)
-    text = _TOKEN_HEX.sub(" ", text)
-    text = _TOKEN_B64.sub(" ", text)
+    return _GREETING.sub(r"\1", text[:GREETING_SPAN]) + text[GREETING_SPAN:]
+
+
+def _paragraphs(text: str) -> list[list[str]]:
+    """Every paragraph's words. Nothing here reaches across a blank line, so the
+    paragraphs of a text are those of its pieces cut at blank lines (_pieces)."""
+    if "://" in text or "www." in text or "WWW." in text:
+        text = _URL.sub(lambda m: " " + m.group(1).lower().rstrip(".") + " ", text)
+    if "@" in text:
+        text = _drop_addresses(text)
+    text = _TOKEN.sub(_token, text)
     text = _NUMBER.sub("0", text)
-    text = _GREETING.sub(r"\1", text)
     paragraphs = []
     for para in _PARAGRAPH.split(text.casefold()):
-        words = _WORD.findall(para)
+        words = para.translate(_ASCII_SEP).split() if para.isascii() else _WORD.findall(para)
         if words:
             paragraphs.append(words)
+    return paragraphs
+
+
+def _long_only(paragraphs: list[list[str]]) -> list[list[str]]:
     long = [p for p in paragraphs if len(p) > SHORT_PARAGRAPH]
     return long if long else paragraphs
+
+
+def _pieces(text: str, size: int) -> list[str]:
+    """``text`` cut at blank lines into pieces of about ``size`` characters (one piece
+    may be longer: a paragraph is never cut)."""
+    out = []
+    pos = 0
+    while len(text) - pos > size:
+        cut = text.find("\n\n", pos + size)
+        if cut < 0:
+            break
+        out.append(text[pos:cut])
+        pos = cut
+    out.append(text[pos:])
+    return out
 
 
 def shingles(paragraphs: list[list[str]], size: int = SHINGLE) -> set[str]:
@@ -395,7 +455,7 @@ def shingles(paragraphs: list[list[str]], size: int = SHINGLE) -> set[str]:
         if len(words) <= size:
             out.add(" ".join(words))
         else:
-            out.update(" ".join(words[i:i + size]) for i in range(len(words) - size + 1))
+            out.update(map(" ".join, zip(*(words[i:] for i in range(size)))))
     return out
 
 
@@ -448,12 +508,33 @@ def fingerprint(message: bytes, *, max_text: int = MAX_TEXT, shingle: int = SHIN
     return Fingerprint(sig, band_keys(sig, bands, rows), len(items))
 
 
+PIECE = 2048  # characters normalized per event-loop turn by fingerprint_async
+
+
 async def fingerprint_async(message: bytes, executor: concurrent.futures.Executor | None = None) -> Fingerprint:
-    """:func:`fingerprint`, in ``executor`` (None: the loop's default) when ``message`` is
-    larger than INLINE_LIMIT bytes: below that it costs less than a millisecond
-    (bench/bench_fingerprint.py). A thread executor still shares the GIL, so the
-    loop can wait up to sys.getswitchinterval() (5 ms) per turn; a
-    ProcessPoolExecutor keeps the work off the loop's process entirely."""
+    """:func:`fingerprint`, without holding the event loop for long.
+
+    Up to INLINE_LIMIT bytes it runs inline: that costs well under a
+    millisecond (bench/bench_fingerprint.py). A larger message runs in
+    ``executor`` when one is given (a ProcessPoolExecutor keeps the work off the
+    loop's process; a thread executor still shares the GIL, so the loop may wait
+    up to sys.getswitchinterval(), 5 ms, per turn); with none, it runs on the loop
+    in slices (the MIME walk and decoding, then PIECE characters of
+    normalization at a time, then the signature), yielding between them. The
+    result is the same as :func:`fingerprint`'s.
+    """
     if len(message) <= INLINE_LIMIT:
         return fingerprint(message)
-    return await asyncio.get_running_loop().run_in_executor(executor, fingerprint, message)
+    if executor is not None:
+        return await asyncio.get_running_loop().run_in_executor(executor, fingerprint, message)
+    text = _greeting_off(message_text(message))
+    paragraphs: list[list[str]] = []
+    for piece in _pieces(text, PIECE):
+        await asyncio.sleep(0)
+        paragraphs += _paragraphs(piece)
+    await asyncio.sleep(0)
+    items = shingles(_long_only(paragraphs))
+    if not items:
+        return EMPTY
+    sig = signature(items)
+    return Fingerprint(sig, band_keys(sig), len(items))
