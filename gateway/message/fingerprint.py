@@ -55,7 +55,9 @@ from itertools import repeat
 
 import mmh3
 
-from .parse import _codec_for, _ct_params, _ct_split, _part_headers, _text, decode_lenient, parse_headers
+from .parse import (
+    ParsedHeaders, _codec_for, _ct_params, _ct_split, _part_headers, _text, decode_lenient, parse_headers,
+)
 
 # --------------------------------------------------------------------------------------
 # Parameters (docs/bulk.md, "Parameters", explains each and the measured trade-off)
@@ -296,9 +298,11 @@ def _sub_part(data: bytes, start: int, end: int, depth: int, budget: _Budget, ou
           body, end, depth + 1, budget, out)
 
 
-def message_text(message: bytes, max_text: int = MAX_TEXT) -> str:
-    """The Subject and the decoded text of ``message`` (HTML as text), at most ``max_text`` characters."""
-    parsed = parse_headers(message)
+def message_text(message: bytes, max_text: int = MAX_TEXT, parsed: ParsedHeaders | None = None) -> str:
+    """The Subject and the decoded text of ``message`` (HTML as text), at most ``max_text`` characters.
+    ``parsed``: the message's header block already parsed (``parse.parsed_for(tx)``), if at hand."""
+    if parsed is None:
+        parsed = parse_headers(message)
     out: list[str] = []
     subj = parsed.get("subject")
     if subj:
@@ -325,7 +329,6 @@ _SUBJECT_PREFIX = re.compile(r"^(?:\s*(?:re|fwd?|aw|wg|tr|sv|vs)\s*(?:\[\d+\])?\
 _HTML_DROP = re.compile(r"<!--.*?(?:-->|\Z)|<(script|style|head|title)\b[^>]*>.*?(?:</\1\s*>|\Z)", re.I | re.S)
 _HTML_BREAK = re.compile(r"<(?:/?(?:p|div|tr|li|ul|ol|h[1-6]|table|blockquote|pre|center|section|article|dl|dt|dd|hr)"
                          r"\b[^>]*|br\b[^>]*|/?td\b[^>]*)>", re.I)
-_HTML_SPACE = re.compile(r"\s+")
 _HTML_TAG = re.compile(r"<[^>]*(?:>|\Z)")
 
 
@@ -342,7 +345,7 @@ def html_to_text(s: str) -> str:
     link targets are not text (a text/plain copy shows the URL only where its
     text does)."""
     s = _HTML_DROP.sub(" ", s)
-    s = _HTML_SPACE.sub(" ", s)
+    s = " ".join(s.split())  # str.split: every run of white space, in C
     s = _HTML_BREAK.sub(_break, s)
     s = _HTML_TAG.sub(" ", s)
     s = html.unescape(s)
@@ -498,10 +501,11 @@ def band_keys(sig: tuple[int, ...], bands: int = BANDS, rows: int = ROWS) -> tup
     return tuple(keys)
 
 
-def fingerprint(message: bytes, *, max_text: int = MAX_TEXT, shingle: int = SHINGLE,
-                bands: int = BANDS, rows: int = ROWS) -> Fingerprint:
-    """The fingerprint of ``message`` (the whole message as received, header block first). Never raises."""
-    items = shingles(normalize(message_text(message, max_text)), shingle)
+def fingerprint(message: bytes, *, parsed: ParsedHeaders | None = None, max_text: int = MAX_TEXT,
+                shingle: int = SHINGLE, bands: int = BANDS, rows: int = ROWS) -> Fingerprint:
+    """The fingerprint of ``message`` (the whole message as received, header block first). Never raises.
+    ``parsed`` as for :func:`message_text`; the other arguments are for bench/fingerprint_eval.py."""
+    items = shingles(normalize(message_text(message, max_text, parsed)), shingle)
     if not items:
         return EMPTY
     sig = signature(items)
@@ -511,23 +515,26 @@ def fingerprint(message: bytes, *, max_text: int = MAX_TEXT, shingle: int = SHIN
 PIECE = 2048  # characters normalized per event-loop turn by fingerprint_async
 
 
-async def fingerprint_async(message: bytes, executor: concurrent.futures.Executor | None = None) -> Fingerprint:
-    """:func:`fingerprint`, without holding the event loop for long.
+async def fingerprint_async(message: bytes, executor: concurrent.futures.Executor | None = None,
+                            parsed: ParsedHeaders | None = None) -> Fingerprint:
+    """:func:`fingerprint`, without holding the event loop for long; the same result.
 
-    Up to INLINE_LIMIT bytes it runs inline: that costs well under a
-    millisecond (bench/bench_fingerprint.py). A larger message runs in
-    ``executor`` when one is given (a ProcessPoolExecutor keeps the work off the
-    loop's process; a thread executor still shares the GIL, so the loop may wait
-    up to sys.getswitchinterval(), 5 ms, per turn); with none, it runs on the loop
-    in slices (the MIME walk and decoding, then PIECE characters of
-    normalization at a time, then the signature), yielding between them. The
-    result is the same as :func:`fingerprint`'s.
+    Up to INLINE_LIMIT bytes it runs inline: that costs about half a
+    millisecond (bench/bench_fingerprint.py). A larger message runs, with no
+    ``executor`` (the recommended way), on the loop in slices, yielding
+    between them: the MIME walk and decoding, PIECE characters of
+    normalization at a time, then the signature; each slice measured under a
+    millisecond at 1 MiB. With an ``executor`` it runs there instead; but a
+    thread executor shares the GIL (the loop waits up to
+    sys.getswitchinterval(), 5 ms, per turn), and a ProcessPoolExecutor pickles
+    the message in a thread of this process, so neither measured better than
+    the slices (docs/bulk.md, "Cost").
     """
     if len(message) <= INLINE_LIMIT:
-        return fingerprint(message)
+        return fingerprint(message, parsed=parsed)
     if executor is not None:
         return await asyncio.get_running_loop().run_in_executor(executor, fingerprint, message)
-    text = _greeting_off(message_text(message))
+    text = _greeting_off(message_text(message, MAX_TEXT, parsed))
     paragraphs: list[list[str]] = []
     for piece in _pieces(text, PIECE):
         await asyncio.sleep(0)
