@@ -219,6 +219,14 @@ def test_many_parts_and_deep_nesting_are_bounded(monkeypatch):
             + parts + "--b--\r\n").encode()
     assert fp.fingerprint(many).shingles > 0
     assert len(leaves) <= fp.MAX_PARTS
+    # a body full of delimiter look-alikes (mid-line, or a longer boundary) is searched past a bounded number of times
+    finds = []
+    real_parts = fp._parts
+    monkeypatch.setattr(fp, "_parts", lambda *a: finds.append(len(r := real_parts(*a))) or r)
+    lookalikes = (HEAD.format(to="x@example.org", subject="s") + 'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+                  + "x--b --bb\r\n" * 200000 + "--b\r\nContent-Type: text/plain\r\n\r\nlate\r\n--b--\r\n").encode()
+    fp.fingerprint(lookalikes)
+    assert finds == [0]   # gave up after MAX_CANDIDATES look-alikes: the late part is not reached
     nested = "".join(f'Content-Type: multipart/mixed; boundary="n{i}"\r\n\r\n--n{i}\r\n' for i in range(3000))
     deep = (HEAD.format(to="x@example.org", subject="deep") + nested + "Content-Type: text/plain\r\n\r\nhi\r\n").encode()
     assert fp.fingerprint(deep).shingles <= 1   # no RecursionError; the text below MAX_DEPTH is not read

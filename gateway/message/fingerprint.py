@@ -68,6 +68,7 @@ MAX_TEXT = 16 * 1024      # characters of decoded text fingerprinted (the rest i
 HTML_RAW_FACTOR = 2       # at most MAX_TEXT * this characters of HTML are read (markup is not text)
 MAX_PARTS = 64            # MIME parts looked at
 MAX_DEPTH = 10            # MIME nesting followed
+MAX_CANDIDATES = 1024     # delimiter look-alikes searched past per multipart
 SHINGLE = 4               # words per shingle
 PERMUTATIONS = 128        # signature length (one-permutation hashing bins)
 BANDS = 21                # LSH bands ...
@@ -237,11 +238,15 @@ def _parts(data: bytes, boundary: str, start: int, end: int) -> list[tuple[int, 
     pos = start
     part_start = -1
     spans: list[tuple[int, int]] = []
-    while len(spans) < MAX_PARTS:
+    # bounded however the body is made: MAX_PARTS parts, and MAX_CANDIDATES occurrences
+    # of the delimiter that turn out not to be one (mid-line, or a longer boundary)
+    candidates = 0
+    while len(spans) < MAX_PARTS and candidates < MAX_CANDIDATES:
         i = data.find(delim, pos, end)
         if i < 0:
             break
         pos = i + dl
+        candidates += 1
         if i != start and data[i - 1] != 0x0A:
             continue
         tail_end = data.find(b"\n", pos, end)
@@ -442,11 +447,11 @@ def _pieces(text: str, size: int) -> list[str]:
     out = []
     pos = 0
     while len(text) - pos > size:
-        cut = text.find("\n\n", pos + size)
-        if cut < 0:
+        m = _PARAGRAPH.search(text, pos + size)
+        if m is None:
             break
-        out.append(text[pos:cut])
-        pos = cut
+        out.append(text[pos:m.start()])
+        pos = m.start()
     out.append(text[pos:])
     return out
 
