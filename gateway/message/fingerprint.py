@@ -76,7 +76,7 @@ ROWS = 6                  # ... of this many signature values each (BANDS * ROWS
 THRESHOLD = 0.7           # estimated Jaccard similarity at which two messages are "similar"
 SHORT_PARAGRAPH = 2       # paragraphs of at most this many words are dropped (names, sign-offs)
 MIN_SHINGLES = 8          # fewer distinct shingles: a "weak" fingerprint (see Fingerprint.weak)
-INLINE_LIMIT = 4 * 1024   # fingerprint_async runs larger messages in an executor or in slices
+INLINE_LIMIT = 2 * 1024   # fingerprint_async runs larger messages in an executor or in slices
 
 _BIN_BITS = 7             # log2(PERMUTATIONS)
 _VALUE_BITS = 32 - _BIN_BITS
@@ -524,8 +524,9 @@ async def fingerprint_async(message: bytes, executor: concurrent.futures.Executo
                             parsed: ParsedHeaders | None = None) -> Fingerprint:
     """:func:`fingerprint`, without holding the event loop for long; the same result.
 
-    Up to INLINE_LIMIT bytes it runs inline: that costs about half a
-    millisecond (bench/bench_fingerprint.py). A larger message runs, with no
+    Up to INLINE_LIMIT bytes it runs inline: well under a millisecond (a
+    4 KiB message costs 0.4 to 0.9 ms, bench/bench_fingerprint.py). A larger
+    message runs, with no
     ``executor`` (the recommended way), on the loop in slices, yielding
     between them: the MIME walk and decoding, PIECE characters of
     normalization at a time, then the signature; each slice measured under a
