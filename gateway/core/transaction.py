@@ -126,6 +126,9 @@ class SessionInfo:
     account: "Account | None" = None
     auth_method: str | None = None  # "smtp-auth" | "client-network"
     auth_login: str | None = None
+    # The end user inside the account (issue 12): a SASL sub-login's part after
+    # the account name ("shop/site7" -> "site7"); None: the account as a whole.
+    identity: str | None = None
     started: float = field(default_factory=time.time)
     transactions: int = 0
     ledger: list[Outcome] = field(default_factory=list)  # connect/helo/auth outcomes
@@ -217,6 +220,16 @@ class Transaction:
     parsed_headers: Any = None      # (message bytes, ParsedHeaders): message.parse.parsed_for's cache
     # What the SMTP server records for the checks and itself.
     data_octets: int | None = None                  # octets received in DATA (data_size)
+    # The end user this transaction is charged to inside its account (limits,
+    # fingerprints, the harvest guard, strikes): a trusted identity header read
+    # at DATA, else the session's (SASL sub-login), else None (the account).
+    identity: str | None = None
+
+    @property
+    def charged_to(self) -> tuple[str | None, str | None]:
+        """(account name, identity) that limits and counters key on; the account is None without one."""
+        acc = self.session.account
+        return (acc.name if acc is not None else None), (self.identity or self.session.identity)
 
     @property
     def smtputf8(self) -> bool:
