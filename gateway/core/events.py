@@ -2,7 +2,7 @@
 whoever listens (the transaction log, the metrics; later the strike ladder,
 the harvest guard, the message log).
 
-Six kinds, one frozen dataclass each:
+Seven kinds, one frozen dataclass each:
 
 - :class:`OutcomeRecorded`: a check's outcome, as the pipeline records it;
 - :class:`Refusal`: a refusal the client gets, ours or the upstream's, for a
@@ -16,7 +16,11 @@ Six kinds, one frozen dataclass each:
 - :class:`Authenticated`: a session authenticated with SMTP AUTH (a failed
   or refused AUTH is a :class:`Refusal` in phase AUTH);
 - :class:`SessionEnded`: a connection is gone, also one that never reached
-  MAIL (failed AUTH, refused HELO, a connect cap).
+  MAIL (failed AUTH, refused HELO, a connect cap);
+- :class:`Violation`: the evidence that an account (or an identity inside
+  it) broke a policy rule is clear (a retry storm against a limit, bulk mail
+  to people who did not ask, recipient harvesting): what the strike ladder
+  of issue 13 counts. Published beside the :class:`Refusal` the client got.
 
 Subscribers are plain functions called in the order they subscribed, in the
 same event-loop turn, before the client gets the reply the event is about.
@@ -71,8 +75,19 @@ class SessionEnded:
     session: SessionInfo             # session.ended says how
 
 
-Event = Union[OutcomeRecorded, Refusal, TransactionEnded, DuplicateRisk, Authenticated, SessionEnded]
-E = TypeVar("E", OutcomeRecorded, Refusal, TransactionEnded, DuplicateRisk, Authenticated, SessionEnded)
+@dataclass(frozen=True, slots=True)
+class Violation:
+    session: SessionInfo
+    rule: str                        # the POLICY rule id: P-LOAD, P-UCE, P-HARVEST, ...
+    kind: str                        # what was seen, a short stable name: "rate_storm", "bulk", "repeat", "harvest"
+    detail: str                      # for the operator (never shown to the client)
+    account: str | None = None       # who it is charged to (Transaction.charged_to); None: no account
+    identity: str | None = None
+    tx: Transaction | None = None    # the transaction it was seen in, if any
+
+
+Event = Union[OutcomeRecorded, Refusal, TransactionEnded, DuplicateRisk, Authenticated, SessionEnded, Violation]
+E = TypeVar("E", OutcomeRecorded, Refusal, TransactionEnded, DuplicateRisk, Authenticated, SessionEnded, Violation)
 
 
 class EventBus:
@@ -102,4 +117,5 @@ class EventBus:
             self.publish(OutcomeRecorded(outcome))
 
 
-__all__ = ["Authenticated", "DuplicateRisk", "Event", "EventBus", "OutcomeRecorded", "Refusal", "SessionEnded", "TransactionEnded"]
+__all__ = ["Authenticated", "DuplicateRisk", "Event", "EventBus", "OutcomeRecorded", "Refusal", "SessionEnded",
+           "TransactionEnded", "Violation"]
