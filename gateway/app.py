@@ -36,6 +36,7 @@ from .smtp.evict import ConnectOrder
 from .smtp.limits import ConnectionTracker
 from .smtp.server import GatewaySMTP
 from .state.counters import Counters, MemoryCounters, RedisCounters
+from .state.distinct import DistinctCounter, distinct_for
 from .state.ratelimit import RateLimiter, limiter_for
 from .storage.db import create_engine, migrate
 from .txlog import TransactionLog
@@ -94,6 +95,7 @@ class Gateway:
         self.blocklist: BlockList | None = None
         self.counters: Counters | None = None
         self.rate_limiter: RateLimiter | None = None
+        self.distinct: DistinctCounter | None = None
         self.relay: RelayPool | None = None
         self.pipeline: Pipeline | None = None
         self.services: Services | None = None
@@ -190,6 +192,8 @@ class Gateway:
         # Rate limits (issue 12) on the same backend: in Redis with the
         # counters' client, deadline and fallback, else in memory.
         self.rate_limiter = limiter_for(self.counters, self.clock)
+        # Distinct recipients per fingerprint (bulk and repeat detectors), same backend.
+        self.distinct = distinct_for(self.counters, self.clock)
         self.auth_limiter = AuthLimiter(self.counters, cfg.auth.max_failures_per_ip,
                                         cfg.auth.max_failures_per_account, cfg.auth.failure_window)
         # The resolver's shared DNS cache lives in the counters' Redis (same
@@ -213,6 +217,7 @@ class Gateway:
         await self.registry.start()
         self.services = Services(config=cfg, accounts=self.accounts, counters=self.counters, registry=self.registry,
                                  rate_limiter=self.rate_limiter,
+                                 distinct=self.distinct, events=self.events,
                                  connections=self.connections, clock=self.clock,
                                  resolver=self.resolver, dnsbl=self.dnsbl, blocklist=self.blocklist)
         self.pipeline = build_pipeline(cfg.checks.order(), factories(self.services),

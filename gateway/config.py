@@ -294,6 +294,36 @@ class CounterSettings:
 
 
 @dataclass(frozen=True)
+class BulkSettings:
+    """``[bulk]``: the bulk and repeat detectors (checks/data_bulk.py, docs/bulk.md; P-UCE).
+
+    A message whose fingerprint has reached more than ``recipients_threshold``
+    distinct recipients of one account (or one identity in it) within
+    ``window`` seconds is deferred (451 4.7.1); past ``refuse_factor`` times
+    the threshold it is refused (550 5.7.1) and a violation recorded. The same
+    fingerprint to the same recipient again within ``window`` is refused
+    (``repeat``), unless it carries the same Message-ID (a resend)."""
+
+    window: float = 3600.0
+    recipients_threshold: int = 50
+    refuse_factor: float = 2.0
+    repeat: bool = True
+
+    def __post_init__(self) -> None:
+        if not 60 <= self.window <= 7 * 86400:
+            raise ValueError(f"window: must be in [60, 604800] seconds, got {self.window}")
+        if not isinstance(self.recipients_threshold, int) or not 1 <= self.recipients_threshold <= 10_000:
+            raise ValueError(f"recipients_threshold: must be an integer in [1, 10000], got {self.recipients_threshold}")
+        if not 1.0 <= self.refuse_factor <= 100.0:
+            raise ValueError(f"refuse_factor: must be in [1, 100], got {self.refuse_factor}")
+
+    @property
+    def refuse_at(self) -> int:
+        """More distinct recipients than this: refused, not deferred."""
+        return max(self.recipients_threshold, int(self.recipients_threshold * self.refuse_factor))
+
+
+@dataclass(frozen=True)
 class HttpSettings:
     enabled: bool = True
     address: str = "127.0.0.1"
@@ -348,10 +378,11 @@ class CheckSettings:
 
     def order(self) -> dict[Phase, list[str]]:
         """The checks that run, per phase, in order (``off`` ones left out)."""
-        return {phase: [n for n in getattr(self, phase.value) if self.modes.get(n) != "off"] for phase in PHASES}
+        return {phase: [n for n in getattr(self, phase.value) if self.mode(n) != "off"] for phase in PHASES}
 
     def mode(self, name: str) -> str:
-        return self.modes.get(name, "enforce")
+        spec = SPECS.get(name)
+        return self.modes.get(name, spec.default_mode if spec is not None else "enforce")
 
     def deadline(self, name: str) -> float:
         seconds = self.deadlines.get(name)
@@ -378,6 +409,7 @@ class Config:
     relay: RelaySettings = field(default_factory=RelaySettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     counters: CounterSettings = field(default_factory=CounterSettings)
+    bulk: BulkSettings = field(default_factory=BulkSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     log: LogSettings = field(default_factory=LogSettings)
     checks: CheckSettings = field(default_factory=CheckSettings)

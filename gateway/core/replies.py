@@ -263,6 +263,14 @@ SRS_SEPARATE = R(452, "4.5.3", "SRS bounces need a transaction of their own; sen
                  "P-RELAY")
 
 
+# --- bulk and repeat detectors (issue 12, checks/data_bulk.py, docs/bulk.md) ---
+# Over [bulk] recipients_threshold distinct recipients of one fingerprint in
+# the window: deferred first; past refuse_factor times it, refused. The same
+# fingerprint to one recipient again (another Message-ID): refused.
+BULK_DEFERRED = R(451, "4.7.1", "Too many similar messages to different recipients; try again later", "P-UCE")
+BULK_REFUSED = R(550, "5.7.1", "Bulk mail: too many similar messages to recipients who did not ask", "P-UCE")
+REPEAT_REFUSED = R(550, "5.7.1", "The same message again to the same recipient", "P-UCE")
+
 def catalogue() -> dict[str, Reply]:
     """Every catalogue entry by its name (``DNSBL_LISTED``), in definition order.
     Check SPECs name their replies by these names (``CheckSpec.replies``)."""
