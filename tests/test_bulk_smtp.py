@@ -70,6 +70,18 @@ async def _gateway(gateway_factory, sink, **bulk):
     return h, seen
 
 
+async def _gateway_on(gateway_factory, sink, counters: dict, where):
+    """A gateway of its own (database, log) on the given counters, threshold 2."""
+    where.mkdir()
+    h = await gateway_factory(sink, checks=CHECKS, smtp=SMTP, counters=counters, bulk={"recipients_threshold": 2},
+                              storage={"url": f"sqlite+aiosqlite:///{where / 'gw.db'}"},
+                              log={"transactions": str(where / "transactions.jsonl")})
+    await h.add_account("alice", domains=("example.com",))
+    seen: list[Violation] = []
+    h.gw.events.subscribe(Violation, seen.append)
+    return h, seen
+
+
 def _corpora():
     corpora = default_corpora()
     need(corpora.is_dir(), f"the shared corpora are not at {corpora}")
@@ -150,3 +162,41 @@ async def test_repeat_refused_resend_after_a_4xx_relayed(gateway_factory, sink):
     assert repeat.startswith("550 5.7.1 P-UCE"), repeat
     assert [(v.kind, v.account) for v in seen] == [("repeat", "alice")]
     assert [m.rcpt_tos for m in sink.messages] == [["bob@example.org"], ["carol@example.org"]]
+
+
+async def test_counts_in_redis_shared_by_two_gateways(gateway_factory, sink, tmp_path):
+    """[counters] backend = "redis": two gateways on one Redis (a random key
+    prefix, deleted after) count the same recipients: copies sent through A
+    and B add up, and a repeat through B of what went through A is caught."""
+    import secrets
+
+    import redis.asyncio as redis
+
+    from conftest import tcp_reachable
+    need(tcp_reachable("127.0.0.1", 6379), "Redis is not reachable at 127.0.0.1:6379")
+    prefix = f"test-bulk-{secrets.token_hex(6)}:"
+    counters = {"backend": "redis", "redis_url": "redis://127.0.0.1:6379/0", "key_prefix": prefix, "timeout": 2.0}
+    copies = bulk_copies(_corpora(), "spamassassin-t-data/t/data/spam/005", n=6)
+    client = redis.from_url("redis://127.0.0.1:6379/0")
+    try:
+        a, seen_a = await _gateway_on(gateway_factory, sink, counters, tmp_path / "a")
+        b, seen_b = await _gateway_on(gateway_factory, sink, counters, tmp_path / "b")
+        ra, wa = await session(a.port())
+        rb, wb = await session(b.port())
+        got = []
+        for i, d in enumerate(copies[:5]):
+            r, w = (ra, wa) if i % 2 == 0 else (rb, wb)
+            got.append((await _send(r, w, f"user{i}@example.org", d))[:3])
+        assert got == ["250", "250", "451", "451", "550"], got      # threshold 2, refused past 4: the sum
+        repeat = await _send(rb, wb, "user0@example.org", copies[5])  # user0 got copy 0 through A
+        wa.close()
+        wb.close()
+        assert repeat.startswith("550 5.7.1 P-UCE"), repeat
+        assert [v.kind for v in seen_a + seen_b] == ["bulk", "repeat"]
+        assert not a.gw.counters.fallback and not b.gw.counters.fallback
+        assert [k async for k in client.scan_iter(match=prefix + "d:*")]
+    finally:
+        keys = [k async for k in client.scan_iter(match=prefix + "*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()

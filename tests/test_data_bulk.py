@@ -110,3 +110,14 @@ async def test_default_mode_is_warn_and_publishes_no_violation(check_kit):
     assert seen == []
     svc = check_kit.services()
     assert svc.config.checks.mode("data_bulk") == "warn"
+
+
+async def test_a_compromised_identity_is_stopped_another_keeps_sending(check_kit):
+    check, _, seen = setup(check_kit, threshold=2)
+    for i in range(6):
+        await check.run(tx_for(check_kit, message(i), f"r{i}@example.org", identity="site1"))
+    assert seen and seen[-1].identity == "site1" and "identity site1: 6" in seen[-1].detail
+    other = ("Your invoice for the hosting of the shop is attached; it covers the months of spring\n"
+             "and the extra storage you booked, and is due at the end of the month as usual.\n")
+    out = await check.run(tx_for(check_kit, message(50, body=other), "r50@example.org", identity="site2"))
+    assert out.result is Result.PASS

@@ -91,7 +91,9 @@ class DataBulk:
                                        cap=s.refuse_at + CAP_MARGIN)
         *bands, same_message = seen
         count = max(x.count for x in bands)
-        where = f"{account or tx.session.peer_ip}" + (f"/{identity}" if identity else "")
+        where = f"{account or tx.session.peer_ip}"
+        if identity is not None:   # the identity's own count: which end user sent them
+            where += f" (identity {identity}: {max(x.count for x in bands[len(fp.keys):])})"
         if fp.weak:
             if count > threshold:
                 return Outcome.flag(self.name, f"weak fingerprint ({fp.shingles} shingles) seen by {count} "
