@@ -18,6 +18,7 @@ enforce mode, the default ``[bulk]``: 50 recipients in 1 hour, refused past
   repeated messages, e.g. 21 copies of one DKIM test mail, become repeats).
 
     python3 bench/bulk_eval.py [--corpora DIR] [--seed N] [--json]
+    python3 bench/bulk_eval.py --cost      # ms per message of the check, memory and Redis
 """
 from __future__ import annotations
 
@@ -120,15 +121,57 @@ async def measure(corpora: Path, seed: int = 1) -> dict:
     return result
 
 
+async def cost(corpora: Path, n: int = 400) -> dict:
+    """ms per message of the check (fingerprint + counting, 1 recipient, a 3 KiB copy): memory, and
+    Redis at 127.0.0.1:6379 when it answers (a random key prefix, deleted after)."""
+    import secrets
+    import time as _time
+
+    from gateway.state.counters import RedisCounters
+    from gateway.state.distinct import RedisDistinct
+
+    copies = bulk_copies(corpora, SEEDS[0], n=n)
+    out: dict = {"bytes": sum(map(len, copies)) // n}
+    backends: list[tuple[str, object]] = [("memory", None)]
+    counters = None
+    try:
+        prefix = f"bench-bulk-{secrets.token_hex(4)}:"
+        counters = RedisCounters("redis://127.0.0.1:6379/0", prefix, timeout=1.0)
+        await counters.ping()
+        backends.append(("redis", counters))
+    except Exception:
+        counters = None
+    for name, c in backends:
+        check = make_check()                  # the default [bulk]: each sub-window capped at 116
+        if c is not None:
+            check.distinct = RedisDistinct(c)
+        t0 = _time.perf_counter()
+        for i, d in enumerate(copies):
+            await send(check, d, f"user{i}@example.org")
+        out[name] = (_time.perf_counter() - t0) * 1000 / n
+    if counters is not None:
+        keys = [k async for k in counters.client.scan_iter(match=counters.prefix + "*")]
+        if keys:
+            await counters.client.delete(*keys)
+        await counters.close()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpora", type=Path, default=default_corpora())
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--cost", action="store_true", help="only the check's cost per message (memory, Redis)")
     args = ap.parse_args(argv)
     if not args.corpora.is_dir():
         print(f"bulk_eval: corpora directory {args.corpora} not found (use --corpora)", file=sys.stderr)
         return 2
+    if args.cost:
+        c = asyncio.run(cost(args.corpora))
+        print(f"data_bulk per message ({c['bytes']} bytes, 1 recipient, 22 keys: 21 bands + the Message-ID): "
+              + ", ".join(f"{k} {v:.3f} ms" for k, v in c.items() if k != "bytes"))
+        return 0
     r = asyncio.run(measure(args.corpora, args.seed))
     if args.json:
         print(json.dumps(r, indent=2))

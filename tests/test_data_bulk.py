@@ -121,3 +121,17 @@ async def test_a_compromised_identity_is_stopped_another_keeps_sending(check_kit
              "and the extra storage you booked, and is due at the end of the month as usual.\n")
     out = await check.run(tx_for(check_kit, message(50, body=other), "r50@example.org", identity="site2"))
     assert out.result is Result.PASS
+
+
+def test_bulk_config_errors_name_file_key_and_problem():
+    import pytest
+
+    from gateway.config import ConfigError, from_mapping
+    for section, key, problem in (({"window": 10}, "bulk.window", "must be in [60, 604800] seconds"),
+                                  ({"recipients_threshold": 0}, "bulk.recipients_threshold", "must be an integer"),
+                                  ({"refuse_factor": 0.5}, "bulk.refuse_factor", "must be in [1, 100]")):
+        with pytest.raises(ConfigError) as err:
+            from_mapping({"dev": {"enabled": True}, "bulk": section}, "gw.toml")
+        assert str(err.value).startswith(f"gw.toml: {key}: {problem}"), str(err.value)
+    cfg = from_mapping({"dev": {"enabled": True}, "bulk": {"recipients_threshold": 10, "refuse_factor": 3}}, "gw.toml")
+    assert cfg.bulk.refuse_at == 30

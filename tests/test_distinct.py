@@ -1,7 +1,7 @@
-"""state/distinct.py: distinct members per key over a sliding window of 6
-sub-windows, in memory (a clock the test controls) and in Redis (127.0.0.1:6379,
-skipped visibly without it, except under CI=true; the sets are exact, so the
-counts are checked exactly). Only the tests' own keys (a random prefix) are
+"""state/distinct.py: distinct members per key over a sliding window, in
+memory and in Redis (127.0.0.1:6379, skipped visibly without it, except
+under CI=true), both on a clock the test controls; the sets are exact, so
+the counts are checked exactly. Only the tests' own keys (a random prefix) are
 touched, and deleted after."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from gateway.state.counters import RedisCounters
 from gateway.state.distinct import MemoryDistinct, RedisDistinct, distinct_for
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
-WINDOW = 600.0          # 6 sub-windows of 100 s
+WINDOW = 600.0
 
 
 class Clock:
@@ -59,30 +59,45 @@ async def test_counts_distinct_members_and_reports_those_present(backend):
 
 
 @both
-async def test_window_slides_by_sub_windows(backend):
+async def test_the_window_slides_exactly(backend):
     d, clock = backend
-    await d.add(["k"], ["a@x"], WINDOW)          # sub-window 60 (6000 // 100)
+    await d.add(["k"], ["a@x"], WINDOW)          # a at 6000
     clock.now += 100
-    await d.add(["k"], ["b@x"], WINDOW)          # sub-window 61
-    clock.now += 400                             # sub-window 65: 60..65 still counted
+    await d.add(["k"], ["b@x"], WINDOW)          # b at 6100
+    clock.now += 499.5                           # 6599.5: both within the last 600 s
     seen = await d.add(["k"], ["c@x"], WINDOW)
     assert seen[0].count == 3
-    clock.now += 100                             # sub-window 66: 60 is out, a@x forgotten
+    clock.now += 0.5                             # 6600: a is 600 s old, out; b and c in
     seen = await d.add(["k"], ["a@x"], WINDOW)
     assert seen[0].count == 3 and seen[0].present == frozenset()
+    clock.now += 300                             # 6900: b (6100) is out; c (6599.5) and a (6600) in
+    seen = await d.add(["k"], ["b@x", "c@x"], WINDOW)
+    assert seen[0].count == 3 and seen[0].present == {"c@x"}
     clock.now += 600                             # all of it is out
-    seen = await d.add(["k"], ["b@x"], WINDOW)
+    seen = await d.add(["k"], ["z@x"], WINDOW)
     assert seen[0].count == 1 and seen[0].present == frozenset()
 
 
 @both
-async def test_a_sub_window_is_capped(backend):
+async def test_adding_again_refreshes_a_member(backend):
+    d, clock = backend
+    await d.add(["k"], ["a@x"], WINDOW)
+    clock.now += 500
+    assert (await d.add(["k"], ["a@x"], WINDOW))[0].present == {"a@x"}
+    clock.now += 500                             # 1000 s after the first add, 500 after the last
+    assert (await d.add(["k"], ["a@x"], WINDOW))[0].present == {"a@x"}
+
+
+@both
+async def test_a_key_is_capped(backend):
     d, clock = backend
     seen = await d.add(["k"], [f"r{i}@x" for i in range(30)], WINDOW, cap=10)
     assert seen[0].count == 10
-    clock.now += 100                             # a new sub-window takes 10 more
     seen = await d.add(["k"], [f"s{i}@x" for i in range(30)], WINDOW, cap=10)
-    assert seen[0].count == 20
+    assert seen[0].count == 10                   # full: no new member
+    clock.now += 600                             # all expired: room again
+    seen = await d.add(["k"], [f"s{i}@x" for i in range(30)], WINDOW, cap=10)
+    assert seen[0].count == 10 and seen[0].present == frozenset()
 
 
 @both

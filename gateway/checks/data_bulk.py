@@ -49,7 +49,7 @@ from ..message.parse import parsed_for
 from ..state.distinct import DistinctCounter, MemoryDistinct
 from .contract import STORE, CheckSpec
 
-CAP_MARGIN = 16      # members a sub-window takes past the refusal point: past it the answer is "over" anyway
+CAP_MARGIN = 16      # members a key takes past the refusal point: past it the answer is "over" anyway
 
 
 def _message_key(tx: Any) -> str:

@@ -7,36 +7,37 @@ the members just added it had already::
     seen[0].count      # distinct members of the first key in the window, these two included
     seen[0].present    # of the members given, those the key already had in the window
 
-**Sliding window.** The window is ``SUB_WINDOWS`` (6) sub-windows of
-``window / 6`` seconds each, aligned to multiples of that; a count is the
-union of the current sub-window and the 5 before it, so the window slides
-in steps of a sixth (10 minutes of a 1 hour window): a member added is
-counted for between 5/6 and all of ``window``.
+**A true sliding window, exact.** Each key keeps its members with the time
+each was last added; a member older than ``window`` is dropped before the
+key is read. So a count is exactly the distinct members added in the last
+``window`` seconds (no sub-window steps), and ``present`` is exact too.
 
-**Exact sets, capped; not HyperLogLog.** The thresholds are tens of
+**Exact and capped; not HyperLogLog.** The thresholds are tens of
 recipients (``[bulk] recipients_threshold``, 50 by default): a HyperLogLog
 (Redis PFADD/PFCOUNT, 12 KB per key once dense, 0.81 % standard error) is
-exact only while sparse and then approximate, and it cannot answer "had this
-key this member already?", which the repeat detector needs. A set of the
-members' hashes is exact, answers membership, and stays small because it
-is capped: a sub-window stops taking new members at ``cap`` (the caller's
-refusal point and a margin: past it the answer is "over" anyway), so a key
-costs at most ``6 * cap`` members of 16 bytes. Members are stored as the
-first 16 hex digits of their SHA-256 (no address in Redis or in memory).
+exact only while sparse, and it cannot answer "had this key this member
+already?", which the repeat detector needs. A set is exact, answers
+membership, and stays small because it is capped: a key takes no new member
+past ``cap`` (the caller's refusal point and a margin: past it the answer is
+"over" anyway; members already in are still refreshed), so a key costs at
+most ``cap`` members. Members are stored as the first 16 hex digits of their
+SHA-256 (no address in Redis or in memory).
 
-**Backends.** ``MemoryDistinct``: one process; at most ``max_keys`` keys
-(the least recently added to are forgotten first, counted in ``evicted``),
-sub-windows older than the window dropped on the way. ``RedisDistinct``:
-one Lua script per call (EVALSHA, loaded again on NOSCRIPT) does, for every
-key, SMISMEMBER over its sub-window sets, SADD to the current one (below the
-cap), PEXPIRE (the set lives as long as it can count) and SUNION's size,
-atomically. It is built on the gateway's ``RedisCounters`` and shares their
-client, per-call deadline, switch to local state (a ``MemoryDistinct`` per
-outage), probe and health, as ``state/ratelimit.py`` does; while local, a
-count is one gateway's view, and ``scaled()`` gives the threshold to hold it
-against (divided by ``expected_nodes``). The time is the caller's clock (the
-gateway's): sub-windows are coarse (minutes), so clock skew between gateways
-of a second moves a member between sub-windows rarely and by one step.
+**Backends.** ``MemoryDistinct``: one process; members in time order per key
+(expiry pops from the front: O(expired)); at most ``max_keys`` keys, the
+least recently added to forgotten first (counted in ``evicted``).
+``RedisDistinct``: a sorted set per key (score: the time in ms), one Lua
+script per call for all the keys (EVALSHA, loaded again on NOSCRIPT):
+ZREMRANGEBYSCORE (the expired), ZMSCORE (present?), ZCARD, ZADD (below the
+cap; refresh the present), PEXPIRE (the window), atomically; no SUNION, so a
+call costs O(keys x members x log cap), not O(members stored). It is built
+on the gateway's ``RedisCounters`` and shares their client, per-call
+deadline, switch to local state (a ``MemoryDistinct`` per outage), probe and
+health, as ``state/ratelimit.py`` does; while local, a count is one
+gateway's view, and ``scaled()`` gives the threshold to hold it against
+(divided by ``expected_nodes``). The time is the caller's clock (the
+gateway's, so tests control it): gateways whose clocks differ by ``s``
+seconds see a member expire ``s`` seconds apart, nothing more.
 """
 from __future__ import annotations
 
@@ -49,19 +50,16 @@ from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 if TYPE_CHECKING:  # pragma: no cover
     from .counters import Counters, RedisCounters
 
-SUB_WINDOWS = 6
-
-
 @dataclass(frozen=True, slots=True)
 class Seen:
-    count: int                       # distinct members of the key in the window (capped per sub-window)
+    count: int                       # distinct members of the key in the window (at most the cap)
     present: frozenset[str]          # of the members given, those it had before this call
 
 
 class DistinctCounter(Protocol):
     async def add(self, keys: Sequence[str], members: Sequence[str], window: float,
                   cap: int = 1000) -> list[Seen]:
-        """Add ``members`` (not empty: no members, no answer) to each key's current sub-window."""
+        """Add ``members`` (not empty: no members, no answer) to each key, now."""
         ...
     def scaled(self, limit: int) -> int: ...
     def health(self) -> dict: ...
@@ -71,20 +69,19 @@ def member_hash(member: str) -> str:
     return hashlib.sha256(member.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
-def _step(window: float) -> float:
+def _check_window(window: float) -> None:
     if not window > 0:
         raise ValueError(f"window: must be positive seconds, got {window!r}")
-    return window / SUB_WINDOWS
 
 
 class MemoryDistinct:
-    """Capped sets per sub-window in one process (see the module docstring)."""
+    """Capped member sets with their last-added times, in one process (see the module docstring)."""
 
     def __init__(self, clock: Callable[[], float] = time.time, max_keys: int = 200_000):
         self._clock = clock
         self._max_keys = max_keys
-        # key -> {sub-window number: set of member hashes}; order: least recently added to first
-        self._data: OrderedDict[str, dict[int, set[str]]] = OrderedDict()
+        # key -> {member hash: time last added}, oldest first; keys: least recently added to first
+        self._data: OrderedDict[str, OrderedDict[str, float]] = OrderedDict()
         self.evicted = 0
 
     async def add(self, keys: Sequence[str], members: Sequence[str], window: float,
@@ -92,31 +89,31 @@ class MemoryDistinct:
         return self.add_now(keys, members, window, cap)
 
     def add_now(self, keys: Sequence[str], members: Sequence[str], window: float, cap: int = 1000) -> list[Seen]:
-        step = _step(window)
+        _check_window(window)
         if not members:
             return [Seen(0, frozenset()) for _ in keys]
-        now = int(self._clock() // step)
-        oldest = now - SUB_WINDOWS + 1
+        now = self._clock()
+        oldest = now - window
         hashed = {member_hash(m): m for m in members}
         out: list[Seen] = []
         for key in keys:
-            subs = self._data.pop(key, None)
-            if subs is None:
-                subs = {}
+            seen = self._data.pop(key, None)
+            if seen is None:
+                seen = OrderedDict()
                 if len(self._data) >= self._max_keys:
                     self._data.popitem(last=False)
                     self.evicted += 1
-            for n in [n for n in subs if n < oldest]:
-                del subs[n]
-            present = frozenset(m for h, m in hashed.items() if any(h in s for s in subs.values()))
-            cur = subs.setdefault(now, set())
+            while seen and next(iter(seen.values())) <= oldest:
+                seen.popitem(last=False)
+            present = frozenset(m for h, m in hashed.items() if h in seen)
             for h in hashed:
-                if len(cur) >= cap:
-                    break
-                cur.add(h)
-            union: set[str] = set().union(*subs.values())
-            self._data[key] = subs
-            out.append(Seen(len(union), present))
+                if h in seen:
+                    seen.move_to_end(h)
+                    seen[h] = now
+                elif len(seen) < cap:
+                    seen[h] = now
+            self._data[key] = seen
+            out.append(Seen(len(seen), present))
         return out
 
     def __len__(self) -> int:
@@ -129,40 +126,41 @@ class MemoryDistinct:
         return {"backend": "memory", "state": "memory", "fallbacks": 0, "redis_errors": 0}
 
 
-# KEYS: the base keys; ARGV[1] current sub-window number, ARGV[2] sub-windows, ARGV[3] ms a set
-# lives, ARGV[4] cap, ARGV[5..] member hashes. Returns per key {count, present flags...}.
+# KEYS: the keys; ARGV[1] now (ms), ARGV[2] window (ms), ARGV[3] cap, ARGV[4..] member hashes.
+# Returns per key {count, present flag per member}.
 DISTINCT_LUA = """
 local now = tonumber(ARGV[1])
-local subs = tonumber(ARGV[2])
-local ttl = tonumber(ARGV[3])
-local cap = tonumber(ARGV[4])
+local window = tonumber(ARGV[2])
+local cap = tonumber(ARGV[3])
 local members = {}
-for i = 5, #ARGV do members[#members + 1] = ARGV[i] end
+for i = 4, #ARGV do members[#members + 1] = ARGV[i] end
 local out = {}
 for k = 1, #KEYS do
-  local names = {}
-  for n = now - subs + 1, now do names[#names + 1] = KEYS[k] .. ':' .. n end
-  local present = {}
-  for i = 1, #members do present[i] = 0 end
-  for j = 1, #names - 1 do
-    if redis.call('EXISTS', names[j]) == 1 then
-      local flags = redis.call('SMISMEMBER', names[j], unpack(members))
-      for i = 1, #members do if flags[i] == 1 then present[i] = 1 end end
-    end
-  end
-  local cur = names[#names]
-  local flags = redis.call('SMISMEMBER', cur, unpack(members))
-  local size = redis.call('SCARD', cur)
+  local key = KEYS[k]
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  local scores = redis.call('ZMSCORE', key, unpack(members))
+  local size = redis.call('ZCARD', key)
+  local row = {0}
+  local add = {}
   for i = 1, #members do
-    if flags[i] == 1 then
-      present[i] = 1
-    elseif size < cap then
-      size = size + redis.call('SADD', cur, members[i])
+    if scores[i] then
+      row[i + 1] = 1
+      add[#add + 1] = now
+      add[#add + 1] = members[i]
+    else
+      row[i + 1] = 0
+      if size < cap then
+        size = size + 1
+        add[#add + 1] = now
+        add[#add + 1] = members[i]
+      end
     end
   end
-  redis.call('PEXPIRE', cur, ttl)
-  local row = {#redis.call('SUNION', unpack(names))}
-  for i = 1, #members do row[#row + 1] = present[i] end
+  if #add > 0 then
+    redis.call('ZADD', key, unpack(add))
+    redis.call('PEXPIRE', key, window + 1000)
+  end
+  row[1] = size
   out[k] = row
 end
 return out
@@ -193,19 +191,19 @@ class RedisDistinct:
         return self._local
 
     def _keys(self, keys: Sequence[str], window: float) -> list[str]:
-        return [f"{self._prefix}d:{int(window)}:{k}" for k in keys]
+        return [f"{self._prefix}d:{int(window)}:{k}" for k in keys]   # another window: other keys
 
     async def add(self, keys: Sequence[str], members: Sequence[str], window: float,
                   cap: int = 1000) -> list[Seen]:
         from redis.exceptions import NoScriptError
 
-        step = _step(window)
+        _check_window(window)
         if not keys or not members:
             return [Seen(0, frozenset()) for _ in keys]
         if not self._counters.fallback:
             hashes = list(dict.fromkeys(member_hash(m) for m in members))
             back = {h: m for h, m in zip((member_hash(m) for m in members), members)}
-            args = (int(self._clock() // step), SUB_WINDOWS, int(window * 1000) + 1000, cap, *hashes)
+            args = (int(self._clock() * 1000), int(window * 1000), cap, *hashes)
             rkeys = self._keys(keys, window)
 
             async def run():
