@@ -128,3 +128,39 @@ async def test_redis_down_counts_locally_with_scaled_threshold():
         assert (await d.add(["k"], ["a@x"], WINDOW))[0].present == {"a@x"}
     finally:
         await counters.close()
+
+
+@pytest.mark.parametrize("mode", ["cut", "blackhole"])
+async def test_redis_cut_counts_locally_then_redis_again(mode):
+    """Redis cut through a proxy the test controls: the counts go on locally
+    (threshold scaled by expected_nodes), and once the probe finds Redis the
+    Redis sets, which still hold what was added before the cut, count again."""
+    from conftest import eventually
+    from faultproxy import FaultProxy
+
+    need(tcp_reachable("127.0.0.1", 6379), "Redis is not reachable at 127.0.0.1:6379")
+    proxy = await FaultProxy("127.0.0.1", 6379).start()
+    clock = Clock()
+    prefix = f"test-distinct-{secrets.token_hex(6)}:"
+    counters = RedisCounters(f"redis://127.0.0.1:{proxy.port}/0", prefix, clock, timeout=0.3, expected_nodes=2,
+                             retry_interval=0.2, retry_max=0.4)
+    d = RedisDistinct(counters, clock)
+    try:
+        assert (await d.add(["k"], ["a@x", "b@x"], WINDOW))[0].count == 2
+        await proxy.set_mode(mode)
+        seen = await d.add(["k"], ["c@x"], WINDOW)
+        assert counters.fallback and seen[0].count == 1          # local, from zero
+        assert d.scaled(50) == 25 and d.health()["state"] == "fallback"
+        assert (await d.add(["k"], ["c@x"], WINDOW))[0].present == {"c@x"}
+        await proxy.set_mode("pass")
+        await eventually(lambda: not counters.fallback, "the probe finds Redis again")
+        seen = await d.add(["k"], ["a@x", "d@x"], WINDOW)
+        assert seen[0].count == 3 and seen[0].present == {"a@x"}  # the Redis set: a, b, and now d
+        assert d.scaled(50) == 50
+    finally:
+        await proxy.set_mode("pass")
+        keys = [k async for k in counters.client.scan_iter(match=prefix + "*")]
+        if keys:
+            await counters.client.delete(*keys)
+        await counters.close()
+        await proxy.stop()
