@@ -214,7 +214,8 @@ class Gateway:
         self.services = Services(config=cfg, accounts=self.accounts, counters=self.counters, registry=self.registry,
                                  rate_limiter=self.rate_limiter,
                                  connections=self.connections, clock=self.clock,
-                                 resolver=self.resolver, dnsbl=self.dnsbl, blocklist=self.blocklist)
+                                 resolver=self.resolver, dnsbl=self.dnsbl, blocklist=self.blocklist,
+                                 events=self.events)
         self.pipeline = build_pipeline(cfg.checks.order(), factories(self.services),
                                        on_outcome=self.events.outcome, settings=cfg.checks)
         self.delivery = Delivery(self.relay, Finalizer(cfg.smtp.hostname, cfg.smtp.trace_header, self.clock),

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Callable
 from .accounts.store import AccountStore
 from .blocklist.service import BlockList
 from .config import Config
+from .core.events import EventBus
 from .dns.dnsbl import Dnsbl
 from .dns.resolver import Resolver
 from .smtp.limits import ConnectionTracker
@@ -33,3 +34,4 @@ class Services:
     registry: RegistryService | None = None     # mailing lists
     blocklist: BlockList | None = None          # operator block lists
     rate_limiter: RateLimiter | None = None     # rate limits, on the counters' backend (state/ratelimit.py)
+    events: EventBus | None = None              # for checks that publish (Violation) or follow sessions

@@ -263,8 +263,19 @@ SRS_SEPARATE = R(452, "4.5.3", "SRS bounces need a transaction of their own; sen
                  "P-RELAY")
 
 
+# --- harvest guard and connection limits (P-HARVEST, P-LOAD; issue 12, checks/rcpt_harvest.py,
+# checks/connect_rate.py, checks/mail_account_connections.py) --------------------------------
+HARVEST_SESSION = R(421, "4.7.0", "Too many refused recipients in this session, closing", "P-HARVEST")
+HARVEST_DEFERRED = R(451, "4.7.1", "Too many refused recipients recently, try again later", "P-HARVEST")
+CONNECTION_RATE = R(421, "4.7.0", "Too many connections from your address per minute (connection rate), "
+                    "try again later", "P-LOAD")
+TOO_MANY_CONNECTIONS_ACCOUNT = R(421, "4.7.0", "Too many concurrent connections for this account, "
+                                 "try again later", "P-LOAD")
+
+
 def catalogue() -> dict[str, Reply]:
     """Every catalogue entry by its name (``DNSBL_LISTED``), in definition order.
     Check SPECs name their replies by these names (``CheckSpec.replies``)."""
     return {name: value for name, value in globals().items()
             if isinstance(value, Reply) and name.isupper()}
+
