@@ -191,7 +191,9 @@ class Gateway:
         # counters' client, deadline and fallback, else in memory.
         self.rate_limiter = limiter_for(self.counters, self.clock)
         self.auth_limiter = AuthLimiter(self.counters, cfg.auth.max_failures_per_ip,
-                                        cfg.auth.max_failures_per_account, cfg.auth.failure_window)
+                                        cfg.auth.max_failures_per_account, cfg.auth.failure_window,
+                                        limiter=self.rate_limiter, lockout_max=cfg.auth.lockout_max,
+                                        lockout_memory=cfg.auth.lockout_memory)
         # The resolver's shared DNS cache lives in the counters' Redis (same
         # URL): it borrows their client, which the "counters" shutdown step
         # closes after the resolver's.

@@ -212,3 +212,36 @@ async def test_concurrent_sessions_per_account(sink, gateway_factory):
         assert (await cmd(r3, w3, b"MAIL FROM:<alice@example.com>")).startswith(b"250")
     finally:
         w3.close()
+
+
+async def test_auth_lockout_backs_off(sink, gateway_factory):
+    """Reaching the failure limit locks the IP out for failure_window from
+    then (past the fixed window's end); the next lockout lasts twice as long."""
+    clock = Clock(window=86400.0)                    # 1 s after a day boundary: lockout_memory's windows too
+    h = await gateway_factory(sink, clock=clock, auth={"max_failures_per_ip": 2, "max_failures_per_account": 100,
+                                                        "failure_window": WINDOW, "lockout_max": 4 * WINDOW,
+                                                        "lockout_memory": 86400.0})
+    await h.add_account()
+    bad = b"AUTH PLAIN " + base64.b64encode(b"\0alice\0guess")
+
+    async def auth(line: bytes) -> bytes:
+        reader, writer = await session(h.port(), auth=False)
+        try:
+            return await cmd(reader, writer, line)
+        finally:
+            writer.close()
+
+    async def lock_out() -> None:
+        assert [(await auth(bad))[:3] for _ in range(2)] == [b"535", b"535"]
+        assert (await auth(AUTH)).startswith(b"454 4.7.0")
+
+    await lock_out()                                 # at t = 1 s: locked until about 61 s
+    clock.offset += WINDOW - 0.5                     # t = 60.5 s: the fixed window has ended, the lockout has not
+    assert (await auth(AUTH)).startswith(b"454 4.7.0")
+    clock.offset += WINDOW                           # failure_window after the lockout: released
+    assert (await auth(AUTH)).startswith(b"235")
+    await lock_out()                                 # the second lockout: 2 x failure_window
+    clock.offset += WINDOW + 5.0
+    assert (await auth(AUTH)).startswith(b"454 4.7.0")
+    clock.offset += WINDOW
+    assert (await auth(AUTH)).startswith(b"235")
