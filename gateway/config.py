@@ -385,8 +385,9 @@ CheckMode = Literal["enforce", "warn", "off"]
 @dataclass(frozen=True)
 class CheckSettings:
     """``[checks]``: which checks run in each phase, in order; ``[checks.modes]``:
-    ``enforce`` (default), ``warn`` (a would-be refusal is recorded, the mail
-    goes on) or ``off`` per check; ``[checks.deadlines]``: seconds per check
+    ``enforce`` (the default of most checks; a SPEC may default to ``warn``),
+    ``warn`` (a would-be refusal is recorded, the mail goes on) or ``off``
+    per check; ``[checks.deadlines]``: seconds per check
     (defaults: each check's SPEC). docs/checks.md."""
 
     connect: list[str] = field(default_factory=lambda: list(DEFAULT_CHECKS["connect"]))
@@ -404,10 +405,15 @@ class CheckSettings:
 
     def order(self) -> dict[Phase, list[str]]:
         """The checks that run, per phase, in order (``off`` ones left out)."""
-        return {phase: [n for n in getattr(self, phase.value) if self.modes.get(n) != "off"] for phase in PHASES}
+        return {phase: [n for n in getattr(self, phase.value) if self.mode(n) != "off"] for phase in PHASES}
 
     def mode(self, name: str) -> str:
-        return self.modes.get(name, "enforce")
+        """``[checks.modes]``, else the check's SPEC default (``enforce`` for most)."""
+        mode = self.modes.get(name)
+        if mode is not None:
+            return mode
+        spec = SPECS.get(name)
+        return spec.default_mode if spec is not None else "enforce"
 
     def deadline(self, name: str) -> float:
         seconds = self.deadlines.get(name)

@@ -51,6 +51,8 @@ async def closed(reader: asyncio.StreamReader) -> bool:
     return await asyncio.wait_for(reader.read(1), 5.0) == b""
 
 
+# rcpt_harvest defaults to warn (docs/checks.md "Modes"): these tests enforce it
+ENFORCE = {"modes": {"rcpt_harvest": "enforce"}}
 NO_CROSS = {"max_refused_per_ip": 0, "max_refused_per_account": 0, "max_refused_per_identity": 0}
 
 
@@ -58,7 +60,7 @@ async def test_session_tarpit_then_421_and_one_violation(sink, gateway_factory):
     """Refusals by the upstream (550 user unknown) and by the gateway (a 501
     bad address) both count: after tarpit_after the RCPT replies wait,
     doubling, then 421 and closed."""
-    h = await gateway_factory(sink, harvest={"max_refused_per_session": 4, "tarpit_after": 2,
+    h = await gateway_factory(sink, checks=ENFORCE, harvest={"max_refused_per_session": 4, "tarpit_after": 2,
                                              "tarpit_delay": 0.01, "tarpit_max": 0.02, **NO_CROSS})
     await h.add_account()
     seen = violations(h)
@@ -90,7 +92,7 @@ async def test_session_tarpit_then_421_and_one_violation(sink, gateway_factory):
 
 async def test_cross_session_per_ip_deferred_for_the_window_then_released(sink, gateway_factory):
     clock = Clock()
-    h = await gateway_factory(sink, clock=clock, listeners=proxy_listener(),
+    h = await gateway_factory(sink, checks=ENFORCE, clock=clock, listeners=proxy_listener(),
                               harvest={"max_refused_per_session": 0, "tarpit_delay": 0, "window": WINDOW,
                                        "max_refused_per_ip": 3, "max_refused_per_account": 0,
                                        "max_refused_per_identity": 0})
@@ -124,7 +126,7 @@ async def test_cross_session_per_ip_deferred_for_the_window_then_released(sink, 
 async def test_cross_session_per_account(sink, gateway_factory):
     """The account's count crosses sessions and client IPs; another account is not deferred."""
     clock = Clock()
-    h = await gateway_factory(sink, clock=clock, listeners=proxy_listener(),
+    h = await gateway_factory(sink, checks=ENFORCE, clock=clock, listeners=proxy_listener(),
                               harvest={"max_refused_per_session": 0, "tarpit_delay": 0, "window": WINDOW,
                                        "max_refused_per_ip": 0, "max_refused_per_account": 2,
                                        "max_refused_per_identity": 0})
@@ -245,3 +247,23 @@ async def test_auth_lockout_backs_off(sink, gateway_factory):
     assert (await auth(AUTH)).startswith(b"454 4.7.0")
     clock.offset += WINDOW
     assert (await auth(AUTH)).startswith(b"235")
+
+
+async def test_harvest_guard_defaults_to_warn(sink, gateway_factory):
+    """Unmeasured on real traffic, the guard only records by default: no wait, no 421, no Violation."""
+    h = await gateway_factory(sink, harvest={"max_refused_per_session": 2, "tarpit_after": 1,
+                                             "tarpit_delay": 0.01, "tarpit_max": 0.02, **NO_CROSS})
+    assert h.gw.config.checks.mode("rcpt_harvest") == "warn"
+    await h.add_account()
+    seen = violations(h)
+    for i in range(4):
+        sink.refuse_rcpt[f"nobody{i}@example.org"] = "550 5.1.1 No such user"
+    reader, writer = await session(h.port())
+    try:
+        assert (await cmd(reader, writer, b"MAIL FROM:<alice@example.com>")).startswith(b"250")
+        for i in range(4):
+            assert (await cmd(reader, writer, f"RCPT TO:<nobody{i}@example.org>".encode())).startswith(b"550")
+        assert (await cmd(reader, writer, b"RCPT TO:<bob@example.org>")).startswith(b"250")
+    finally:
+        writer.close()
+    assert seen == []
