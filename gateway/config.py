@@ -20,6 +20,7 @@ from .accounts.settings import AccountSettings
 from .accounts.passwords import DEFAULT_N as DEFAULT_SCRYPT_N, MAX_N as MAX_SCRYPT_N, MIN_N as MIN_SCRYPT_N
 from .dns.settings import DnsblSettings, DomainSettings, ResolverSettings
 from .forwarding import ForwardingSettings
+from .state.limitsettings import LimitSettings
 from .message.settings import HeaderSettings
 from .core.transaction import Phase
 from .checks import PHASES, SPECS, default_order
@@ -452,6 +453,7 @@ class Config:
     accounts: AccountSettings = field(default_factory=AccountSettings)
     forwarding: ForwardingSettings = field(default_factory=ForwardingSettings)
     harvest: HarvestSettings = field(default_factory=HarvestSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)     # rcpt_rate (issue 12)
 
     def __post_init__(self) -> None:
         names = [listener.name for listener in self.listeners]

@@ -136,6 +136,10 @@ EVICTED_UNAUTHENTICATED = R(421, "4.7.0", "Too many connections: closing an idle
                             "try again later", "P-LOAD")
 MESSAGE_TOO_BIG = R(552, "5.3.4", "Message size exceeds fixed maximum message size", "P-LOAD")
 TOO_MANY_RECIPIENTS = R(452, "4.5.3", "Too many recipients", "P-LOAD")
+# rcpt_rate (issue 12): the text names the limit, e.g. "451 4.7.1 P-LOAD recipients_per_hour exceeded, try
+# again later" (checks/rcpt_rate.py); a sender that keeps retrying against it gets RATE_STORM.
+RATE_LIMITED = R(451, "4.7.1", "Rate limit exceeded, try again later", "P-LOAD")
+RATE_STORM = R(550, "5.7.1", "Rate limit exceeded repeatedly, sending stopped; contact your provider", "P-LOAD")
 
 # --- authentication (P-RELAY, P-LOAD, P-STRIKE) ----------------------------------------
 AUTH_REQUIRED = R(530, "5.7.0", "Authentication required", "P-RELAY")
