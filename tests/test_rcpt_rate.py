@@ -295,17 +295,30 @@ async def test_redis_cut_mid_run_keeps_enforcing_locally(gateway_factory, sink, 
                                   limits=limits(recipients_per_day=8), smtp={"max_recipients": 100})
         await h.add_account()
         c = await login(h)
-        assert await rcpts(c, 3) == [250] * 3
-        await c.rset()
-        await check_of(h).settled()
+        assert await one_message(c, 3) == ([250] * 3, 250)      # 3 of 8 charged in Redis
         await proxy.set_mode("cut")
-        c2 = await login(h)
-        # Redis away: local limiter at 8 // 2 = 4 per node (a fresh local state per outage)
-        codes = await rcpts(c2, 6, "l")
-        assert codes == [250] * 4 + [451] * 2
+        # Redis away: the local limiter, 8 // 2 = 4 for this node (a fresh local state per outage)
+        codes, code = await one_message(c, 6, "l")
+        assert codes == [250] * 4 + [451] * 2 and code == 250
         assert h.gw.counters.fallback
-        await c2.quit()
+        await proxy.set_mode("pass")
+        await eventually(lambda: not h.gw.counters.fallback, "the counters back on Redis", timeout=20)
+        codes, code = await one_message(c, 6, "b")            # Redis again: its 3, so 5 more
+        assert codes == [250] * 5 + [451] and code == 250
         await c.quit()
+        assert [len(m.rcpt_tos) for m in sink.messages] == [3, 4, 5]
     finally:
         await proxy.stop()
         await _delete(redis_client, prefix)
+
+
+async def test_storm_of_one_identity_leaves_the_other_alone(gw, sink):
+    h = await gw(identity_recipients_per_hour=1, storm_refusals=1, tarpit_min=0.01, tarpit_max=0.02)
+    seen: list[Violation] = []
+    h.gw.events.subscribe(Violation, seen.append)
+    bad, good = await login(h, "site7"), await login(h, "site8")
+    assert await rcpts(bad, 6) == [250, 451, 451, 451, 550, 550]
+    assert await rcpts(good, 2, "g") == [250, 451]      # its own first refusal: a plain 451, no storm
+    for c in (bad, good):
+        await c.quit()
+    assert [(v.kind, v.account, v.identity) for v in seen] == [("rate_storm", "alice", "site7")]
