@@ -237,8 +237,11 @@ def test_limit_settings_are_validated(tmp_path):
         cfg(default_class="gold")
     assert e.value.key == "limits.default_class"
     with pytest.raises(ConfigError) as e:
-        from_mapping(base_config(tmp_path, None, limits={"tarpit_max": 5.0}, smtp={"command_timeout": 5.0}), "gw.toml")
+        cfg(tarpit_max=11.0)
     assert e.value.key == "limits.tarpit_max"
+    with pytest.raises(ConfigError) as e:
+        cfg(tarpit_min=3.0, tarpit_max=2.0)
+    assert e.value.key == "limits.tarpit_min"
     ok = cfg(default_class="small", classes={"small": {"recipients_per_hour": 100}, "bulk": {"recipients_per_day": 0}},
              accounts={"shop": "bulk"}, overrides={"shop": {"recipients_per_hour": 9000}})
     small = ok.limits.for_account("alice")

@@ -27,8 +27,8 @@ subscriber never changes a reply. Recipients the gateway handles itself
 **Retry storms.** A sender (the identity if there is one, else the
 account) refused by this check more than ``storm_refusals`` times within
 ``storm_window`` is tarpitted: each further 451 waits ``tarpit_min``,
-growing to ``tarpit_max`` seconds (bounded below smtp.command_timeout,
-checked by the config). Past three times ``storm_refusals`` it gets
+growing to ``tarpit_max`` seconds (at most 10, and never more than half of
+smtp.command_timeout). Past three times ``storm_refusals`` it gets
 ``550 5.7.1 P-LOAD`` (RATE_STORM) instead of the 451 while it stays over
 the limit, and one ``Violation(kind="rate_storm")`` is published per
 window. A legitimate MTA retrying its queue produces one refusal per
@@ -83,8 +83,11 @@ class RcptRate:
     phase = Phase.RCPT
 
     def __init__(self, settings: LimitSettings, limiter: RateLimiter | None, counters: Any,
-                 events: EventBus | None, warn: bool = False):
+                 events: EventBus | None, warn: bool = False, command_timeout: float = 300.0):
         self.settings = settings
+        # The tarpit never takes more than half of the client's wait for our RCPT reply (our
+        # smtp.command_timeout stands for it: RFC 5321 4.5.3.2 gives clients 5 minutes).
+        self.tarpit_cap = command_timeout / 2
         self.limiter = limiter
         self.counters = counters
         self.events = events
@@ -161,6 +164,7 @@ class RcptRate:
             return Outcome.refuse(self.name, replies.RATE_STORM.with_suffix(f": {name}"), detail)
         if n > limit and not self.warn:
             delay = s.tarpit_min + (s.tarpit_max - s.tarpit_min) * min(1.0, (n - limit) / (2 * limit))
+            delay = min(delay, self.tarpit_cap)
             await asyncio.sleep(delay)
             detail = f"tarpit {delay:.2f} s ({n} refusals in {s.storm_window:g} s): {detail}"
         return Outcome.refuse(self.name, _limited(name), detail)
@@ -218,7 +222,7 @@ class RcptRate:
 def build(services) -> RcptRate:
     cfg = services.config
     return RcptRate(cfg.limits, services.rate_limiter, services.counters, services.events,
-                    warn=cfg.checks.mode("rcpt_rate") == "warn")
+                    warn=cfg.checks.mode("rcpt_rate") == "warn", command_timeout=cfg.smtp.command_timeout)
 
 
 SPEC = CheckSpec(
