@@ -195,7 +195,9 @@ class Gateway:
         # Distinct recipients per fingerprint (bulk and repeat detectors), same backend.
         self.distinct = distinct_for(self.counters, self.clock)
         self.auth_limiter = AuthLimiter(self.counters, cfg.auth.max_failures_per_ip,
-                                        cfg.auth.max_failures_per_account, cfg.auth.failure_window)
+                                        cfg.auth.max_failures_per_account, cfg.auth.failure_window,
+                                        limiter=self.rate_limiter, lockout_max=cfg.auth.lockout_max,
+                                        lockout_memory=cfg.auth.lockout_memory)
         # The resolver's shared DNS cache lives in the counters' Redis (same
         # URL): it borrows their client, which the "counters" shutdown step
         # closes after the resolver's.
@@ -217,9 +219,10 @@ class Gateway:
         await self.registry.start()
         self.services = Services(config=cfg, accounts=self.accounts, counters=self.counters, registry=self.registry,
                                  rate_limiter=self.rate_limiter,
-                                 distinct=self.distinct, events=self.events,
+                                 distinct=self.distinct,
                                  connections=self.connections, clock=self.clock,
-                                 resolver=self.resolver, dnsbl=self.dnsbl, blocklist=self.blocklist)
+                                 resolver=self.resolver, dnsbl=self.dnsbl, blocklist=self.blocklist,
+                                 events=self.events)
         self.pipeline = build_pipeline(cfg.checks.order(), factories(self.services),
                                        on_outcome=self.events.outcome, settings=cfg.checks)
         self.delivery = Delivery(self.relay, Finalizer(cfg.smtp.hostname, cfg.smtp.trace_header, self.clock),

@@ -20,6 +20,7 @@ from .accounts.settings import AccountSettings
 from .accounts.passwords import DEFAULT_N as DEFAULT_SCRYPT_N, MAX_N as MAX_SCRYPT_N, MIN_N as MIN_SCRYPT_N
 from .dns.settings import DnsblSettings, DomainSettings, ResolverSettings
 from .forwarding import ForwardingSettings
+from .state.limitsettings import LimitSettings
 from .message.settings import HeaderSettings
 from .core.transaction import Phase
 from .checks import PHASES, SPECS, default_order
@@ -120,8 +121,22 @@ class SmtpSettings:
     service_maildir: str = "service-mail"
     allow_address_literals: bool = False
     trace_header: str = "X-Gateway-Trace"
+    # Connection limits of issue 12 (P-LOAD; checks/connect_rate.py,
+    # checks/mail_account_connections.py). New connections per client IP per
+    # minute (GCRA on the rate limiter: Redis-shared with the counters' backend),
+    # with a burst of connection_rate_burst at once; 0 turns it off. Concurrent
+    # sessions per account, counted in memory per gateway process (N gateways:
+    # N times this at most); 0 turns it off.
+    connection_rate_per_ip: int = 600
+    connection_rate_burst: int = 60
+    max_connections_per_account: int = 200
 
     def __post_init__(self) -> None:
+        for name in ("connection_rate_per_ip", "connection_rate_burst", "max_connections_per_account"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must not be negative (0 turns it off)")
+        if self.connection_rate_per_ip and not self.connection_rate_burst:
+            raise ValueError("connection_rate_burst: must be at least 1 while connection_rate_per_ip is on")
         for name in ("max_message_size", "max_recipients", "command_timeout", "idle_timeout",
                      "preauth_timeout", "data_timeout", "max_connections", "max_connections_per_ip", "max_commands",
                      "max_bogus_commands", "max_transactions"):
@@ -158,8 +173,17 @@ class AuthSettings:
     # scrypt verifications running at once (each needs 128 * 8 * N bytes:
     # 32 MiB at 2^15, 128 MiB at 2^17); more AUTHs wait for a free slot.
     max_concurrent_verifications: int = 2
+    # Lockout back-off (accounts/limiter.py): a client IP or account name that
+    # reaches its failure limit is locked out for failure_window, and each
+    # further lockout within lockout_memory doubles it, up to lockout_max.
+    lockout_max: float = 86400.0
+    lockout_memory: float = 86400.0
 
     def __post_init__(self) -> None:
+        if self.lockout_max < self.failure_window:
+            raise ValueError(f"lockout_max: must not be less than failure_window ({self.failure_window:g} s), "
+                             f"got {self.lockout_max:g}")
+        _positive("lockout_memory", self.lockout_memory)
         _positive("max_failures_per_ip", self.max_failures_per_ip)
         _positive("max_failures_per_account", self.max_failures_per_account)
         _positive("failure_window", self.failure_window)
@@ -182,6 +206,39 @@ class AuthSettings:
                                                   f"= {self.scrypt_n} (below 2^14 they are cheap to crack); "
                                                   f"never set this in production")]
         return []
+
+
+@dataclass(frozen=True)
+class HarvestSettings:
+    """The harvest guard (P-HARVEST, checks/rcpt_harvest.py). Refused
+    recipients (5xx, ours or the upstream's) are counted per session and, in
+    fixed windows of ``window`` seconds on the shared counters, per client IP,
+    per account and per identity. In a session, after ``tarpit_after`` of
+    them each further RCPT reply waits ``tarpit_delay`` seconds, doubling up to
+    ``tarpit_max``; at ``max_refused_per_session`` the session is closed with
+    421 4.7.0. Past ``max_refused_per_ip`` / ``_per_account`` /
+    ``_per_identity`` in a window new RCPTs of that IP / account / identity
+    are deferred (451 4.7.1) until the window ends. 0 turns a limit off."""
+    max_refused_per_session: int = 30
+    tarpit_after: int = 10
+    tarpit_delay: float = 1.0
+    tarpit_max: float = 10.0
+    window: float = 3600.0
+    max_refused_per_ip: int = 100
+    max_refused_per_account: int = 500
+    max_refused_per_identity: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("max_refused_per_session", "tarpit_after", "max_refused_per_ip", "max_refused_per_account",
+                     "max_refused_per_identity"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must not be negative (0 turns it off)")
+        _positive("window", self.window)
+        if self.tarpit_delay < 0:
+            raise ValueError("tarpit_delay: must not be negative (0 turns the tarpit off)")
+        if self.tarpit_max < self.tarpit_delay:
+            raise ValueError(f"tarpit_max: must not be less than tarpit_delay ({self.tarpit_delay:g}), "
+                             f"got {self.tarpit_max:g}")
 
 
 @dataclass(frozen=True)
@@ -359,8 +416,9 @@ CheckMode = Literal["enforce", "warn", "off"]
 @dataclass(frozen=True)
 class CheckSettings:
     """``[checks]``: which checks run in each phase, in order; ``[checks.modes]``:
-    ``enforce`` (default), ``warn`` (a would-be refusal is recorded, the mail
-    goes on) or ``off`` per check; ``[checks.deadlines]``: seconds per check
+    ``enforce`` (the default of most checks; a SPEC may default to ``warn``),
+    ``warn`` (a would-be refusal is recorded, the mail goes on) or ``off``
+    per check; ``[checks.deadlines]``: seconds per check
     (defaults: each check's SPEC). docs/checks.md."""
 
     connect: list[str] = field(default_factory=lambda: list(DEFAULT_CHECKS["connect"]))
@@ -381,8 +439,12 @@ class CheckSettings:
         return {phase: [n for n in getattr(self, phase.value) if self.mode(n) != "off"] for phase in PHASES}
 
     def mode(self, name: str) -> str:
+        """``[checks.modes]``, else the check's SPEC default (``enforce`` for most)."""
+        mode = self.modes.get(name)
+        if mode is not None:
+            return mode
         spec = SPECS.get(name)
-        return self.modes.get(name, spec.default_mode if spec is not None else "enforce")
+        return spec.default_mode if spec is not None else "enforce"
 
     def deadline(self, name: str) -> float:
         seconds = self.deadlines.get(name)
@@ -421,6 +483,8 @@ class Config:
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     accounts: AccountSettings = field(default_factory=AccountSettings)
     forwarding: ForwardingSettings = field(default_factory=ForwardingSettings)
+    harvest: HarvestSettings = field(default_factory=HarvestSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)     # rcpt_rate (issue 12)
 
     def __post_init__(self) -> None:
         names = [listener.name for listener in self.listeners]
@@ -436,6 +500,7 @@ class Config:
 def _validate_semantics(cfg: Config) -> None:
     """Cross-section checks that need more than one section."""
     _validate_checks(cfg)
+    _validate_harvest(cfg)
     if cfg.relay.connection_wait >= cfg.smtp.command_timeout:
         raise ConfigError(cfg.source, "relay.connection_wait",
                           f"{cfg.relay.connection_wait:g} s must be less than smtp.command_timeout "
@@ -445,6 +510,17 @@ def _validate_semantics(cfg: Config) -> None:
         if tls_file and not Path(tls_file).is_file():
             raise ConfigError(cfg.source, "tls.cert_file" if tls_file == cfg.tls.cert_file else "tls.key_file",
                               f"file {tls_file!r} does not exist")
+
+
+def _validate_harvest(cfg: Config) -> None:
+    """The tarpit waits inside the rcpt_harvest check: its longest wait must
+    leave room under the check's deadline, or the tarpit itself would end in
+    the pipeline's 451 4.3.0 for an overrun."""
+    deadline = cfg.checks.deadline("rcpt_harvest")
+    if cfg.harvest.tarpit_max + 1.0 > deadline:
+        raise ConfigError(cfg.source, "harvest.tarpit_max",
+                          f"{cfg.harvest.tarpit_max:g} s must be at least 1 s less than the deadline of the "
+                          f"rcpt_harvest check ({deadline:g} s, [checks.deadlines]): the tarpit would overrun it")
 
 
 def _validate_checks(cfg: Config) -> None:

@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, Callable
 from .accounts.store import AccountStore
 from .blocklist.service import BlockList
 from .config import Config
+from .core.events import EventBus
 from .dns.dnsbl import Dnsbl
 from .dns.resolver import Resolver
 from .smtp.limits import ConnectionTracker
 from .state.counters import Counters
 from .state.ratelimit import RateLimiter
 from .state.distinct import DistinctCounter
-from .core.events import EventBus
 
 if TYPE_CHECKING:  # pragma: no cover
     # imported by app.py only where it is made, in start(); it imports nothing of this module
@@ -36,4 +36,4 @@ class Services:
     blocklist: BlockList | None = None          # operator block lists
     rate_limiter: RateLimiter | None = None     # rate limits, on the counters' backend (state/ratelimit.py)
     distinct: DistinctCounter | None = None     # distinct recipients per key (state/distinct.py): data_bulk
-    events: EventBus | None = None              # the gateway's bus: checks publish Violation on it
+    events: EventBus | None = None              # for checks that publish (Violation) or follow sessions

@@ -177,7 +177,7 @@ def test_leaving_out_a_check_with_its_dependents_is_accepted():
         "mail": ["mail_account_status", "mail_size"], "rcpt": ["rcpt_relay", "rcpt_limit"],
         "data": ["data_size", "data_wire", "data_trace", "data_subject"],
         "modes": {"data_subject": "warn", "connect_dnsbl": "off"}, "deadlines": {"mail_size": 1.5}}}, "gw.toml")
-    assert cfg.checks.order()[Phase.CONNECT] == ["connect_limits", "connect_blocklist"]
+    assert cfg.checks.order()[Phase.CONNECT] == ["connect_limits", "connect_blocklist", "connect_rate"]
     assert cfg.checks.mode("data_subject") == "warn" and cfg.checks.mode("data_size") == "enforce"
     assert cfg.checks.deadline("mail_size") == 1.5
     assert cfg.checks.deadline("mail_domain_exists") == SPECS["mail_domain_exists"].deadline > \

@@ -65,15 +65,18 @@ class CheckSpec:
     mandatory: bool = False
     deadline: float = PURE
     replies: tuple[str, ...] = ()
-    # the mode when [checks.modes] does not name the check: "warn" for a check
-    # whose refusals are not yet measured safe against real ham (docs/checks.md)
+    # The mode when [checks.modes] does not name the check: "warn" for a rule
+    # whose false refusals on real mail are not measured yet (it records what
+    # it would refuse; the operator enforces it once the figures are in).
     default_mode: Mode = "enforce"
 
     def __post_init__(self) -> None:
         if not self.name.startswith(self.phase.value + "_"):
             raise ValueError(f"check {self.name!r}: its name must start with its phase, {self.phase.value}_")
-        if self.default_mode not in MODES or (self.mandatory and self.default_mode != "enforce"):
-            raise ValueError(f"check {self.name!r}: default_mode must be one of {MODES} (enforce if mandatory)")
+        if self.default_mode not in MODES:
+            raise ValueError(f"check {self.name!r}: default_mode must be one of {', '.join(MODES)}")
+        if self.mandatory and self.default_mode != "enforce":
+            raise ValueError(f"check {self.name!r}: a mandatory check runs in enforce mode only")
         if self.deadline <= 0:
             raise ValueError(f"check {self.name!r}: deadline must be greater than 0")
         unknown = [r for r in self.replies if not isinstance(getattr(_replies, r, None), _replies.Reply)]

@@ -33,7 +33,7 @@ repeat). Counting only what was relayed would need a second write after the
 delivery, for little: a message refused upstream is rare in a working
 account.
 
-Default mode ``warn`` (docs/bulk.md, "Default mode"): transactional mail
+Default mode ``warn`` (docs/bulk.md, "Modes, and the ham it refuses"): transactional mail
 (codes, notifications) repeats to one recipient by nature.
 """
 from __future__ import annotations

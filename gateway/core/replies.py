@@ -136,6 +136,10 @@ EVICTED_UNAUTHENTICATED = R(421, "4.7.0", "Too many connections: closing an idle
                             "try again later", "P-LOAD")
 MESSAGE_TOO_BIG = R(552, "5.3.4", "Message size exceeds fixed maximum message size", "P-LOAD")
 TOO_MANY_RECIPIENTS = R(452, "4.5.3", "Too many recipients", "P-LOAD")
+# rcpt_rate (issue 12): the text names the limit, e.g. "451 4.7.1 P-LOAD recipients_per_hour exceeded, try
+# again later" (checks/rcpt_rate.py); a sender that keeps retrying against it gets RATE_STORM.
+RATE_LIMITED = R(451, "4.7.1", "Rate limit exceeded, try again later", "P-LOAD")
+RATE_STORM = R(550, "5.7.1", "Rate limit exceeded repeatedly, sending stopped; contact your provider", "P-LOAD")
 
 # --- authentication (P-RELAY, P-LOAD, P-STRIKE) ----------------------------------------
 AUTH_REQUIRED = R(530, "5.7.0", "Authentication required", "P-RELAY")
@@ -263,6 +267,16 @@ SRS_SEPARATE = R(452, "4.5.3", "SRS bounces need a transaction of their own; sen
                  "P-RELAY")
 
 
+# --- harvest guard and connection limits (P-HARVEST, P-LOAD; issue 12, checks/rcpt_harvest.py,
+# checks/connect_rate.py, checks/mail_account_connections.py) --------------------------------
+HARVEST_SESSION = R(421, "4.7.0", "Too many refused recipients in this session, closing", "P-HARVEST")
+HARVEST_DEFERRED = R(451, "4.7.1", "Too many refused recipients recently, try again later", "P-HARVEST")
+CONNECTION_RATE = R(421, "4.7.0", "Too many connections from your address per minute (connection rate), "
+                    "try again later", "P-LOAD")
+TOO_MANY_CONNECTIONS_ACCOUNT = R(421, "4.7.0", "Too many concurrent connections for this account, "
+                                 "try again later", "P-LOAD")
+
+
 # --- bulk and repeat detectors (issue 12, checks/data_bulk.py, docs/bulk.md) ---
 # Over [bulk] recipients_threshold distinct recipients of one fingerprint in
 # the window: deferred first; past refuse_factor times it, refused. The same
@@ -271,8 +285,10 @@ BULK_DEFERRED = R(451, "4.7.1", "Too many similar messages to different recipien
 BULK_REFUSED = R(550, "5.7.1", "Bulk mail: too many similar messages to recipients who did not ask", "P-UCE")
 REPEAT_REFUSED = R(550, "5.7.1", "The same message again to the same recipient", "P-UCE")
 
+
 def catalogue() -> dict[str, Reply]:
     """Every catalogue entry by its name (``DNSBL_LISTED``), in definition order.
     Check SPECs name their replies by these names (``CheckSpec.replies``)."""
     return {name: value for name, value in globals().items()
             if isinstance(value, Reply) and name.isupper()}
+

@@ -652,6 +652,9 @@ class GatewaySMTP(AioSMTP):
         if not verdict.accepted:
             refusal, refusal_reply = _refusal(verdict)
             self._refuse_tx(tx, refusal)
+            if refusal_reply.code == 421:   # a check closes the session (mail_account_connections)
+                await self.close_with(refusal_reply)
+                return
             await self.reply(refusal_reply, _client_detail(refusal))
             return
         sess.transactions += 1
@@ -693,6 +696,10 @@ class GatewaySMTP(AioSMTP):
             refusal, refusal_reply = _refusal(verdict)
             tx.refused_recipients += 1
             self.ctx.events.publish(Refusal(tx.session, refusal, tx, label))
+            if refusal_reply.code == 421:   # a check closes the session (rcpt_harvest): RFC 5321 3.8
+                await self._reset_transaction()
+                await self.close_with(refusal_reply)
+                return
             await self.reply(refusal_reply, _client_detail(refusal))
             return
         # Where the recipient goes (upstream, list copy, the gateway's own
