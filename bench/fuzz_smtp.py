@@ -790,13 +790,16 @@ async def _standalone(args: argparse.Namespace) -> Report:
 
 def fuzz_sections() -> dict[str, Any]:
     """What the fuzz gateway changes of conftest's base_config: a STARTTLS
-    listener beside the plain one, and AUTH failure limits out of reach (the
-    fuzzer fails AUTH on purpose; from one IP the limiter would soon answer
-    454 to every AUTH and the deeper states would never be reached)."""
+    listener beside the plain one, and the per-IP limits out of reach: AUTH
+    failures (the fuzzer fails AUTH on purpose; from one IP the limiter would
+    soon answer 454 to every AUTH and the deeper states would never be
+    reached) and the connection rate (every session comes from 127.0.0.1,
+    hundreds a second)."""
     return {
         "listeners": [{"name": "plain", "address": "127.0.0.1", "port": 0, "tls": "none", "auth_without_tls": True},
                       {"name": "tls", "address": "127.0.0.1", "port": 0, "tls": "starttls"}],
         "auth": {"max_failures_per_ip": 1_000_000, "max_failures_per_account": 1_000_000},
+        "smtp": {"connection_rate_per_ip": 0},
     }
 
 

@@ -53,7 +53,9 @@ def test_every_check_module_declares_its_contract(check_kit):
                      if m.name.startswith(tuple(f"{p.value}_" for p in PHASES)))
     assert sorted(CHECKS) == modules == sorted(SPECS)
     assert DEFAULT_CHECKS == default_order() and "auth" not in DEFAULT_CHECKS
-    assert [n for names in DEFAULT_CHECKS.values() for n in names] == list(SPECS)  # all run by default
+    # all run by default but those whose SPEC leaves them out (a cost not yet within budget)
+    assert [n for names in DEFAULT_CHECKS.values() for n in names] == [n for n, s in SPECS.items() if s.in_default_order]
+    assert [n for n, s in SPECS.items() if not s.in_default_order] == ["data_bulk"]
     svc = check_kit.services()
     for name, spec in SPECS.items():
         check = check_kit.build(name, svc)

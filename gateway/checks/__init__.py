@@ -50,7 +50,8 @@ CHECKS: dict[str, Phase] = {name: spec.phase for name, spec in SPECS.items()}
 
 def default_order() -> dict[str, list[str]]:
     """phase name -> the checks it runs by default, in order."""
-    return {phase.value: [s.name for s in SPECS.values() if s.phase is phase] for phase in PHASES}
+    return {phase.value: [s.name for s in SPECS.values() if s.phase is phase and s.in_default_order]
+            for phase in PHASES}
 
 
 def known_checks() -> dict[str, Phase]:

@@ -69,6 +69,10 @@ class CheckSpec:
     # whose false refusals on real mail are not measured yet (it records what
     # it would refuse; the operator enforces it once the figures are in).
     default_mode: Mode = "enforce"
+    # In its phase's default order (a config that lists no [checks] <phase>
+    # runs it). False for a check an operator adds on purpose: one whose cost
+    # per message is not yet within budget.
+    in_default_order: bool = True
 
     def __post_init__(self) -> None:
         if not self.name.startswith(self.phase.value + "_"):
