@@ -21,6 +21,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from pathlib import Path
@@ -109,6 +110,46 @@ def tcp_reachable(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+async def redis_client():
+    """A client of the machine's Redis (skipped with a reason when it does not answer, except under CI)."""
+    need(tcp_reachable("127.0.0.1", 6379), "Redis is not reachable at 127.0.0.1:6379")
+    import redis.asyncio as redis
+    client = redis.from_url(REDIS_URL)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def redis_proxy():
+    """tests/faultproxy.py in front of the machine's Redis, for a test to cut or black-hole."""
+    from faultproxy import FaultProxy
+    need(tcp_reachable("127.0.0.1", 6379), "Redis is not reachable at 127.0.0.1:6379")
+    proxy = await FaultProxy("127.0.0.1", 6379).start()
+    yield proxy
+    await proxy.stop()
+
+
+class WindowClock:
+    """Real time plus an offset that starts just after a boundary of ``window``
+    (fixed-window counters start empty), moved to the next window by hand."""
+
+    def __init__(self, window: float):
+        self.window = window
+        now = time.time()
+        self.offset = (now // window + 1) * window - now + 1.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def next_window(self) -> None:
+        now = self()
+        self.offset += (now // self.window + 1) * self.window - now + 1.0
 
 
 # ------------------------------------------------------------------ PostgreSQL: a fresh database per use

@@ -17,19 +17,11 @@ import aiosmtplib
 import httpx
 import pytest
 
-from conftest import eventually, need, tcp_reachable
+from conftest import eventually
 from faultproxy import FaultProxy
 
 DEADLINE = 0.3          # [counters] timeout in these tests
 MARGIN = 2.0            # generous: a shared 2-core machine; a missing deadline would hang for ever
-
-
-@pytest.fixture
-async def redis_proxy():
-    need(tcp_reachable("127.0.0.1", 6379), "Redis is not reachable at 127.0.0.1:6379")
-    proxy = await FaultProxy("127.0.0.1", 6379).start()
-    yield proxy
-    await proxy.stop()
 
 
 @pytest.fixture

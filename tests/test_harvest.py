@@ -7,31 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import time
 
 from gateway.core.events import OutcomeRecorded, Violation
 from gateway.core.transaction import Phase
 
 from smtp_client import AUTH, cmd, proxied_session, reply, session
+from conftest import WindowClock
 from test_blocklist import proxy_listener
 
 WINDOW = 60.0
-
-
-class Clock:
-    """Real time plus an offset that starts just after a window boundary; moved on by hand."""
-
-    def __init__(self, window: float = WINDOW):
-        self.window = window
-        now = time.time()
-        self.offset = (now // window + 1) * window - now + 1.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-    def next_window(self) -> None:
-        now = self()
-        self.offset += (now // self.window + 1) * self.window - now + 1.0
 
 
 def violations(h) -> list[Violation]:
@@ -91,7 +75,7 @@ async def test_session_tarpit_then_421_and_one_violation(sink, gateway_factory):
 
 
 async def test_cross_session_per_ip_deferred_for_the_window_then_released(sink, gateway_factory):
-    clock = Clock()
+    clock = WindowClock(WINDOW)
     h = await gateway_factory(sink, checks=ENFORCE, clock=clock, listeners=proxy_listener(),
                               harvest={"max_refused_per_session": 0, "tarpit_delay": 0, "window": WINDOW,
                                        "max_refused_per_ip": 3, "max_refused_per_account": 0,
@@ -125,7 +109,7 @@ async def test_cross_session_per_ip_deferred_for_the_window_then_released(sink, 
 
 async def test_cross_session_per_account(sink, gateway_factory):
     """The account's count crosses sessions and client IPs; another account is not deferred."""
-    clock = Clock()
+    clock = WindowClock(WINDOW)
     h = await gateway_factory(sink, checks=ENFORCE, clock=clock, listeners=proxy_listener(),
                               harvest={"max_refused_per_session": 0, "tarpit_delay": 0, "window": WINDOW,
                                        "max_refused_per_ip": 0, "max_refused_per_account": 2,
@@ -163,7 +147,7 @@ async def test_cross_session_per_account(sink, gateway_factory):
 
 
 async def test_connection_rate_per_ip_over_proxy_headers(sink, gateway_factory):
-    clock = Clock()
+    clock = WindowClock(WINDOW)
     h = await gateway_factory(sink, clock=clock, listeners=proxy_listener(),
                               smtp={"connection_rate_per_ip": 2, "connection_rate_burst": 2})
 
@@ -219,7 +203,7 @@ async def test_concurrent_sessions_per_account(sink, gateway_factory):
 async def test_auth_lockout_backs_off(sink, gateway_factory):
     """Reaching the failure limit locks the IP out for failure_window from
     then (past the fixed window's end); the next lockout lasts twice as long."""
-    clock = Clock(window=86400.0)                    # 1 s after a day boundary: lockout_memory's windows too
+    clock = WindowClock(86400.0)                    # 1 s after a day boundary: lockout_memory's windows too
     h = await gateway_factory(sink, clock=clock, auth={"max_failures_per_ip": 2, "max_failures_per_account": 100,
                                                         "failure_window": WINDOW, "lockout_max": 4 * WINDOW,
                                                         "lockout_memory": 86400.0})

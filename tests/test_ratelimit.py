@@ -20,7 +20,6 @@ import httpx
 import pytest
 
 from conftest import eventually, need, tcp_reachable
-from faultproxy import FaultProxy
 from gateway.state.counters import MemoryCounters, RedisCounters
 from gateway.state.ratelimit import MemoryLimiter, Rate, RedisLimiter, limiter_for
 
@@ -327,14 +326,6 @@ async def test_redis_script_reloaded_on_noscript(gateways):
 # ------------------------------------------------------------------ Redis away: local, scaled, back
 
 DEADLINE = 0.3
-
-
-@pytest.fixture
-async def redis_proxy():
-    need(tcp_reachable("127.0.0.1", 6379), "Redis is not reachable at 127.0.0.1:6379")
-    proxy = await FaultProxy("127.0.0.1", 6379).start()
-    yield proxy
-    await proxy.stop()
 
 
 @pytest.fixture

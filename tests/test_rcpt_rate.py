@@ -16,7 +16,7 @@ import time
 import aiosmtplib
 import pytest
 
-from conftest import MESSAGE, eventually, need, tcp_reachable
+from conftest import MESSAGE, eventually
 from faultproxy import FaultProxy
 from gateway.checks.rcpt_rate import RcptRate
 from gateway.config import from_mapping
@@ -251,15 +251,6 @@ def test_limit_settings_are_validated(tmp_path):
 
 
 # ---------------------------------------------------------------- Redis
-@pytest.fixture
-async def redis_client():
-    need(tcp_reachable("127.0.0.1", 6379), "Redis is not reachable at 127.0.0.1:6379")
-    import redis.asyncio as redis
-    client = redis.from_url(REDIS_URL)
-    yield client
-    await client.aclose()
-
-
 async def _delete(client, prefix: str) -> None:
     async for k in client.scan_iter(match=f"{prefix}*"):
         await client.delete(k)

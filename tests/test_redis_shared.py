@@ -14,15 +14,6 @@ from conftest import need, tcp_reachable
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
-@pytest.fixture
-async def redis_client():
-    need(tcp_reachable("127.0.0.1", 6379), "Redis is not reachable at 127.0.0.1:6379")
-    import redis.asyncio as redis
-    client = redis.from_url(REDIS_URL)
-    yield client
-    await client.aclose()
-
-
 async def test_dnsbl_answers_shared_between_resolvers(redis_client, dns_server, make_resolver):
     prefix = f"gwtest:{secrets.token_hex(4)}:"
     dns_server.add_zone("bl.shared.test")

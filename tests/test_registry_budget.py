@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import httpx
 import pytest
@@ -21,27 +20,12 @@ from gateway.app import Gateway
 from gateway.config import ConfigError, from_mapping
 from gateway.registry.settings import RegistrySettings
 from test_registry_http import ADMIN, _auth, _link, _new_list, _stats
+from conftest import WindowClock
 
 SECRET = "budget-test-registry-secret-0123456789"
 WINDOW = 3600.0
 BUDGET = 3
 TICK = 0.2          # outbox_interval of these tests
-
-
-class Clock:
-    """Real time plus an offset that starts just after a window boundary."""
-
-    def __init__(self, window: float = WINDOW):
-        self.window = window
-        now = time.time()
-        self.offset = (now // window + 1) * window - now + 1.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-    def next_window(self) -> None:
-        now = self()
-        self.offset += (now // self.window + 1) * self.window - now + 1.0
 
 
 @pytest.fixture
@@ -108,7 +92,7 @@ def test_budget_settings_are_validated():
 
 # ------------------------------------------------------------------ single adds, resend, window turn
 async def test_single_adds_beyond_budget_are_queued_then_sent(start, sink, caplog):
-    clock = Clock()
+    clock = WindowClock(WINDOW)
     gw = await start(sink, clock)
     keys = await _accounts(gw)
     alice, mallory = keys["alice"], keys["mallory"]
@@ -172,7 +156,7 @@ async def test_single_adds_beyond_budget_are_queued_then_sent(start, sink, caplo
 
 # ------------------------------------------------------------------ bulk import, outbox
 async def test_bulk_import_beyond_budget_sends_only_the_budget(start, sink):
-    clock = Clock()
+    clock = WindowClock(WINDOW)
     gw = await start(sink, clock)
     keys = await _accounts(gw)
     alice, mallory = keys["alice"], keys["mallory"]
@@ -224,7 +208,7 @@ async def test_bulk_import_beyond_budget_sends_only_the_budget(start, sink):
 
 
 async def test_zero_means_no_budget(start, sink):
-    gw = await start(sink, Clock(), confirmations_per_account=0)
+    gw = await start(sink, WindowClock(WINDOW), confirmations_per_account=0)
     keys = await _accounts(gw)
     async with _client(gw) as c:
         lid = (await _new_list(c, keys["alice"]))["id"]
@@ -239,7 +223,7 @@ async def test_zero_means_no_budget(start, sink):
 
 # ------------------------------------------------------------------ several gateways, one budget
 async def test_gateways_sharing_the_database_share_the_budget(start, sink, storage_url):
-    clock = Clock()
+    clock = WindowClock(WINDOW)
     # Six concurrent budget takes by two gateways on one SQLite file wait for its write lock in turn:
     # the database deadline is widened so a loaded machine does not turn the wait into a 503.
     gw_a = await start(sink, clock, lookup_timeout=15.0)
