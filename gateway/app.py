@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, MutableSet, TypeVar
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import dev
+from .accounts.identity import identity_secret
 from .accounts.limiter import AuthLimiter
 from .accounts.proof import DomainProofChecker
 from .accounts.store import AccountStore
@@ -171,7 +172,10 @@ class Gateway:
             self.dev_certificate_made = dev.certificate(cfg)
         tls_context = build_tls_context(cfg)
         from .registry.service import registry_secret, require_secret
-        require_secret(cfg, registry_secret(cfg))   # a missing registry key fails before anything starts
+        registry_key = registry_secret(cfg)
+        require_secret(cfg, registry_key)   # a missing registry key fails before anything starts
+        # The key of the opaque identity in the Received header (accounts/identity.py).
+        identity_key = identity_secret(cfg.identity, registry_key)
         st = cfg.storage
         self.engine = create_engine(st.url, connect_timeout=st.connect_timeout, command_timeout=st.command_timeout,
                                     pool_timeout=st.pool_timeout)
@@ -225,7 +229,9 @@ class Gateway:
                                  events=self.events)
         self.pipeline = build_pipeline(cfg.checks.order(), factories(self.services),
                                        on_outcome=self.events.outcome, settings=cfg.checks)
-        self.delivery = Delivery(self.relay, Finalizer(cfg.smtp.hostname, cfg.smtp.trace_header, self.clock),
+        self.delivery = Delivery(self.relay, Finalizer(cfg.smtp.hostname, cfg.smtp.trace_header, self.clock,
+                                                         strip_fields=cfg.identity.field_names,
+                                                         identity_key=identity_key),
                                  local_handlers(self.service_mail, self.registry), self.events, self.registry)
         for listener in cfg.listeners:
             self._proxy_nets[listener.name] = [ipaddress.ip_network(n, strict=False)

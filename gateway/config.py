@@ -17,6 +17,7 @@ from typing import Literal, Mapping
 from .configload import ConfigError, load_section
 from .registry.settings import RegistrySettings
 from .accounts.settings import AccountSettings
+from .accounts.identity import IdentitySettings
 from .accounts.passwords import DEFAULT_N as DEFAULT_SCRYPT_N, MAX_N as MAX_SCRYPT_N, MIN_N as MIN_SCRYPT_N
 from .dns.settings import DnsblSettings, DomainSettings, ResolverSettings
 from .forwarding import ForwardingSettings
@@ -485,6 +486,7 @@ class Config:
     forwarding: ForwardingSettings = field(default_factory=ForwardingSettings)
     harvest: HarvestSettings = field(default_factory=HarvestSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)     # rcpt_rate (issue 12)
+    identity: IdentitySettings = field(default_factory=IdentitySettings)   # sub-logins, identity headers
 
     def __post_init__(self) -> None:
         names = [listener.name for listener in self.listeners]

@@ -33,12 +33,18 @@ def session_fields(sess: SessionInfo) -> dict:
     if sess.account is not None:
         d["account"] = sess.account.name
         d["auth"] = sess.auth_method
+        if sess.identity is not None:
+            d["identity"] = sess.identity      # a SASL sub-login's (accounts/identity.py)
     return d
 
 
 def transaction_record(tx: Transaction) -> dict:
     d = {"ts": round(tx.wall_started, 3), "event": "transaction", "trace_id": tx.trace_id}
     d.update(session_fields(tx.session))
+    identity = tx.charged_to[1]
+    if identity is not None:
+        # in clear here; the relayed copy has only its keyed hash (accounts/identity.py)
+        d["identity"] = identity
     d["mail_from"] = tx.mail_from.addr if tx.mail_from is not None else None
     if tx.mail_params:
         d["mail_params"] = {k: v for k, v in tx.mail_params.items()}

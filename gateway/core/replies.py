@@ -145,6 +145,10 @@ RATE_STORM = R(550, "5.7.1", "Rate limit exceeded repeatedly, sending stopped; c
 AUTH_REQUIRED = R(530, "5.7.0", "Authentication required", "P-RELAY")
 AUTH_INVALID = R(535, "5.7.8", "Authentication credentials invalid", "P-RELAY")
 AUTH_SUSPENDED = R(535, "5.7.8", "Account suspended, contact your provider", "P-STRIKE")
+# A sub-login "account/user" whose user part is empty, too long or holds
+# characters outside the identity charset (accounts/identity.py).
+AUTH_BAD_IDENTITY = R(535, "5.7.8", "Authentication credentials invalid: the identity after the account name "
+                                    "is empty, too long, or not letters, digits and . _ @ + ~ / -", "P-RELAY")
 AUTH_TOO_MANY_FAILURES = R(454, "4.7.0", "Too many authentication failures, try again later", "P-LOAD")
 AUTH_NEEDS_TLS = R(538, "5.7.11", "Encryption required for requested authentication mechanism", "P-RELAY")
 AUTH_ALREADY = R(503, "5.5.1", "Already authenticated", "P-STD")

@@ -10,6 +10,12 @@ received. A DKIM signature will be computed here, over exactly these bytes.
 
 Forwarded mail and SRS bounces get the trace on top and nothing else: the
 author's bytes (and their DKIM signatures) stay intact.
+
+The identity header fields (``[identity] headers``, accounts/identity.py)
+are removed from every other copy, from trusted accounts and untrusted ones
+alike: they name the customer's sites (and PHP's X-PHP-Script the visitor's
+address), and a forged one must not reach anyone. The identity itself is in
+the Received header only as its keyed hash (trace.py).
 """
 from __future__ import annotations
 
@@ -32,16 +38,24 @@ def list_body(message: bytes) -> bytes:
 
 
 class Finalizer:
-    def __init__(self, hostname: str, trace_header: str, clock: Callable[[], float] = time.time):
+    def __init__(self, hostname: str, trace_header: str, clock: Callable[[], float] = time.time, *,
+                 strip_fields: frozenset[str] = frozenset(), identity_key: bytes | None = None):
         self.hostname = hostname
         self.trace_header = trace_header
         self.clock = clock
+        self.strip_fields = strip_fields                  # lower-case names of the identity header fields
+        self.identity_key = identity_key                  # HMAC key of the opaque identity (None: not shown)
 
     def finalize(self, tx: Transaction, rcpt: str | None = None,
                  list_headers: list[tuple[str, str]] | None = None, body: bytes | None = None) -> bytes:
         """The bytes of one copy: for ``rcpt`` alone (a list copy: its
         ``list_headers`` and the ``body`` of :func:`list_body`), else the
         message as every recipient gets it."""
-        added = [] if forwarded(tx) is not None else tx.add_headers + (list_headers or [])
-        head = trace_headers(tx, self.hostname, self.trace_header, self.clock(), added, rcpt)
-        return head + (body if body is not None else (tx.message or b""))
+        is_forwarded = forwarded(tx) is not None
+        added = [] if is_forwarded else tx.add_headers + (list_headers or [])
+        head = trace_headers(tx, self.hostname, self.trace_header, self.clock(), added, rcpt,
+                             identity_key=self.identity_key)
+        message = body if body is not None else (tx.message or b"")
+        if self.strip_fields and not is_forwarded:
+            message = remove_fields(message, set(self.strip_fields))
+        return head + message

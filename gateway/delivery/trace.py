@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from email.utils import formatdate
 
+from ..accounts.identity import opaque
 from ..core.transaction import Transaction
 
 
@@ -39,7 +40,8 @@ def _clean(text: str) -> str:
     return "".join(c if c.isprintable() and c not in "()\\;" else "?" for c in text)[:255]
 
 
-def received_header(tx: Transaction, hostname: str, now: float | None = None, rcpt: str | None = None) -> bytes:
+def received_header(tx: Transaction, hostname: str, now: float | None = None, rcpt: str | None = None, *,
+                    identity_key: bytes | None = None) -> bytes:
     sess = tx.session
     helo = _clean(sess.helo or "unknown")
     ip = f"IPv6:{sess.peer_ip}" if ":" in sess.peer_ip else sess.peer_ip
@@ -49,6 +51,10 @@ def received_header(tx: Transaction, hostname: str, now: float | None = None, rc
     if sess.account is not None:
         how = "authenticated" if sess.auth_method == "smtp-auth" else "client network of"
         parts.append(f"\t({how} account {_clean(sess.account.name)})")
+        account, identity = tx.charged_to
+        if identity is not None and identity_key is not None and account is not None:
+            # opaque to the recipient, traceable by the operator (accounts/identity.py)
+            parts.append(f"\t(identity {opaque(identity_key, account, identity)})")
     parts.append(f"\tby {hostname} with {_protocol(tx)} id {tx.trace_id}")
     tail = f"; {_rfc5322_date(now)}"
     if rcpt is None and len(tx.recipients) == 1:
@@ -61,11 +67,12 @@ def received_header(tx: Transaction, hostname: str, now: float | None = None, rc
 
 
 def trace_headers(tx: Transaction, hostname: str, trace_header: str, now: float | None = None,
-                  extra: list[tuple[str, str]] | None = None, rcpt: str | None = None) -> bytes:
+                  extra: list[tuple[str, str]] | None = None, rcpt: str | None = None, *,
+                  identity_key: bytes | None = None) -> bytes:
     """What the relay writes in front of the message as sent: the Received,
     the trace header, then ``extra`` (headers the gateway adds, e.g. a missing
     Date / Message-ID from ``tx.add_headers``), in that order."""
-    out = received_header(tx, hostname, now, rcpt)
+    out = received_header(tx, hostname, now, rcpt, identity_key=identity_key)
     out += f"{trace_header}: {tx.trace_id}\r\n".encode("ascii")
     for name, value in extra or ():
         out += f"{name}: {value}\r\n".encode("utf-8", "surrogateescape")

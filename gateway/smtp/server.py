@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from aiosmtpd.proxy_protocol import get_proxy
 from aiosmtpd.smtp import SMTP as AioSMTP
 
+from ..accounts.identity import IdentityError, split_login
 from ..core import replies
 from ..core.address import AddressError, EnvelopeAddress, parse_params, parse_path
 from ..core.events import Authenticated, Refusal, SessionEnded, TransactionEnded
@@ -458,12 +459,21 @@ class GatewaySMTP(AioSMTP):
             return  # the client was answered already (aborted, bad base64, ...)
         login, password = creds
         login_text = login.decode("utf-8", "replace")
-        if await limiter.account_blocked(login_text):
-            await self._refuse_auth(Outcome("auth", Result.FAIL, f"too many failures for {login_text}",
+        # A sub-login "account/user" (accounts/identity.py) authenticates as the
+        # account with its password; failures count against the account, so
+        # rotating sub-logins buys no extra guesses.
+        try:
+            account_name, identity = split_login(login_text, self.ctx.config.identity.max_length)
+        except IdentityError as exc:
+            await self._refuse_auth(Outcome("auth", Result.FAIL, f"bad sub-login {login_text}: {exc}",
+                                            replies.AUTH_BAD_IDENTITY, Phase.AUTH, login_text))
+            return
+        if await limiter.account_blocked(account_name):
+            await self._refuse_auth(Outcome("auth", Result.FAIL, f"too many failures for {account_name}",
                                             replies.AUTH_TOO_MANY_FAILURES, Phase.AUTH, login_text))
             return
         try:
-            account = await self.ctx.accounts.authenticate(login_text, password)
+            account = await self.ctx.accounts.authenticate(account_name, password)
         except Exception as exc:
             # a database that is down or overran its deadline: expected, no traceback
             log.warning("AUTH for %s from %s: account store unavailable (%s)", text_safe(login_text, 100),
@@ -471,7 +481,7 @@ class GatewaySMTP(AioSMTP):
             await self.reply(replies.AUTH_TEMP_FAILURE)
             return
         if account is None:
-            await limiter.failed(sess.peer_ip, login_text)
+            await limiter.failed(sess.peer_ip, account_name)
             await self._refuse_auth(Outcome("auth", Result.FAIL, f"bad credentials for {login_text}",
                                             replies.AUTH_INVALID, Phase.AUTH, login_text))
             return
@@ -482,8 +492,10 @@ class GatewaySMTP(AioSMTP):
         sess.account = account
         sess.auth_method = "smtp-auth"
         sess.auth_login = login_text
+        sess.identity = identity
         aio.authenticated = True
-        self._record(sess.ledger, Outcome("auth", Result.PASS, f"account {account.name} via {mechanism}",
+        who = f"account {account.name}" + (f" identity {identity}" if identity is not None else "")
+        self._record(sess.ledger, Outcome("auth", Result.PASS, f"{who} via {mechanism}",
                                           phase=Phase.AUTH, item=login_text))
         self.ctx.events.publish(Authenticated(sess))
         await self.reply(replies.AUTH_OK)

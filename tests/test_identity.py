@@ -1,0 +1,270 @@
+"""Identity inside an account (issue 12 point 2, docs/sender-auth.md
+"Identities inside an account"), over real SMTP:
+
+- a SASL sub-login ``alice/site7`` authenticates as alice, and the per-identity
+  limit of rcpt_rate stops site7 while site8 of the same account keeps sending;
+- wrong passwords under rotating sub-logins count against the account's
+  failure limit (and lock out the plain login too);
+- a malformed sub-login is refused with 535 5.7.8 before any password check;
+- a trusted account's identity header names the identity and is removed from
+  the relayed copy; an untrusted account's is removed and ignored;
+- the transaction log names the identity, the Received header carries only
+  its keyed hash."""
+from __future__ import annotations
+
+import time
+
+import aiosmtplib
+import pytest
+
+from conftest import MESSAGE, eventually
+from gateway.accounts.identity import IdentityError, from_header, identity_secret, IdentitySettings, opaque, \
+    split_login
+from gateway.config import from_mapping
+from gateway.configload import ConfigError
+
+KEY = "identity-test-key-0123456789abcdef"
+
+
+class FrozenClock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def limits(**values) -> dict:
+    base = {k: 0 for k in ("recipients_per_minute", "recipients_per_hour", "recipients_per_day",
+                           "identity_recipients_per_minute", "identity_recipients_per_hour",
+                           "identity_recipients_per_day", "messages_per_hour", "messages_per_day",
+                           "identity_messages_per_hour", "identity_messages_per_day")}
+    base.update(values)
+    return {"classes": {"standard": base}, "storm_refusals": 0}
+
+
+async def connect(h, user: str, password: str = "s3cret") -> aiosmtplib.SMTP:
+    c = aiosmtplib.SMTP(hostname="127.0.0.1", port=h.port(), timeout=10)
+    await c.connect()
+    await c.login(user, password)
+    return c
+
+
+async def send(c: aiosmtplib.SMTP, rcpt: str, message: bytes = MESSAGE) -> int:
+    code, _ = await c.mail("alice@example.com")
+    assert code == 250
+    r = await c.execute_command(b"RCPT", f"TO:<{rcpt}>".encode())
+    if r.code != 250:
+        await c.rset()
+        return r.code
+    try:
+        return (await c.data(message))[0]
+    except (aiosmtplib.SMTPDataError, aiosmtplib.SMTPResponseException) as exc:
+        return exc.code
+
+
+async def auth_plain(h, login: str, password: str) -> tuple[int, str]:
+    """One AUTH PLAIN on a fresh connection: (code, text)."""
+    import base64
+    c = aiosmtplib.SMTP(hostname="127.0.0.1", port=h.port(), timeout=10)
+    await c.connect()
+    try:
+        await c.ehlo()
+        blob = base64.b64encode(b"\0" + login.encode() + b"\0" + password.encode()).decode()
+        r = await c.execute_command(b"AUTH", b"PLAIN", blob.encode())
+        return r.code, r.message
+    finally:
+        c.close()
+
+
+def head_of(data: bytes) -> bytes:
+    return data.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+
+
+# ------------------------------------------------------------------ units
+def test_split_login():
+    assert split_login("alice") == ("alice", None)
+    assert split_login("alice/Site7") == ("alice", "site7")      # lower-cased: one site, one key
+    assert split_login("alice/example.com/blog") == ("alice", "example.com/blog")
+    for bad in ("alice/", "alice/a b", "alice/x\x00", "alice/" + "a" * 65, "alice/é"):
+        with pytest.raises(IdentityError):
+            split_login(bad)
+
+
+def test_from_header_normalizes_php_script():
+    assert from_header("example.com/wp-content/plugins/x.php for 1.2.3.4") == "example.com/wp-content/plugins/x.php"
+    assert from_header("EXAMPLE.com/a.php for 2001:db8::1") == "example.com/a.php"
+    assert from_header("/var/www/site/mail.php?id=7 for 10.0.0.1") == "var/www/site/mail.php"
+    assert from_header("site 7 <weird>") == "site_7_weird"
+    assert from_header("   ") is None
+    assert len(from_header("a" * 500, 64) or "") == 64
+
+
+def test_identity_key_and_opaque():
+    s = IdentitySettings(secret=KEY)
+    assert identity_secret(s, None) == KEY.encode()
+    derived = identity_secret(IdentitySettings(), b"registry")
+    assert derived != b"registry" and derived == identity_secret(IdentitySettings(), b"registry")
+    h = opaque(KEY.encode(), "alice", "site7")
+    assert len(h) == 16 and h != opaque(KEY.encode(), "alice", "site8") and "site7" not in h
+
+
+@pytest.mark.parametrize("section,key,problem", [
+    ({"headers": ["X Bad"]}, "identity.headers", "not a header field name"),
+    ({"headers": ["Received"]}, "identity.headers", "standard field"),
+    ({"trusted_accounts": ["no/slash"]}, "identity.trusted_accounts", "not an account name"),
+    ({"headers": [], "trusted_accounts": ["alice"]}, "identity.trusted_accounts", "no identity header"),
+    ({"max_length": 0}, "identity.max_length", "1..255"),
+])
+def test_config_errors_name_key(tmp_path, section, key, problem):
+    from conftest import base_config
+    data = base_config(tmp_path, None, identity=section)
+    with pytest.raises(ConfigError) as err:
+        from_mapping(data, "<test>")
+    assert err.value.key == key and problem in str(err.value)
+
+
+# ------------------------------------------------------------------ SASL sub-logins
+async def test_sub_login_is_charged_to_its_identity(gateway_factory, sink):
+    h = await gateway_factory(sink, clock=FrozenClock(), limits=limits(identity_recipients_per_minute=2),
+                              identity={"secret": KEY})
+    await h.add_account()
+    site7 = await connect(h, "alice/site7")
+    site8 = await connect(h, "alice/site8")
+    try:
+        assert [await send(site7, f"r{i}@example.org") for i in range(3)] == [250, 250, 451]
+        # the same account, another identity: its own budget
+        assert [await send(site8, f"s{i}@example.org") for i in range(2)] == [250, 250]
+    finally:
+        site7.close()
+        site8.close()
+    await eventually(lambda: len(h.log_records()) >= 5, "five transaction lines")
+    relayed = [r for r in h.log_records() if r.get("event") == "transaction" and r["decision"] == "relayed"]
+    assert sorted(r["identity"] for r in relayed) == ["site7", "site7", "site8", "site8"]
+    assert all(r["account"] == "alice" for r in relayed)
+    refused = [r for r in h.log_records() if r.get("event") == "transaction" and r["decision"] != "relayed"]
+    assert [r["identity"] for r in refused] == ["site7"]
+    # the relayed copy: the identity's keyed hash, never its name
+    assert len(sink.messages) == 4
+    for m in sink.messages:
+        head = head_of(m.data)
+        who = "site7" if m.rcpt_tos[0].startswith("r") else "site8"
+        assert f"\t(identity {opaque(KEY.encode(), 'alice', who)})\r\n".encode() in head
+        assert b"site7" not in head and b"site8" not in head
+
+
+async def test_plain_login_has_no_identity(gateway_factory, sink):
+    h = await gateway_factory(sink)
+    await h.add_account()
+    c = await connect(h, "alice")
+    try:
+        assert await send(c, "bob@example.org") == 250
+    finally:
+        c.close()
+    await eventually(lambda: any(r.get("decision") == "relayed" for r in h.log_records()), "the log line")
+    rec = next(r for r in h.log_records() if r.get("decision") == "relayed")
+    assert "identity" not in rec
+    assert b"(identity " not in head_of(sink.messages[0].data)
+
+
+async def test_sub_login_failures_count_against_the_account(gateway_factory, sink):
+    # base config: 5 failures per account; per IP out of the way
+    h = await gateway_factory(sink, auth={"max_failures_per_ip": 100})
+    await h.add_account()
+    for i in range(5):   # an attacker rotating sub-logins
+        code, _ = await auth_plain(h, f"alice/site{i}", "wrong")
+        assert code == 535
+    for login in ("alice/site99", "alice"):   # now even the right password: the account is locked
+        code, text = await auth_plain(h, login, "s3cret")
+        assert (code, text.split()[0]) == (454, "4.7.0"), (login, code, text)
+
+
+async def test_bad_sub_login_refused(gateway_factory, sink):
+    h = await gateway_factory(sink)
+    await h.add_account()
+    for login in ("alice/", "alice/a b", "alice/" + "x" * 65):
+        code, text = await auth_plain(h, login, "s3cret")
+        assert code == 535 and text.startswith("5.7.8") and "identity after the account name" in text, text
+    # not a password guess: the account is not locked by them
+    code, _ = await auth_plain(h, "alice/ok", "s3cret")
+    assert code == 235
+
+
+# ------------------------------------------------------------------ identity headers
+PHP = b"X-PHP-Script: example.com/wp-content/plugins/x.php for 203.0.113.9\r\n"
+
+
+async def test_trusted_header_sets_identity_and_is_removed(gateway_factory, sink):
+    h = await gateway_factory(sink, clock=FrozenClock(), identity={"trusted_accounts": ["alice"], "secret": KEY},
+                              limits=limits())
+    await h.add_account()
+    c = await connect(h, "alice")
+    try:
+        assert await send(c, "bob@example.org", PHP + MESSAGE) == 250
+    finally:
+        c.close()
+    await eventually(lambda: any(r.get("decision") == "relayed" for r in h.log_records()), "the log line")
+    rec = next(r for r in h.log_records() if r.get("decision") == "relayed")
+    assert rec["identity"] == "example.com/wp-content/plugins/x.php"
+    assert any(o["check"] == "data_identity" and o["result"] == "pass" for o in rec["ledger"]), rec["ledger"]
+    data = sink.messages[0].data
+    assert b"X-PHP-Script" not in data and b"203.0.113.9" not in data and b"wp-content" not in data
+    assert data.endswith(MESSAGE)
+    digest = opaque(KEY.encode(), "alice", "example.com/wp-content/plugins/x.php")
+    assert f"\t(identity {digest})\r\n".encode() in head_of(data)
+
+
+async def test_untrusted_header_is_removed_and_ignored(gateway_factory, sink):
+    h = await gateway_factory(sink, identity={"trusted_accounts": ["carol"], "secret": KEY})
+    await h.add_account()
+    c = await connect(h, "alice")
+    try:
+        assert await send(c, "bob@example.org", b"X-AuthUser: victim-site\r\n" + PHP + MESSAGE) == 250
+    finally:
+        c.close()
+    await eventually(lambda: any(r.get("decision") == "relayed" for r in h.log_records()), "the log line")
+    rec = next(r for r in h.log_records() if r.get("decision") == "relayed")
+    assert "identity" not in rec
+    data = sink.messages[0].data
+    assert b"X-AuthUser" not in data and b"X-PHP-Script" not in data and b"(identity " not in data
+    assert data.endswith(MESSAGE)
+
+
+async def test_duplicate_header_not_believed(gateway_factory, sink):
+    h = await gateway_factory(sink, identity={"trusted_accounts": ["alice"], "secret": KEY})
+    await h.add_account()
+    c = await connect(h, "alice/site7")
+    try:
+        forged = b"X-AuthUser: other-site\r\nX-AuthUser: site9\r\n"
+        assert await send(c, "bob@example.org", forged + MESSAGE) == 250
+    finally:
+        c.close()
+    await eventually(lambda: any(r.get("decision") == "relayed" for r in h.log_records()), "the log line")
+    rec = next(r for r in h.log_records() if r.get("decision") == "relayed")
+    assert rec["identity"] == "site7"     # the session's sub-login, not either field
+    assert any(o["check"] == "data_identity" and o["result"] == "flag" for o in rec["ledger"]), rec["ledger"]
+    assert b"X-AuthUser" not in sink.messages[0].data
+
+
+async def test_auth_login_mechanism_and_the_log_name_the_full_login(gateway_factory, sink):
+    import base64
+    h = await gateway_factory(sink, identity={"secret": KEY})
+    await h.add_account()
+    c = aiosmtplib.SMTP(hostname="127.0.0.1", port=h.port(), timeout=10)
+    await c.connect()
+    try:
+        await c.ehlo()
+        r = await c.execute_command(b"AUTH", b"LOGIN", base64.b64encode(b"alice/Blog.Example"))
+        assert r.code == 334
+        r = await c.execute_command(base64.b64encode(b"s3cret"))
+        assert r.code == 235, r
+        assert await send(c, "bob@example.org") == 250
+    finally:
+        c.close()
+    await eventually(lambda: any(r.get("decision") == "relayed" for r in h.log_records()), "the log line")
+    rec = next(r for r in h.log_records() if r.get("decision") == "relayed")
+    assert rec["identity"] == "blog.example" and rec["account"] == "alice"
+    auth = next(o for o in rec["ledger"] if o["check"] == "auth")
+    assert auth["item"] == "alice/Blog.Example" and "identity blog.example" in auth["detail"]
+    digest = opaque(KEY.encode(), "alice", "blog.example")
+    assert f"(identity {digest})".encode() in head_of(sink.messages[0].data)
