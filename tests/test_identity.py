@@ -18,6 +18,7 @@ import aiosmtplib
 import pytest
 
 from conftest import MESSAGE, eventually
+from test_bulk_smtp import LONG
 from gateway.accounts.identity import IdentityError, from_header, identity_secret, IdentitySettings, opaque, \
     split_login
 from gateway.config import from_mapping
@@ -268,3 +269,81 @@ async def test_auth_login_mechanism_and_the_log_name_the_full_login(gateway_fact
     assert auth["item"] == "alice/Blog.Example" and "identity blog.example" in auth["detail"]
     digest = opaque(KEY.encode(), "alice", "blog.example")
     assert f"(identity {digest})".encode() in head_of(sink.messages[0].data)
+
+
+async def test_header_identity_is_what_data_bulk_counts(gateway_factory, sink):
+    """data_bulk runs after data_identity and counts per (account, identity)
+    beside the account: its detail names the header's identity and that
+    identity's own count. (data_bulk decides on the larger of the two counts,
+    so the account's other site is held by the account's count: its call.)"""
+    h = await gateway_factory(sink, checks={"data": ["data_size", "data_identity", "data_bulk"],
+                                            "modes": {"data_bulk": "enforce"}},
+                              bulk={"recipients_threshold": 2}, identity={"trusted_accounts": ["alice"]})
+    await h.add_account()
+    text = MESSAGE + LONG     # enough text for a fingerprint
+    c = await connect(h, "alice")
+    try:
+        site_a = [await send(c, f"a{i}@example.org", b"X-AuthUser: site-a\r\n" + text) for i in range(3)]
+        site_b = await send(c, "b0@example.org", b"X-AuthUser: site-b\r\n" + text)
+    finally:
+        c.close()
+    assert site_a == [250, 250, 451] and site_b in (451, 550)
+    await eventually(lambda: len([r for r in h.log_records() if r.get("event") == "transaction"]) >= 4, "4 lines")
+    recs = [r for r in h.log_records() if r.get("event") == "transaction"]
+    bulk = [next(o for o in r["ledger"] if o["check"] == "data_bulk") for r in recs]
+    assert [r["identity"] for r in recs] == ["site-a"] * 3 + ["site-b"]
+    assert "(identity site-a: 3)" in bulk[2]["detail"], bulk[2]
+    assert "(identity site-b: 1)" in bulk[3]["detail"], bulk[3]
+    assert not any(b"X-AuthUser" in m.data for m in sink.messages) and len(sink.messages) == 2
+
+
+# ------------------------------------------------------------------ the check alone
+async def test_data_identity_check_paths(check_kit):
+    from gateway.core.transaction import ForwardingDecision, Result
+    svc = check_kit.services(identity=IdentitySettings(trusted_accounts=["alice"], headers=["X-AuthUser",
+                                                                                           "X-PHP-Script"]))
+    check = check_kit.build("data_identity", svc)
+    both = b"X-PHP-Script: example.com/x.php for 192.0.2.9\r\nX-AuthUser: Site7\r\n" + MESSAGE
+
+    tx = check_kit.transaction(both, account=check_kit.account("alice"))
+    out = await check.run(tx)
+    assert (out.result, tx.identity) == (Result.PASS, "site7")     # X-AuthUser first: the configured order
+    assert tx.charged_to == ("alice", "site7")
+
+    tx = check_kit.transaction(both, account=check_kit.account("bob"))
+    out = await check.run(tx)
+    assert (out.result, tx.identity) == (Result.SKIP, None)          # untrusted account
+
+    tx = check_kit.transaction(both, account=check_kit.account("alice"))
+    tx.forwarding = ForwardingDecision("forward", original="someone@example.net")
+    out = await check.run(tx)
+    assert (out.result, tx.identity) == (Result.SKIP, None)          # the original author's header block
+
+    tx = check_kit.transaction(b"X-AuthUser: ???\r\n" + MESSAGE, account=check_kit.account("alice"))
+    out = await check.run(tx)
+    assert (out.result, tx.identity) == (Result.FLAG, None)
+
+    tx = check_kit.transaction(MESSAGE, account=None)
+    assert (await check.run(tx)).result is Result.SKIP
+
+
+def test_finalize_strips_identity_fields_except_forwarded():
+    from gateway.core.transaction import ForwardingDecision, SessionInfo, Transaction
+    from gateway.delivery.finalize import Finalizer
+    fin = Finalizer("gw.test", "X-Gateway-Trace", strip_fields=frozenset({"x-authuser", "x-php-script"}),
+                    identity_key=KEY.encode())
+    tx = Transaction(SessionInfo("s1", "plain", "192.0.2.1", 1))
+    tx.message = b"x-authuser: a\r\nX-PHP-Script: b\r\n\tfolded\r\n" + MESSAGE
+    out = fin.finalize(tx)
+    assert out.endswith(MESSAGE) and b"x-authuser" not in out.lower() and b"folded" not in out
+    tx.message = MESSAGE
+    assert fin.finalize(tx).endswith(MESSAGE)
+    fwd = Transaction(SessionInfo("s2", "plain", "192.0.2.1", 1))
+    fwd.forwarding = ForwardingDecision("forward", original="someone@example.net", state="confirmed")
+    fwd.message = b"X-AuthUser: a\r\n" + MESSAGE
+    assert fin.finalize(fwd).endswith(fwd.message)       # forwarded: the author's bytes stay intact
+
+
+def test_from_header_php_originating_script():
+    assert from_header("1001:mailer.php") == "1001_mailer.php"
+    assert IdentitySettings().field_names == {"x-authuser", "x-php-script", "x-php-originating-script"}

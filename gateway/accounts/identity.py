@@ -55,7 +55,7 @@ class IdentitySettings:
     Received header ("env:NAME" reads it from the environment); empty: the
     registry's secret, else one made at start (then hashes change with each
     restart, the log still maps them)."""
-    headers: list[str] = field(default_factory=lambda: ["X-AuthUser", "X-PHP-Script"])
+    headers: list[str] = field(default_factory=lambda: ["X-AuthUser", "X-PHP-Script", "X-PHP-Originating-Script"])
     trusted_accounts: list[str] = field(default_factory=list)
     max_length: int = 64
     secret: str = ""

@@ -13,8 +13,9 @@ The field is the customer server's word, so ambiguous evidence is not
 believed: a field present twice (a script may have added its own copy to the
 one its server sets) or a value with nothing usable left is recorded as a
 flag and the message stays charged to the session (the account as a whole,
-or its sub-login), the stricter choice. Forwarded mail is not read: its
-header block is the original author's.
+or its sub-login), the stricter choice. Mail that may be forwarded (a
+foreign MAIL FROM of an account allowed to forward) is not read: its header
+block is the original author's.
 
 The check never refuses. It runs early in the data phase, before the checks
 that charge per identity at DATA (data_bulk). The RCPT-phase limits
@@ -43,7 +44,8 @@ class IdentityHeader:
         account = tx.session.account
         if account is None or account.name not in self.trusted:
             return Outcome.skip(self.name, "identity headers not trusted from this account")
-        if tx.forwarding is not None and tx.forwarding.kind == "forward":
+        fwd = tx.forwarding
+        if fwd is not None and fwd.kind == "forward" and not fwd.own_envelope:
             return Outcome.skip(self.name, "forwarded mail: the header block is the original author's")
         if tx.message is None:
             return Outcome.skip(self.name, "no message")
