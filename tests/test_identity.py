@@ -347,3 +347,30 @@ def test_finalize_strips_identity_fields_except_forwarded():
 def test_from_header_php_originating_script():
     assert from_header("1001:mailer.php") == "1001_mailer.php"
     assert IdentitySettings().field_names == {"x-authuser", "x-php-script", "x-php-originating-script"}
+
+
+async def test_harvest_guard_per_sub_login(gateway_factory, sink):
+    """rcpt_harvest's per-identity count through the real AUTH path: site7's
+    refused recipients defer site7's next RCPTs, site8 of the same account
+    keeps sending, and the Violation names the identity."""
+    from gateway.core.events import Violation
+    from test_harvest import WINDOW, Clock
+    h = await gateway_factory(sink, clock=Clock(), checks={"modes": {"rcpt_harvest": "enforce"}},
+                              harvest={"max_refused_per_session": 0, "tarpit_delay": 0, "window": WINDOW,
+                                       "max_refused_per_ip": 0, "max_refused_per_account": 0,
+                                       "max_refused_per_identity": 2})
+    await h.add_account()
+    seen: list[Violation] = []
+    h.gw.events.subscribe(Violation, seen.append)
+    for i in range(3):
+        sink.refuse_rcpt[f"nobody{i}@example.org"] = "550 5.1.1 No such user"
+    site7 = await connect(h, "alice/site7")
+    site8 = await connect(h, "alice/site8")
+    try:
+        assert [await send(site7, f"nobody{i}@example.org") for i in range(3)] == [550, 550, 550]
+        assert await send(site7, "bob@example.org") == 451
+        assert await send(site8, "bob@example.org") == 250
+    finally:
+        site7.close()
+        site8.close()
+    assert [(v.rule, v.account, v.identity) for v in seen] == [("P-HARVEST", "alice", "site7")]
