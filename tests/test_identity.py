@@ -12,36 +12,18 @@
   its keyed hash."""
 from __future__ import annotations
 
-import time
-
 import aiosmtplib
 import pytest
 
-from conftest import MESSAGE, eventually
+from conftest import MESSAGE, WindowClock, eventually
 from test_bulk_smtp import LONG
+from test_rcpt_rate import FrozenClock, limits
 from gateway.accounts.identity import IdentityError, from_header, identity_secret, IdentitySettings, opaque, \
     split_login
 from gateway.config import from_mapping
 from gateway.configload import ConfigError
 
 KEY = "identity-test-key-0123456789abcdef"
-
-
-class FrozenClock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def limits(**values) -> dict:
-    base = {k: 0 for k in ("recipients_per_minute", "recipients_per_hour", "recipients_per_day",
-                           "identity_recipients_per_minute", "identity_recipients_per_hour",
-                           "identity_recipients_per_day", "messages_per_hour", "messages_per_day",
-                           "identity_messages_per_hour", "identity_messages_per_day")}
-    base.update(values)
-    return {"classes": {"standard": base}, "storm_refusals": 0}
 
 
 async def connect(h, user: str, password: str = "s3cret") -> aiosmtplib.SMTP:
@@ -354,9 +336,8 @@ async def test_harvest_guard_per_sub_login(gateway_factory, sink):
     refused recipients defer site7's next RCPTs, site8 of the same account
     keeps sending, and the Violation names the identity."""
     from gateway.core.events import Violation
-    from test_harvest import WINDOW, Clock
-    h = await gateway_factory(sink, clock=Clock(), checks={"modes": {"rcpt_harvest": "enforce"}},
-                              harvest={"max_refused_per_session": 0, "tarpit_delay": 0, "window": WINDOW,
+    h = await gateway_factory(sink, clock=WindowClock(3600.0), checks={"modes": {"rcpt_harvest": "enforce"}},
+                              harvest={"max_refused_per_session": 0, "tarpit_delay": 0, "window": 3600.0,
                                        "max_refused_per_ip": 0, "max_refused_per_account": 0,
                                        "max_refused_per_identity": 2})
     await h.add_account()
