@@ -46,8 +46,11 @@ async def _start(gateway_factory, sink, storage: str | None = None, *, mailto: s
     """A gateway with HTTP on a known port, so the links it puts into mail are
     the real URLs (the test follows them as a mail client would)."""
     http_port = free_port()
+    # lookup_timeout widened: the outbox writes every 0.2 s and the test's own writes (lists, subscribers)
+    # wait for SQLite's write lock in turn; on a loaded machine (and under libfaketime, whose sleeps run
+    # long) 3 s was seen to run out in a setup step. No test here is about that deadline.
     registry = {"secret": SECRET, "public_base_url": f"http://127.0.0.1:{http_port}", "outbox_interval": 0.2,
-                "mailto_address": mailto, **sections.pop("registry", {})}
+                "mailto_address": mailto, "lookup_timeout": 10.0, **sections.pop("registry", {})}
     if storage is not None:
         sections["storage"] = {"url": storage}
     h = await gateway_factory(sink, http={"enabled": True, "port": http_port, "address": "127.0.0.1"},
