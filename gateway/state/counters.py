@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable, Protocol
+from typing import Any, Callable, Generic, Protocol, TypeVar
 
 from .background import BackgroundTask
 
@@ -220,6 +220,59 @@ class RedisCounters:
     async def close(self) -> None:
         await self._probe.stop()
         await self._redis.aclose()
+
+
+L = TypeVar("L")
+
+
+class OnRedisCounters(Generic[L]):
+    """A structure kept in Redis by one Lua script (the rate limiter, the
+    distinct counts), riding on the gateway's :class:`RedisCounters`: their
+    client, prefix, per-call deadline, fallback, probe and health. While they
+    are in fallback it works on a local copy (``local``), a fresh one per
+    outage; ``_eval`` runs the script (loaded once, loaded again on NOSCRIPT)."""
+
+    SCRIPT: str = ""
+
+    def __init__(self, counters: RedisCounters, clock: Callable[[], float], max_keys: int,
+                 make_local: Callable[[Callable[[], float], int], L]):
+        self._counters = counters
+        self._redis = counters.client
+        self._prefix = counters.prefix
+        self._clock = clock
+        self._max_keys = max_keys
+        self._make_local = make_local
+        self._sha: str | None = None        # SCRIPT LOAD's answer, cached
+        self.script_loads = 0
+        self._local = make_local(clock, max_keys)
+        self._local_epoch = counters.fallbacks
+
+    @property
+    def local(self) -> L:
+        """The local copy of the current outage (a fresh one per outage)."""
+        if self._local_epoch != self._counters.fallbacks:
+            self._local = self._make_local(self._clock, self._max_keys)
+            self._local_epoch = self._counters.fallbacks
+        return self._local
+
+    async def _eval(self, keys: list[str], args: tuple) -> Any:
+        """The script over ``keys`` under the counters' deadline; None when Redis is away."""
+        from redis.exceptions import NoScriptError
+
+        async def run() -> Any:
+            if self._sha is None:
+                self._sha = await self._redis.script_load(self.SCRIPT)
+                self.script_loads += 1
+            try:
+                return await self._redis.evalsha(self._sha, len(keys), *keys, *args)
+            except NoScriptError:               # Redis restarted or its scripts flushed: load again, once
+                self._sha = await self._redis.script_load(self.SCRIPT)
+                self.script_loads += 1
+                return await self._redis.evalsha(self._sha, len(keys), *keys, *args)
+        return await self._counters._call(run)
+
+    def health(self) -> dict:
+        return self._counters.health()
 
 
 def _safe_url(url: str) -> str:

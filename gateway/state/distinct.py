@@ -47,6 +47,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
+from .counters import OnRedisCounters
+
 if TYPE_CHECKING:  # pragma: no cover
     from .counters import Counters, RedisCounters
 
@@ -167,36 +169,20 @@ return out
 """
 
 
-class RedisDistinct:
+class RedisDistinct(OnRedisCounters[MemoryDistinct]):
     """The same sets in Redis, on the gateway's ``RedisCounters`` (their
     client, deadline, fallback, probe and health)."""
 
-    def __init__(self, counters: RedisCounters, clock: Callable[[], float] = time.time, max_keys: int = 200_000):
-        self._counters = counters
-        self._redis = counters.client
-        self._prefix = counters.prefix
-        self._clock = clock
-        self._max_keys = max_keys
-        self._sha: str | None = None
-        self.script_loads = 0
-        self._local = MemoryDistinct(clock, max_keys)
-        self._local_epoch = counters.fallbacks
+    SCRIPT = DISTINCT_LUA
 
-    @property
-    def local(self) -> MemoryDistinct:
-        """The local sets of the current outage (fresh per outage)."""
-        if self._local_epoch != self._counters.fallbacks:
-            self._local = MemoryDistinct(self._clock, self._max_keys)
-            self._local_epoch = self._counters.fallbacks
-        return self._local
+    def __init__(self, counters: RedisCounters, clock: Callable[[], float] = time.time, max_keys: int = 200_000):
+        super().__init__(counters, clock, max_keys, MemoryDistinct)
 
     def _keys(self, keys: Sequence[str], window: float) -> list[str]:
         return [f"{self._prefix}d:{int(window)}:{k}" for k in keys]   # another window: other keys
 
     async def add(self, keys: Sequence[str], members: Sequence[str], window: float,
                   cap: int = 1000) -> list[Seen]:
-        from redis.exceptions import NoScriptError
-
         _check_window(window)
         if not keys or not members:
             return [Seen(0, frozenset()) for _ in keys]
@@ -204,19 +190,7 @@ class RedisDistinct:
             hashes = list(dict.fromkeys(member_hash(m) for m in members))
             back = {h: m for h, m in zip((member_hash(m) for m in members), members)}
             args = (int(self._clock() * 1000), int(window * 1000), cap, *hashes)
-            rkeys = self._keys(keys, window)
-
-            async def run():
-                if self._sha is None:
-                    self._sha = await self._redis.script_load(DISTINCT_LUA)
-                    self.script_loads += 1
-                try:
-                    return await self._redis.evalsha(self._sha, len(rkeys), *rkeys, *args)
-                except NoScriptError:
-                    self._sha = await self._redis.script_load(DISTINCT_LUA)
-                    self.script_loads += 1
-                    return await self._redis.evalsha(self._sha, len(rkeys), *rkeys, *args)
-            rows = await self._counters._call(run)
+            rows = await self._eval(self._keys(keys, window), args)
             if rows is not None:
                 return [Seen(int(row[0]), frozenset(back[h] for h, f in zip(hashes, row[1:]) if int(f)))
                         for row in rows]
@@ -224,9 +198,6 @@ class RedisDistinct:
 
     def scaled(self, limit: int) -> int:
         return self._counters.scaled(limit)
-
-    def health(self) -> dict:
-        return self._counters.health()
 
 
 def distinct_for(counters: Counters | None, clock: Callable[[], float] = time.time) -> DistinctCounter:

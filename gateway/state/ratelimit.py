@@ -77,6 +77,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol
 
+from .counters import OnRedisCounters
+
 if TYPE_CHECKING:  # pragma: no cover
     from .counters import Counters, RedisCounters
 
@@ -247,51 +249,22 @@ return {0, math.ceil(math.max(0, new - now - capacity)), remaining}
 """
 
 
-class RedisLimiter:
+class RedisLimiter(OnRedisCounters[MemoryLimiter]):
     """GCRA in Redis, on the gateway's ``RedisCounters`` (their client,
     deadline, fallback, probe and health; see the module docstring)."""
 
+    SCRIPT = GCRA_LUA
+
     def __init__(self, counters: RedisCounters, clock: Callable[[], float] = time.monotonic,
                  max_keys: int = 1_000_000):
-        self._counters = counters
-        self._redis = counters.client
-        self._prefix = counters.prefix
-        self._clock = clock
-        self._max_keys = max_keys
-        self._sha: str | None = None        # SCRIPT LOAD's answer, cached
-        self.script_loads = 0
-        self._local = MemoryLimiter(clock, max_keys)
-        self._local_epoch = counters.fallbacks
-
-    @property
-    def local(self) -> MemoryLimiter:
-        """The limiter of the current outage (a fresh one per outage)."""
-        if self._local_epoch != self._counters.fallbacks:
-            self._local = MemoryLimiter(self._clock, self._max_keys)
-            self._local_epoch = self._counters.fallbacks
-        return self._local
+        super().__init__(counters, clock, max_keys, MemoryLimiter)
 
     def _key(self, key: str, rate: Rate) -> str:
         return f"{self._prefix}r:{key}:{rate.tag()}"
 
     async def _script(self, key: str, rate: Rate, cost: int, mode: str):
         """Run the script under the counters' deadline; None when Redis is away."""
-        from redis.exceptions import NoScriptError
-
-        args = (repr(rate.interval_us), rate.capacity, cost, mode)
-        k = self._key(key, rate)
-
-        async def run():
-            if self._sha is None:
-                self._sha = await self._redis.script_load(GCRA_LUA)
-                self.script_loads += 1
-            try:
-                return await self._redis.evalsha(self._sha, 1, k, *args)
-            except NoScriptError:               # Redis restarted or its scripts flushed: load again, once
-                self._sha = await self._redis.script_load(GCRA_LUA)
-                self.script_loads += 1
-                return await self._redis.evalsha(self._sha, 1, k, *args)
-        return await self._counters._call(run)
+        return await self._eval([self._key(key, rate)], (repr(rate.interval_us), rate.capacity, cost, mode))
 
     async def acquire(self, key: str, rate: Rate, cost: int = 1, *, dry_run: bool = False) -> Decision:
         _check_cost(cost)
@@ -308,9 +281,6 @@ class RedisLimiter:
         if not self._counters.fallback and await self._script(key, rate, cost, "refund") is not None:
             return
         await self.local.refund(key, rate.scaled(self._counters.expected_nodes), cost)
-
-    def health(self) -> dict:
-        return self._counters.health()
 
 
 def limiter_for(counters: Counters, clock: Callable[[], float] = time.monotonic) -> RateLimiter:
