@@ -33,12 +33,12 @@ from ..accounts.identity import IdentityError, split_login
 from ..core import replies
 from ..core.address import AddressError, EnvelopeAddress, parse_params, parse_path
 from ..core.events import Authenticated, Refusal, SessionEnded, TransactionEnded
+from ..core.logsafe import text_safe
 from ..core.replies import Rendered, Reply
 from ..core.transaction import Outcome, Phase, Result, SessionInfo, TlsInfo, Transaction, Verdict, session_id
-from ..core.logsafe import text_safe
-from .context import SmtpContext
-from . import evict
 from ..state.deadline import within
+from . import evict
+from .context import SmtpContext
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import ListenerSettings
@@ -844,36 +844,35 @@ class GatewaySMTP(AioSMTP):
         """421 4.7.0 and close, to make room for a newcomer; the slot is free at once."""
         if self.transport is None or self.transport.is_closing():
             return
-        assert self.gsession is not None   # made in connection_made, before the session is listed
-        self.gsession.ended = "evicted"
         self._closing = True
         if self._counted_ip is not None:
             self.ctx.connections.closed(self._counted_ip)
             self._counted_ip = None
-        self._writer.write((replies.EVICTED_UNAUTHENTICATED.render() + "\r\n").encode())
+        self._close_now(replies.EVICTED_UNAUTHENTICATED, "evicted")
+
+    def _close_now(self, reply: Reply, ended: str) -> None:
+        """Write ``reply`` and close, outside the command loop (no await: from
+        a callback or another session's task); nothing if already closing."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        assert self.gsession is not None   # made in connection_made, before the session is listed
+        self.gsession.ended = ended
+        try:
+            self._writer.write((reply.render() + "\r\n").encode())
+        except Exception:  # the transport is going already
+            pass
         self.transport.close()
 
     # --------------------------------------------------------------- shutdown
     def shutdown_if_idle(self) -> bool:
         """Close with 421 4.3.2 unless a transaction is in flight; True if closed."""
         if self.tx is None and not self._busy:
-            if self.transport is not None and not self.transport.is_closing():
-                assert self.gsession is not None   # made in connection_made, before the session is listed
-                self.gsession.ended = "shutdown"
-                self._writer.write((replies.SHUTTING_DOWN.render() + "\r\n").encode())
-                self.transport.close()
+            self._close_now(replies.SHUTTING_DOWN, "shutdown")
             return True
         return False
 
     def force_close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            assert self.gsession is not None   # made in connection_made, before the session is listed
-            self.gsession.ended = "shutdown"
-            try:
-                self._writer.write((replies.SHUTTING_DOWN.render() + "\r\n").encode())
-            except Exception:
-                pass
-            self.transport.close()
+        self._close_now(replies.SHUTTING_DOWN, "shutdown")
 
 
 def _refusal(verdict: Verdict) -> tuple[Outcome, Reply | Rendered]:
