@@ -77,11 +77,28 @@ class Page:
         from selenium.webdriver.support import expected_conditions as ec
         from selenium.webdriver.support.ui import WebDriverWait
 
+        from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+
         before = self.driver.find_element(By.TAG_NAME, "html")
         button = self.driver.find_element(By.XPATH, f"//button[normalize-space()='{label}']")
         assert button.is_displayed() and button.is_enabled()
         button.click()
-        WebDriverWait(self.driver, 15).until(ec.staleness_of(before))   # the result page replaced it
+
+        def replaced(_driver) -> bool:
+            """The result page replaced the old one. While the browser is
+            between the two documents, ChromeDriver may answer "Node with given
+            id does not belong to the document" instead of a stale reference:
+            that is the same fact, seen mid-navigation."""
+            try:
+                before.is_enabled()
+            except StaleElementReferenceException:
+                return True
+            except WebDriverException as exc:
+                return "does not belong to the document" in (exc.msg or "")
+            return False
+
+        WebDriverWait(self.driver, 15).until(replaced)
+        WebDriverWait(self.driver, 15).until(ec.presence_of_element_located((By.TAG_NAME, "h1")))
 
     def seen(self) -> tuple[str, str]:
         """(heading, visible text) of the current page."""
