@@ -21,7 +21,7 @@ import pytest
 
 from conftest import eventually, need, tcp_reachable
 from gateway.state.counters import MemoryCounters, RedisCounters
-from gateway.state.ratelimit import MemoryLimiter, Rate, RedisLimiter, limiter_for
+from gateway.state.ratelimit import Decision, MemoryLimiter, Rate, RedisLimiter, limiter_for
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -288,6 +288,53 @@ async def test_redis_cost_dry_run_and_refund(gateways):
     await a.refund("k", rate, cost=50)     # never more than a rested key: the key is gone
     assert await a._redis.exists(a._key("k", rate)) == 0
     assert sum([(await b.acquire("k", rate)).allowed for _ in range(12)]) == 10
+
+
+async def _all_or_nothing(limiter, exists) -> None:
+    """acquire_all over three windows: the refusing window named, nothing charged when one
+    refuses, the least remaining when all grant; refund_all gives back every window."""
+    minute, hour, day = Rate(3, 3600), Rate(5, 7200), Rate(100, 86400)
+    windows = [("w:m", minute), ("w:h", hour), ("w:d", day)]
+    refused, d = await limiter.acquire_all(windows, cost=2)
+    assert refused is None and d.allowed and d.remaining == 1, "the least of 1, 3 and 98"
+    refused, d = await limiter.acquire_all(windows, cost=2)
+    assert refused == 0 and not d.allowed and d.remaining == 1 and d.retry_after > 0, "the minute refuses"
+    # nothing of the refused call was charged: the hour and the day still hold 3 and 98
+    assert (await limiter.acquire("w:h", hour, cost=3, dry_run=True)).allowed
+    assert not (await limiter.acquire("w:h", hour, cost=4, dry_run=True)).allowed
+    refused, d = await limiter.acquire_all([("w:d", day), ("w:h", hour)], cost=4)
+    assert refused == 1 and not d.allowed, "the index of the refusing window in the list given"
+    refused, d = await limiter.acquire_all(windows, dry_run=True)
+    assert refused is None and d.remaining == 0
+    assert (await limiter.acquire("w:m", minute)).allowed
+    await limiter.refund_all(windows, cost=3)
+    assert (await limiter.acquire("w:m", minute, cost=3, dry_run=True)).allowed, "the minute back to 3"
+    assert (await limiter.acquire("w:h", hour, cost=5, dry_run=True)).allowed, "the hour rested again"
+    assert not await exists("w:h", hour), "a rested key is deleted"
+    assert await limiter.acquire_all([]) == (None, Decision(True, 0.0, 0))
+    await limiter.refund_all([])
+
+
+async def test_memory_acquire_all_is_all_or_nothing(mem):
+    async def exists(k: str, r: Rate) -> bool:
+        return f"{k}:{r.tag()}" in mem._tat
+    await _all_or_nothing(mem, exists)
+
+
+async def test_redis_acquire_all_is_all_or_nothing_in_one_round_trip(gateways):
+    a = gateways()
+
+    async def exists(k: str, r: Rate) -> bool:
+        return bool(await a._redis.exists(a._key(k, r)))
+    calls: list[int] = []
+    real = a._eval
+
+    async def counting(keys, args):
+        calls.append(len(keys))
+        return await real(keys, args)
+    a._eval = counting
+    await _all_or_nothing(a, exists)
+    assert calls[:2] == [3, 3], "three windows, one script run each call"
 
 
 async def test_redis_key_expires_by_itself(gateways):

@@ -3,14 +3,14 @@ per minute, hour and day (issue 12; settings ``[limits]``,
 gateway/state/limitsettings.py; docs/checks.md "rcpt_rate").
 
 **Charged per recipient, at RCPT.** Every applicable window is charged at
-once through ``services.rate_limiter`` (GCRA, memory or Redis): the
+once through ``services.rate_limiter`` (GCRA, memory or Redis;
+``acquire_all``: one Redis round trip for all windows): the
 account's, and the identity's when the transaction has one
 (``Transaction.charged_to``). The message windows are charged with the
 first recipient of a transaction that is charged (a message is a
-transaction with at least one accepted recipient). If any window refuses,
-the ones already charged for this recipient are refunded at once, so a
-refusal costs nothing: ``451 4.7.1 P-LOAD <limit> exceeded, try again
-later``. The limiter's retry_after goes to the ledger and the log only: it
+transaction with at least one accepted recipient). All windows are charged
+or none: if any window refuses, nothing is charged, so a refusal costs
+nothing: ``451 4.7.1 P-LOAD <limit> exceeded, try again later``. The limiter's retry_after goes to the ledger and the log only: it
 is the wait for that one window on this node's view, another window or
 another gateway may still refuse then, and a client told "retry in 3 s"
 that is refused again is worse off than one left to its queue's back-off.
@@ -52,14 +52,12 @@ from ..core import replies
 from ..core.events import EventBus, Refusal, TransactionEnded, Violation
 from ..core.transaction import Outcome, Phase, Transaction
 from ..state.limitsettings import WINDOWS, LimitSettings
-from ..state.ratelimit import Rate, RateLimiter
+from ..state.ratelimit import Charge, Rate, RateLimiter
 from .contract import STORE, CheckSpec
 
 log = logging.getLogger("gateway.checks.rcpt_rate")
 
 MAX_OPEN = 100_000          # transactions remembered at once (each ends with a TransactionEnded)
-
-Charge = tuple[str, Rate]   # (limiter key, rate)
 
 
 @dataclass
@@ -130,21 +128,17 @@ class RcptRate:
         windows = self._windows(account, identity, message=first)
         if not windows:
             return Outcome.ok(self.name, "no limit")
-        taken: list[tuple[str, str, Rate]] = []
-        for name, key, rate in windows:
-            decision = await self.limiter.acquire(key, rate)
-            if not decision.allowed:
-                for _, k, r in taken:
-                    await self.limiter.refund(k, r)
-                return await self._over(tx, account, identity, name, rate, decision.retry_after)
-            taken.append((name, key, rate))
+        refused, decision = await self.limiter.acquire_all([(key, rate) for _, key, rate in windows])
+        if refused is not None:
+            name, _, rate = windows[refused]
+            return await self._over(tx, account, identity, name, rate, decision.retry_after)
         if charged is None:
             charged = self._open[tx.trace_id] = _Charged()
             while len(self._open) > MAX_OPEN:   # a transaction whose end was never published (a bug): forgotten
                 self._open.popitem(last=False)
-        charged.recipients.append((address, [(k, r) for n, k, r in taken if "recipients" in n]))
+        charged.recipients.append((address, [(k, r) for n, k, r in windows if "recipients" in n]))
         if first:
-            charged.message = [(k, r) for n, k, r in taken if "messages" in n]
+            charged.message = [(k, r) for n, k, r in windows if "messages" in n]
         return Outcome.ok(self.name)
 
     async def _over(self, tx: Transaction, account: str, identity: str | None, name: str, rate: Rate,
@@ -208,8 +202,7 @@ class RcptRate:
     async def _give_back(self, charges: list[Charge]) -> None:
         assert self.limiter is not None
         try:
-            for key, rate in charges:
-                await self.limiter.refund(key, rate)
+            await self.limiter.refund_all(charges)
         except Exception:   # never reaches a client; the units simply stay charged
             log.exception("rcpt_rate: refund failed")
 

@@ -5,6 +5,15 @@ gateways and workers), behind one interface::
     decision = await limiter.acquire("acct:42:rcpt", Rate(1000, 86400), cost=5)
     if not decision.allowed: ... decision.retry_after seconds ...
     await limiter.refund("acct:42:rcpt", Rate(1000, 86400), cost=2)   # two were refused upstream
+    refused, decision = await limiter.acquire_all([("acct:42:rcpt:m", per_minute), ("acct:42:rcpt:d", per_day)])
+    await limiter.refund_all([...])
+
+``acquire_all`` charges several windows (an account's minute, hour and day,
+and its identity's) as one: every window is decided first, then all are
+charged or none; ``refused`` is the index of the window that refused
+(``None`` when all granted) and ``decision`` that window's (when granted:
+the one with the least ``remaining``). In Redis that is one script run, one
+round trip, for all of them.
 
 **Semantics (GCRA, the "virtual scheduling" form of a token bucket).**
 ``Rate(limit, period, burst=limit)`` allows ``limit`` units per ``period``
@@ -75,7 +84,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 from .counters import OnRedisCounters
 
@@ -129,9 +138,15 @@ class Decision:
     remaining: int              # units grantable right after this call
 
 
+Charge = tuple[str, Rate]     # (key, rate): one window of a multi-window charge
+
+
 class RateLimiter(Protocol):
     async def acquire(self, key: str, rate: Rate, cost: int = 1, *, dry_run: bool = False) -> Decision: ...
+    async def acquire_all(self, charges: Sequence[Charge], cost: int = 1, *,
+                          dry_run: bool = False) -> tuple[int | None, Decision]: ...
     async def refund(self, key: str, rate: Rate, cost: int = 1) -> None: ...
+    async def refund_all(self, charges: Sequence[Charge], cost: int = 1) -> None: ...
     def health(self) -> dict: ...
 
 
@@ -170,31 +185,57 @@ class MemoryLimiter:
         return self._clock() * US
 
     async def acquire(self, key: str, rate: Rate, cost: int = 1, *, dry_run: bool = False) -> Decision:
-        return self.acquire_now(key, rate, cost, dry_run=dry_run)
+        return self.acquire_all_now(((key, rate),), cost, dry_run=dry_run)[1]
+
+    async def acquire_all(self, charges: Sequence[Charge], cost: int = 1, *,
+                          dry_run: bool = False) -> tuple[int | None, Decision]:
+        return self.acquire_all_now(charges, cost, dry_run=dry_run)
 
     def acquire_now(self, key: str, rate: Rate, cost: int = 1, *, dry_run: bool = False) -> Decision:
         """``acquire`` without the await (nothing in memory waits)."""
+        return self.acquire_all_now(((key, rate),), cost, dry_run=dry_run)[1]
+
+    def acquire_all_now(self, charges: Sequence[Charge], cost: int = 1, *,
+                        dry_run: bool = False) -> tuple[int | None, Decision]:
+        """``acquire_all`` without the await: every window decided first, then all charged or none."""
         _check_cost(cost)
-        k = f"{key}:{rate.tag()}"
         now = self._now()
-        decision, new = gcra(self._tat.get(k), now, rate, cost)
-        if decision.allowed and not dry_run:
-            if self._tat.pop(k, None) is None and len(self._tat) >= self._max_keys:
-                self._sweep(now)
-            self._tat[k] = new
-        return decision
+        news: list[tuple[str, float]] = []
+        least: Decision | None = None
+        for i, (key, rate) in enumerate(charges):
+            k = f"{key}:{rate.tag()}"
+            decision, new = gcra(self._tat.get(k), now, rate, cost)
+            if not decision.allowed:
+                return i, decision
+            news.append((k, new))
+            if least is None or decision.remaining < least.remaining:
+                least = decision
+        if not dry_run:
+            for k, new in news:
+                if self._tat.pop(k, None) is None and len(self._tat) >= self._max_keys:
+                    self._sweep(now)
+                self._tat[k] = new
+        return None, least if least is not None else Decision(True, 0.0, 0)
 
     async def refund(self, key: str, rate: Rate, cost: int = 1) -> None:
+        self.refund_all_now(((key, rate),), cost)
+
+    async def refund_all(self, charges: Sequence[Charge], cost: int = 1) -> None:
+        self.refund_all_now(charges, cost)
+
+    def refund_all_now(self, charges: Sequence[Charge], cost: int = 1) -> None:
         _check_cost(cost)
-        k = f"{key}:{rate.tag()}"
-        tat = self._tat.get(k)
-        if tat is None:
-            return
-        new = tat - cost * rate.interval_us
-        if new <= self._now():
-            del self._tat[k]            # rested: nothing left to remember
-        else:
-            self._tat[k] = new
+        now = self._now()
+        for key, rate in charges:
+            k = f"{key}:{rate.tag()}"
+            tat = self._tat.get(k)
+            if tat is None:
+                continue
+            new = tat - cost * rate.interval_us
+            if new <= now:
+                del self._tat[k]            # rested: nothing left to remember
+            else:
+                self._tat[k] = new
 
     def _sweep(self, now: float) -> None:
         for k in [k for k, tat in self._tat.items() if tat <= now]:
@@ -211,47 +252,62 @@ class MemoryLimiter:
         return {"backend": "memory", "state": "memory", "fallbacks": 0, "redis_errors": 0}
 
 
-# KEYS[1] the key; ARGV: interval (us), capacity (units), cost, mode ("acquire", "peek", "refund").
-# Returns {allowed 0/1, retry_after us (-1: never), remaining}. Numbers cross to Redis as
-# strings with %.17g so the TAT survives the round trip exactly (Lua's tostring keeps 14 digits).
+# KEYS: the windows charged together; ARGV[1] mode ("acquire", "peek", "refund"), ARGV[2] cost,
+# then per key its interval (us) and burst (units). Every window is decided before any is
+# written: all are charged or none. Returns {allowed 0/1, retry_after us (-1: never),
+# remaining, index of the refusing key (1-based; 0 when allowed)}; remaining is the least of
+# the windows when allowed. Numbers cross to Redis as strings with %.17g so the TAT survives
+# the round trip exactly (Lua's tostring keeps 14 digits).
 GCRA_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
-local mode = ARGV[4]
+local mode = ARGV[1]
+local cost = tonumber(ARGV[2])
 local slack = 1.0
-local capacity = burst * interval
-local stored = redis.call('GET', KEYS[1])
-local tat = now
-if stored then tat = math.max(tonumber(stored), now) end
-if mode == 'refund' then
-  if not stored then return {1, 0, 0} end
-  local back = tat - cost * interval
-  if back <= now then
-    redis.call('DEL', KEYS[1])
+local news = {}
+local least = nil
+for i = 1, #KEYS do
+  local interval = tonumber(ARGV[2 * i + 1])
+  local burst = tonumber(ARGV[2 * i + 2])
+  local stored = redis.call('GET', KEYS[i])
+  local tat = now
+  if stored then tat = math.max(tonumber(stored), now) end
+  if mode == 'refund' then
+    if stored then
+      local back = tat - cost * interval
+      if back <= now then
+        redis.call('DEL', KEYS[i])
+      else
+        redis.call('SET', KEYS[i], string.format('%.17g', back), 'PX', math.ceil((back - now) / 1000))
+      end
+    end
   else
-    redis.call('SET', KEYS[1], string.format('%.17g', back), 'PX', math.ceil((back - now) / 1000))
+    local capacity = burst * interval
+    local new = tat + cost * interval
+    if cost <= burst and new - now <= capacity + slack then
+      news[i] = new
+      local left = math.floor((now + capacity + slack - new) / interval)
+      if least == nil or left < least then least = left end
+    else
+      local remaining = math.floor((now + capacity + slack - tat) / interval)
+      if cost > burst then return {0, -1, remaining, i} end
+      return {0, math.ceil(math.max(0, new - now - capacity)), remaining, i}
+    end
   end
-  return {1, 0, 0}
 end
-local new = tat + cost * interval
-if cost <= burst and new - now <= capacity + slack then
-  if mode == 'acquire' then
-    redis.call('SET', KEYS[1], string.format('%.17g', new), 'PX', math.ceil((new - now) / 1000))
+if mode == 'acquire' then
+  for i = 1, #KEYS do
+    redis.call('SET', KEYS[i], string.format('%.17g', news[i]), 'PX', math.ceil((news[i] - now) / 1000))
   end
-  return {1, 0, math.floor((now + capacity + slack - new) / interval)}
 end
-local remaining = math.floor((now + capacity + slack - tat) / interval)
-if cost > burst then return {0, -1, remaining} end
-return {0, math.ceil(math.max(0, new - now - capacity)), remaining}
+return {1, 0, least or 0, 0}
 """
 
 
 class RedisLimiter(OnRedisCounters[MemoryLimiter]):
     """GCRA in Redis, on the gateway's ``RedisCounters`` (their client,
-    deadline, fallback, probe and health; see the module docstring)."""
+    deadline, fallback, probe and health; see the module docstring). Every
+    call is one script run, one round trip, however many windows it charges."""
 
     SCRIPT = GCRA_LUA
 
@@ -262,25 +318,44 @@ class RedisLimiter(OnRedisCounters[MemoryLimiter]):
     def _key(self, key: str, rate: Rate) -> str:
         return f"{self._prefix}r:{key}:{rate.tag()}"
 
-    async def _script(self, key: str, rate: Rate, cost: int, mode: str):
+    async def _script(self, charges: Sequence[Charge], cost: int, mode: str):
         """Run the script under the counters' deadline; None when Redis is away."""
-        return await self._eval([self._key(key, rate)], (repr(rate.interval_us), rate.capacity, cost, mode))
+        args: list[object] = [mode, cost]
+        for _, rate in charges:
+            args += (repr(rate.interval_us), rate.capacity)
+        return await self._eval([self._key(k, r) for k, r in charges], tuple(args))
+
+    def _scaled(self, charges: Sequence[Charge]) -> list[Charge]:
+        nodes = self._counters.expected_nodes
+        return [(k, r.scaled(nodes)) for k, r in charges]
 
     async def acquire(self, key: str, rate: Rate, cost: int = 1, *, dry_run: bool = False) -> Decision:
+        return (await self.acquire_all(((key, rate),), cost, dry_run=dry_run))[1]
+
+    async def acquire_all(self, charges: Sequence[Charge], cost: int = 1, *,
+                          dry_run: bool = False) -> tuple[int | None, Decision]:
         _check_cost(cost)
+        if not charges:
+            return None, Decision(True, 0.0, 0)
         if not self._counters.fallback:
-            out = await self._script(key, rate, cost, "peek" if dry_run else "acquire")
+            out = await self._script(charges, cost, "peek" if dry_run else "acquire")
             if out is not None:
-                allowed, retry_us, remaining = (int(x) for x in out)
-                retry = 0.0 if allowed else (math.inf if retry_us < 0 else retry_us / US)
-                return Decision(bool(allowed), retry, remaining)
-        return self.local.acquire_now(key, rate.scaled(self._counters.expected_nodes), cost, dry_run=dry_run)
+                allowed, retry_us, remaining, index = (int(x) for x in out)
+                if allowed:
+                    return None, Decision(True, 0.0, remaining)
+                return index - 1, Decision(False, math.inf if retry_us < 0 else retry_us / US, remaining)
+        return self.local.acquire_all_now(self._scaled(charges), cost, dry_run=dry_run)
 
     async def refund(self, key: str, rate: Rate, cost: int = 1) -> None:
+        await self.refund_all(((key, rate),), cost)
+
+    async def refund_all(self, charges: Sequence[Charge], cost: int = 1) -> None:
         _check_cost(cost)
-        if not self._counters.fallback and await self._script(key, rate, cost, "refund") is not None:
+        if not charges:
             return
-        await self.local.refund(key, rate.scaled(self._counters.expected_nodes), cost)
+        if not self._counters.fallback and await self._script(charges, cost, "refund") is not None:
+            return
+        self.local.refund_all_now(self._scaled(charges), cost)
 
 
 def limiter_for(counters: Counters, clock: Callable[[], float] = time.monotonic) -> RateLimiter:
