@@ -337,6 +337,18 @@ async def test_redis_acquire_all_is_all_or_nothing_in_one_round_trip(gateways):
     assert calls[:2] == [3, 3], "three windows, one script run each call"
 
 
+async def test_redis_rate_beyond_the_clock_resolution_is_no_outage(gateways):
+    """A limit so high that one unit's interval is below the float step of the time in
+    microseconds (10**9 a minute: 0.06 us) charges nothing measurable; the script must not
+    answer SET with "PX 0" (a Redis error, taken for an outage)."""
+    a = gateways()
+    rate = Rate(10 ** 9, 60)
+    for _ in range(3):
+        refused, d = await a.acquire_all([("huge", rate), ("huge2", Rate(10 ** 9, 86400))])
+        assert refused is None and d.allowed
+    assert not a._counters.fallback and a._counters.redis_errors == 0
+
+
 async def test_redis_key_expires_by_itself(gateways):
     a = gateways()
     rate = Rate(1, 0.3)

@@ -257,7 +257,9 @@ class MemoryLimiter:
 # written: all are charged or none. Returns {allowed 0/1, retry_after us (-1: never),
 # remaining, index of the refusing key (1-based; 0 when allowed)}; remaining is the least of
 # the windows when allowed. Numbers cross to Redis as strings with %.17g so the TAT survives
-# the round trip exactly (Lua's tostring keeps 14 digits).
+# the round trip exactly (Lua's tostring keeps 14 digits). An expiry is at least 1 ms: at a
+# rate above ~8 million units a second (an interval under half the float step of "now" in
+# microseconds) a charge moves no TAT, and "PX 0" would be an error.
 GCRA_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -297,7 +299,7 @@ for i = 1, #KEYS do
 end
 if mode == 'acquire' then
   for i = 1, #KEYS do
-    redis.call('SET', KEYS[i], string.format('%.17g', news[i]), 'PX', math.ceil((news[i] - now) / 1000))
+    redis.call('SET', KEYS[i], string.format('%.17g', news[i]), 'PX', math.max(1, math.ceil((news[i] - now) / 1000)))
   end
 end
 return {1, 0, least or 0, 0}
