@@ -45,9 +45,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import bisect
 import concurrent.futures
 import html
+import operator
 import re
 import struct
 from dataclasses import dataclass
@@ -76,7 +76,7 @@ ROWS = 6                  # ... of this many signature values each (BANDS * ROWS
 THRESHOLD = 0.7           # estimated Jaccard similarity at which two messages are "similar"
 SHORT_PARAGRAPH = 2       # paragraphs of at most this many words are dropped (names, sign-offs)
 MIN_SHINGLES = 8          # fewer distinct shingles: a "weak" fingerprint (see Fingerprint.weak)
-INLINE_LIMIT = 2 * 1024   # fingerprint_async runs larger messages in an executor or in slices
+INLINE_LIMIT = 8 * 1024   # fingerprint_async runs larger messages in an executor or in slices
 
 _BIN_BITS = 7             # log2(PERMUTATIONS)
 _VALUE_BITS = 32 - _BIN_BITS
@@ -361,28 +361,44 @@ def html_to_text(s: str) -> str:
 # 2. Normalization
 # --------------------------------------------------------------------------------------
 
-_URL = re.compile(r"(?:(?:https?|ftp)://|www\.)(?:[^\s/<>\"'@]*@)?([^\s/<>\"'?#:]+)[^\s<>\"']*", re.I)
+# Every pattern here runs on casefolded text (folded once, in _greeting_off), so none needs
+# re.IGNORECASE, and each starts with something the regex engine searches for quickly (a
+# literal, or a short alternation of literals): IGNORECASE and a leading character class make
+# the engine try a match at every position, which cost 60 to 140 us per 4 KiB each.
+_URL = re.compile(r"(?:https?://|ftp://|www\.)(?:[^\s/<>\"'@]*@)?([^\s/<>\"'?#:]+)[^\s<>\"']*")
 # an address is found by its "@domain" (a literal first character: a fast search), the local
 # part by walking back from the "@" at most 64 characters (RFC 5321 4.5.3.1.1)
 _AT_DOMAIN = re.compile(r"@[\w\-]+(?:\.[\w\-]+)+")
 # tracking tokens: 12 or more hex / base64 / url-safe characters with a digit among them
-_TOKEN = re.compile(r"(?<![\w/+=\-])[A-Za-z0-9_+/=\-]{12,}")
+_TOKEN = re.compile(r"(?<![\w/+=\-])[a-z0-9_+/=\-]{12,}")
 _DIGIT = re.compile(r"\d")
 _NUMBER = re.compile(r"\d+")
-# the greeting word(s), then a name of up to 40 characters before a comma, colon, "!" or the line end;
-# looked for in the first GREETING_SPAN characters only (a greeting opens a message)
+# the greeting word(s) at a line start (the text is searched with a "\n" in front: a literal
+# first character), then a name of up to 40 characters before a comma, colon, "!" or the line
+# end; looked for in the first GREETING_SPAN characters only (a greeting opens a message)
 _GREETING = re.compile(
-    r"^[ \t>]*(dear|hi|hello|hey|greetings|good\s+(?:morning|afternoon|evening)|hallo|hola|bonjour|salut|ciao|"
-    r"liebe[rs]?|sehr\s+geehrte[rs]?|beste|geachte|caro|cara|querido|querida|estimado|estimada)\b[^,:!\n]{0,40}[,:!]?",
-    re.I | re.M)
+    r"\n[ \t>]*(dear|hi|hello|hey|greetings|good\s+(?:morning|afternoon|evening)|hallo|hola|bonjour|salut|ciao|"
+    r"liebe[rs]?|sehr\s+geehrte[rs]?|beste|geachte|caro|cara|querido|querida|estimado|estimada)\b[^,:!\n]{0,40}[,:!]?")
 GREETING_SPAN = 4096
 _PARAGRAPH = re.compile(r"\n[ \t>]*\n\s*")
 # CJK ideographs, kana and hangul are one word each (no spaces between words there)
 _CJK = "\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff66-\uff9f"
 _WORD = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+")
-# ASCII paragraphs (most): every character but a letter or digit becomes a space, then str.split;
-# the same words as _WORD gives, at a fraction of the cost (str.translate has an ASCII fast path)
+# ASCII text (most), in C (str.translate has an ASCII fast path, str.split and str.replace are
+# C loops), the same result as the regular expressions give:
+# - words: every character but a letter or digit becomes a space, then str.split;
 _ASCII_SEP = {c: " " for c in range(128) if not chr(c).isalnum()}
+# - paragraphs and words of a whole ASCII text in one translate: what _PARAGRAPH allows between
+#   two line ends ([ \t>]) becomes a space, every other separator "\x1f" (white space to
+#   str.split, not to _ASCII_PARAGRAPH's " *"), line ends stay;
+_ASCII_WORDS = {c: " " if chr(c) in " \t>" else "\x1f" for c in range(128) if not chr(c).isalnum() and c != 10}
+_ASCII_PARAGRAPH = re.compile(r"\n *\n")
+# - tokens: the maximal runs of token characters (what _TOKEN matches from its start, greedily)
+#   are the words of the text with every other character a space; only when one of them is a
+#   token does _TOKEN.sub run;
+_TOKEN_SEP = {c: " " for c in range(128) if not re.fullmatch(r"[a-z0-9_+/=\-]", chr(c))}
+# - numbers: every digit becomes "0", then runs of "0" are folded to one.
+_TO_ZERO = {c: "0" for c in range(ord("1"), ord("9") + 1)}
 
 
 def _drop_addresses(text: str) -> str:
@@ -409,31 +425,42 @@ def _token(m: re.Match[str]) -> str:
     return " " if _DIGIT.search(t) else t
 
 
+def _has_token(text: str) -> bool:
+    """Would _TOKEN.sub drop anything from this ASCII text (digits already "0")?"""
+    return any(len(run) >= 12 and "0" in run for run in text.translate(_TOKEN_SEP).split())
+
+
 def normalize(text: str) -> list[list[str]]:
     """The paragraphs of ``text`` as lists of normalized words (the personalization removed)."""
     return _long_only(_paragraphs(_greeting_off(text)))
 
 
 def _greeting_off(text: str) -> str:
-    text = text.replace("\r", "")
-    return _GREETING.sub(r"\1", text[:GREETING_SPAN]) + text[GREETING_SPAN:]
+    """``text`` casefolded, without CRs, the name after a greeting removed."""
+    text = text.replace("\r", "").casefold()
+    return _GREETING.sub("\n\\1", "\n" + text[:GREETING_SPAN])[1:] + text[GREETING_SPAN:]
 
 
 def _paragraphs(text: str) -> list[list[str]]:
-    """Every paragraph's words. Nothing here reaches across a blank line, so the
-    paragraphs of a text are those of its pieces cut at blank lines (_pieces)."""
-    if "://" in text or "www." in text or "WWW." in text:
-        text = _URL.sub(lambda m: " " + m.group(1).lower().rstrip(".") + " ", text)
+    """Every paragraph's words (``text`` as _greeting_off gives it). Nothing here
+    reaches across a blank line, so the paragraphs of a text are those of its
+    pieces cut at blank lines (_pieces)."""
+    if "://" in text or "www." in text:
+        text = _URL.sub(lambda m: " " + m.group(1).rstrip(".") + " ", text)
     if "@" in text:
         text = _drop_addresses(text)
-    text = _TOKEN.sub(_token, text)
-    text = _NUMBER.sub("0", text)
-    paragraphs = []
-    for para in _PARAGRAPH.split(text.casefold()):
-        words = para.translate(_ASCII_SEP).split() if para.isascii() else _WORD.findall(para)
-        if words:
-            paragraphs.append(words)
-    return paragraphs
+    if text.isascii():
+        text = text.translate(_TO_ZERO)
+        if "0" in text and _has_token(text):
+            text = _TOKEN.sub(_token, text)
+        while "00" in text:
+            text = text.replace("00", "0")
+        words = [para.split() for para in _ASCII_PARAGRAPH.split(text.translate(_ASCII_WORDS))]
+    else:
+        text = _NUMBER.sub("0", _TOKEN.sub(_token, text))
+        words = [para.translate(_ASCII_SEP).split() if para.isascii() else _WORD.findall(para)
+                 for para in _PARAGRAPH.split(text)]
+    return [w for w in words if w]
 
 
 def _long_only(paragraphs: list[list[str]]) -> list[list[str]]:
@@ -475,33 +502,33 @@ def signature(items: set[str]) -> tuple[int, ...]:
     """PERMUTATIONS minimum values of ``items``' hashes, one per bin (empty: no items)."""
     if not items:
         return ()
-    hashes = sorted(map(mmh3.hash, items, repeat(_SEED), repeat(False)))
+    # each hash's bin is its top bits: with the hashes in descending order, dict() keeps the last,
+    # so the smallest, hash of each bin (every step a C loop: map, zip, dict)
+    hashes = sorted(map(mmh3.hash, items, repeat(_SEED), repeat(False)), reverse=True)
+    smallest = dict(zip(map(operator.rshift, hashes, repeat(_VALUE_BITS)), hashes))
     mask = (1 << _VALUE_BITS) - 1
-    mins = []
-    for b in range(PERMUTATIONS):
-        # sorted hashes: the smallest one of bin b (top bits == b) is the first >= b << VALUE_BITS
-        i = bisect.bisect_left(hashes, b << _VALUE_BITS)
-        h = hashes[i] if i < len(hashes) else -1
-        mins.append(h & mask if h >= 0 and h >> _VALUE_BITS == b else _EMPTY)
-    if _EMPTY in mins:
-        # optimal densification (Shrivastava, ICML 2017): an empty bin copies the value of
-        # the first non-empty bin of its own fixed pseudo-random probe sequence. Probing per
-        # bin, not "the next bin to the right" (rotation, 2014), keeps the bins of a band
-        # independent: with rotation a short text fills runs of adjacent bins, so whole bands,
-        # from one donor, and two short texts sharing one shingle shared a band key.
-        mins = [v if v != _EMPTY else next(mins[d] for d in _PROBES[b] if mins[d] != _EMPTY)
-                for b, v in enumerate(mins)]
-    return tuple(mins)
+    if len(smallest) == PERMUTATIONS:
+        return tuple(smallest[b] & mask for b in range(PERMUTATIONS))
+    # optimal densification (Shrivastava, ICML 2017): an empty bin copies the value of the
+    # first non-empty bin of its own fixed pseudo-random probe sequence. Probing per bin, not
+    # "the next bin to the right" (rotation, 2014), keeps the bins of a band independent: with
+    # rotation a short text fills runs of adjacent bins, so whole bands, from one donor, and
+    # two short texts sharing one shingle shared a band key.
+    # (filter() with the dict's own __contains__ walks the probe sequence in C.)
+    held = smallest.__contains__
+    return tuple((smallest[b] if b in smallest else smallest[next(filter(held, _PROBES[b]))]) & mask
+                 for b in range(PERMUTATIONS))
 
 
 def band_keys(sig: tuple[int, ...], bands: int = BANDS, rows: int = ROWS) -> tuple[str, ...]:
     """One short key per band: 2 hex digits of band number, 12 of the band's hash."""
     if not sig:
         return ()
+    packed = struct.pack(f"<{len(sig)}Q", *sig)
+    width = rows * 8
     keys = []
     for b in range(bands):
-        chunk = struct.pack(f"<{rows}Q", *sig[b * rows:(b + 1) * rows])
-        h = mmh3.hash64(chunk, _SEED + b, signed=False)[0]
+        h = mmh3.hash64(packed[b * width:(b + 1) * width], _SEED + b, signed=False)[0]
         keys.append(f"{b:02x}{h >> 16:012x}")
     return tuple(keys)
 
@@ -524,17 +551,16 @@ async def fingerprint_async(message: bytes, executor: concurrent.futures.Executo
                             parsed: ParsedHeaders | None = None) -> Fingerprint:
     """:func:`fingerprint`, without holding the event loop for long; the same result.
 
-    Up to INLINE_LIMIT bytes it runs inline: well under a millisecond (a
-    4 KiB message costs 0.4 to 0.9 ms, bench/bench_fingerprint.py). A larger
-    message runs, with no
-    ``executor`` (the recommended way), on the loop in slices, yielding
-    between them: the MIME walk and decoding, PIECE characters of
-    normalization at a time, then the signature; each slice measured under a
-    millisecond at 1 MiB. With an ``executor`` it runs there instead; but a
-    thread executor shares the GIL (the loop waits up to
+    Up to INLINE_LIMIT bytes it runs inline: well under a millisecond (an
+    8 KiB message costs 0.3 to 0.4 ms, bench/bench_fingerprint.py). A larger
+    message runs, with no ``executor`` (the recommended way), on the loop in
+    slices, yielding between them: the MIME walk and decoding, PIECE
+    characters of normalization at a time, then the signature; each slice
+    measured under a millisecond at 1 MiB. With an ``executor`` it runs there
+    instead; but a thread executor shares the GIL (the loop waits up to
     sys.getswitchinterval(), 5 ms, per turn), and a ProcessPoolExecutor pickles
-    the message in a thread of this process, so neither measured better than
-    the slices (docs/bulk.md, "Cost").
+    the whole message to another process and back on every call
+    (docs/bulk.md, "Cost").
     """
     if len(message) <= INLINE_LIMIT:
         return fingerprint(message, parsed=parsed)
