@@ -451,3 +451,44 @@ async def test_redis_away_enforces_locally_scaled_and_recovers(gateway, redis_pr
     await redis_proxy.set_mode("cut")      # a second outage starts from a fresh local limiter
     assert await allowed_of(limiter, "acct:8", rate, 10) == 3
     assert counters.fallbacks == 2
+
+
+# ------------------------------------------------------------------ counters: several keys at once
+
+async def _counts(counters, window: float = 3600) -> None:
+    await counters.incr("a", window, 3)
+    await counters.incr("b", window)
+    assert await counters.get_many(["a", "missing", "b"], window) == [3, 0, 1]
+    assert await counters.get_many(["a"], 60) == [0], "another window: another count"
+    assert await counters.get_many([], window) == []
+
+
+async def test_counters_get_many_in_memory():
+    await _counts(MemoryCounters())
+
+
+async def test_counters_get_many_in_redis_in_one_round_trip(redis_prefix):
+    c = RedisCounters(REDIS_URL, redis_prefix, timeout=10)
+    try:
+        calls: list[tuple] = []
+        real = c.fast.execute
+
+        async def execute(*a):
+            calls.append(a)
+            return await real(*a)
+        c.fast.execute = execute
+        await _counts(c)
+        mgets = [a for a in calls if a[0] == "MGET"]
+        assert [len(a) for a in mgets] == [4, 2], "MGET and three keys: one command"
+        assert not c.fallback
+    finally:
+        await c.close()
+
+
+async def test_counters_get_many_while_redis_is_away_reads_the_local_counts():
+    c = RedisCounters("redis://127.0.0.1:9/0", "gwtest:away:", timeout=0.5)   # port 9: nothing listens
+    try:
+        await _counts(c)
+        assert c.fallback
+    finally:
+        await c.close()

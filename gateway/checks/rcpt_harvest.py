@@ -122,8 +122,9 @@ class HarvestGuard:
         """The first (what, count, limit) past its limit in this window, else None."""
         if self.counters is None:
             return None
-        for key, limit, what in self.keys(ip, account, identity):
-            count = await self.counters.get(key, self.settings.window)
+        keys = self.keys(ip, account, identity)
+        counts = await self.counters.get_many([k for k, _, _ in keys], self.settings.window)
+        for (_, limit, what), count in zip(keys, counts):
             limit = self.counters.scaled(limit)
             if count > limit:
                 return what, count, limit

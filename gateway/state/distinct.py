@@ -129,7 +129,9 @@ class MemoryDistinct:
 
 
 # KEYS: the keys; ARGV[1] now (ms), ARGV[2] window (ms), ARGV[3] cap, ARGV[4..] member hashes.
-# Returns per key {count, present flag per member}.
+# Returns one string, per key "<count>:<a 0/1 present flag per member>", the keys joined by ",":
+# a flat reply is one read for the client, where nested arrays of integers cost its parser a
+# step per element (22 keys and 1 member: 67 steps).
 DISTINCT_LUA = """
 local now = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
@@ -142,15 +144,15 @@ for k = 1, #KEYS do
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
   local scores = redis.call('ZMSCORE', key, unpack(members))
   local size = redis.call('ZCARD', key)
-  local row = {0}
+  local flags = {}
   local add = {}
   for i = 1, #members do
     if scores[i] then
-      row[i + 1] = 1
+      flags[i] = '1'
       add[#add + 1] = now
       add[#add + 1] = members[i]
     else
-      row[i + 1] = 0
+      flags[i] = '0'
       if size < cap then
         size = size + 1
         add[#add + 1] = now
@@ -162,11 +164,13 @@ for k = 1, #KEYS do
     redis.call('ZADD', key, unpack(add))
     redis.call('PEXPIRE', key, window + 1000)
   end
-  row[1] = size
-  out[k] = row
+  out[k] = size .. ':' .. table.concat(flags)
 end
-return out
+return table.concat(out, ',')
 """
+
+
+_PRESENT = ord("1")     # a present flag in the script's reply
 
 
 class RedisDistinct(OnRedisCounters[MemoryDistinct]):
@@ -190,10 +194,13 @@ class RedisDistinct(OnRedisCounters[MemoryDistinct]):
             hashes = list(dict.fromkeys(member_hash(m) for m in members))
             back = {h: m for h, m in zip((member_hash(m) for m in members), members)}
             args = (int(self._clock() * 1000), int(window * 1000), cap, *hashes)
-            rows = await self._eval(self._keys(keys, window), args)
-            if rows is not None:
-                return [Seen(int(row[0]), frozenset(back[h] for h, f in zip(hashes, row[1:]) if int(f)))
-                        for row in rows]
+            reply = await self._eval(self._keys(keys, window), args)
+            if reply is not None:
+                out = []
+                for row in reply.split(b","):
+                    count, _, flags = row.partition(b":")
+                    out.append(Seen(int(count), frozenset(back[h] for h, f in zip(hashes, flags) if f == _PRESENT)))
+                return out
         return self.local.add_now(keys, members, window, cap)
 
     def scaled(self, limit: int) -> int:
