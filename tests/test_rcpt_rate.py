@@ -220,6 +220,24 @@ async def test_retry_storm_tarpit_then_550_and_one_violation(gw, sink):
     assert sum("tarpit" in d for d in details) == 4, details
 
 
+async def test_a_storms_550s_are_not_refused_recipients_to_the_harvest_guard(gateway_factory, sink):
+    """RATE_STORM's 550 says nothing about whether an address exists: the
+    harvest guard (enforced, cut-off after 2 refused recipients) does not count
+    it, so the storm is the rate limiter's alone, not a harvest cut-off too."""
+    h = await gateway_factory(sink, clock=FrozenClock(), smtp={"max_recipients": 100},
+                              limits=limits(recipients_per_hour=1, storm_refusals=1, tarpit_min=0.01,
+                                            tarpit_max=0.02),
+                              checks={"modes": {"rcpt_harvest": "enforce"}},
+                              harvest={"max_refused_per_session": 2, "tarpit_after": 10})
+    await h.add_account()
+    c = await login(h)
+    codes = await rcpts(c, 1 + 6)
+    assert codes == [250, 451, 451, 451, 550, 550, 550], "the storm's own replies, no 421 of the harvest guard"
+    guard = next(ch for ch in h.gw.pipeline.checks(Phase.RCPT) if ch.name == "rcpt_harvest").guard
+    assert sum(guard.session_refused.values()) == 0
+    await c.quit()
+
+
 def test_limit_settings_are_validated(tmp_path):
     from conftest import base_config
     def cfg(**lim):

@@ -5,7 +5,8 @@ What is counted: every permanent (5xx) refusal of one recipient the client
 got, ours (a check, the relay rule) or the upstream's (its RCPT answer, a list
 copy it refused), i.e. each :class:`~gateway.core.events.Refusal` with a
 ``recipient``. Transient refusals (452 too many recipients, 451 deferrals,
-our own P-HARVEST replies) are not: they say nothing about whether an address
+our own P-HARVEST replies) are not, nor the rate limiter's 550 to a retry
+storm (``rcpt_rate``'s RATE_STORM): they say nothing about whether an address
 exists.
 
 - Per session (in memory): after ``[harvest] tarpit_after`` refused
@@ -46,6 +47,8 @@ from .contract import CheckSpec
 log = logging.getLogger("gateway.harvest")
 
 NAME = "rcpt_harvest"
+# refusals that are about the sender, not the address: never counted
+NOT_ABOUT_THE_ADDRESS = frozenset({NAME, "rcpt_rate"})
 MAX_PENDING = 100_000   # distinct counter keys waiting for the next RCPT (a bound, never reached in practice)
 
 
@@ -79,7 +82,8 @@ class HarvestGuard:
     # -------------------------------------------------------------- events (no I/O)
     def _on_refusal(self, event: Refusal) -> None:
         reply = event.outcome.reply
-        if event.recipient is None or reply is None or reply.code < 500 or event.outcome.check == NAME:
+        if (event.recipient is None or reply is None or reply.code < 500
+                or event.outcome.check in NOT_ABOUT_THE_ADDRESS):
             return
         sid = event.session.id
         self.session_refused[sid] = self.session_refused.get(sid, 0) + 1
