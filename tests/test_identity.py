@@ -22,6 +22,7 @@ from gateway.accounts.identity import IdentityError, from_header, identity_secre
     split_login
 from gateway.config import from_mapping
 from gateway.configload import ConfigError
+from gateway.core.transaction import Phase
 
 KEY = "identity-test-key-0123456789abcdef"
 
@@ -355,3 +356,55 @@ async def test_harvest_guard_per_sub_login(gateway_factory, sink):
         site7.close()
         site8.close()
     assert [(v.rule, v.account, v.identity) for v in seen] == [("P-HARVEST", "alice", "site7")]
+
+
+# ------------------------------------------------------------------ data_rate: a header identity's own limits
+
+def _as(site: str) -> bytes:
+    return f"X-AuthUser: {site}\r\n".encode() + MESSAGE
+
+
+async def send_to(c: aiosmtplib.SMTP, rcpts: list[str], message: bytes) -> int:
+    code, _ = await c.mail("alice@example.com")
+    assert code == 250
+    for r in rcpts:
+        assert (await c.execute_command(b"RCPT", f"TO:<{r}>".encode())).code == 250
+    try:
+        return (await c.data(message))[0]
+    except (aiosmtplib.SMTPDataError, aiosmtplib.SMTPResponseException) as exc:
+        return exc.code
+
+
+async def test_a_header_identity_is_held_to_its_own_limits_at_data(gateway_factory, sink):
+    """identity_recipients_per_hour = 3 and identity_messages_per_hour = 2 for
+    identities named by X-AuthUser: site7 spends them, its next message is
+    deferred naming the limit, site8 and the account's own mail go on; a message
+    the upstream defers is refunded."""
+    h = await gateway_factory(sink, clock=FrozenClock(), identity={"trusted_accounts": ["alice"], "secret": KEY},
+                              limits=limits(identity_recipients_per_hour=3, identity_messages_per_hour=2))
+    await h.add_account()
+    c = await connect(h, "alice")
+    try:
+        assert await send_to(c, ["a@example.org", "b@example.org"], _as("site7")) == 250
+        sink.data_reply = "451 4.3.0 try later"              # deferred upstream: refunded
+        assert await send_to(c, ["c@example.org"], _as("site7")) == 451
+        sink.data_reply = None
+        rate = next(ch for ch in h.gw.pipeline.checks(Phase.DATA) if ch.name == "data_rate")
+        await eventually(lambda: not rate._open, "the deferred transaction's refund")
+        await rate.settled()
+        assert await send_to(c, ["d@example.org", "e@example.org"], _as("site7")) == 451, "4 recipients > 3"
+        assert await send_to(c, ["d@example.org"], _as("site7")) == 250                 # 3 of 3, message 2 of 2
+        r = await c.execute_command(b"MAIL", b"FROM:<alice@example.com>")
+        assert r.code == 250
+        assert (await c.execute_command(b"RCPT", b"TO:<f@example.org>")).code == 250
+        with pytest.raises(aiosmtplib.SMTPDataError) as exc:
+            await c.data(_as("site7"))
+        assert exc.value.code == 451 and "4.7.1" in exc.value.message
+        assert "identity_recipients_per_hour exceeded" in exc.value.message
+        assert await send_to(c, ["g@example.org", "h@example.org", "i@example.org"], _as("site8")) == 250
+        assert await send_to(c, ["j@example.org"] * 1, MESSAGE) == 250, "no header: the account, not limited"
+    finally:
+        c.close()
+    relayed = [m.rcpt_tos for m in sink.messages]
+    assert relayed == [["a@example.org", "b@example.org"], ["d@example.org"],
+                       ["g@example.org", "h@example.org", "i@example.org"], ["j@example.org"]]

@@ -18,7 +18,7 @@ foreign MAIL FROM of an account allowed to forward) is not read: its header
 block is the original author's.
 
 The check never refuses. It runs early in the data phase, before the checks
-that charge per identity at DATA (data_bulk). The RCPT-phase limits
+that charge per identity at DATA (data_rate, data_bulk). The RCPT-phase limits
 (rcpt_rate, rcpt_harvest) ran before the message was seen: they charge a
 header identity's mail to the session (docs/sender-auth.md).
 """

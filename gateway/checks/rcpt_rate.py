@@ -98,10 +98,12 @@ class RcptRate:
             events.subscribe(TransactionEnded, self._on_ended)
 
     # ------------------------------------------------------------------ windows
-    def _windows(self, account: str, identity: str | None, message: bool) -> list[tuple[str, str, Rate]]:
-        """(limit name, limiter key, rate) of every window that applies, 0s left out."""
+    def _windows(self, account: str, identity: str | None, message: bool,
+                 account_scope: bool = True) -> list[tuple[str, str, Rate]]:
+        """(limit name, limiter key, rate) of every window that applies, 0s left out
+        (``account_scope=False``: the identity's windows only)."""
         values = self.settings.for_account(account)
-        scopes = [("", f"{_q(account)}")]
+        scopes = [("", f"{_q(account)}")] if account_scope else []
         if identity is not None:
             scopes.append(("identity_", f"{_q(account)}/{_q(identity)}"))
         out = []
