@@ -26,6 +26,7 @@ from typing import Any
 from ..core.transaction import Outcome, Phase, Transaction
 from .contract import STORE, CheckSpec
 from .rcpt_rate import MAX_OPEN, RcptRate, _Charged
+from .rcpt_rate import build as build_rate
 
 
 class DataRate(RcptRate):
@@ -67,10 +68,8 @@ class DataRate(RcptRate):
         return Outcome.ok(self.name, f"identity {identity}: {len(addresses)} recipients charged")
 
 
-def build(services) -> DataRate:
-    cfg = services.config
-    return DataRate(cfg.limits, services.rate_limiter, services.counters, services.events,
-                    warn=cfg.checks.mode("data_rate") == "warn", command_timeout=cfg.smtp.command_timeout)
+def build(services) -> RcptRate:
+    return build_rate(services, DataRate)
 
 
 SPEC = CheckSpec(

@@ -214,10 +214,11 @@ class RcptRate:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
 
-def build(services) -> RcptRate:
+def build(services, cls: type[RcptRate] = RcptRate) -> RcptRate:
+    """The check (``cls``: this one, or data_rate's on it) with its settings and services."""
     cfg = services.config
-    return RcptRate(cfg.limits, services.rate_limiter, services.counters, services.events,
-                    warn=cfg.checks.mode("rcpt_rate") == "warn", command_timeout=cfg.smtp.command_timeout)
+    return cls(cfg.limits, services.rate_limiter, services.counters, services.events,
+               warn=cfg.checks.mode(cls.name) == "warn", command_timeout=cfg.smtp.command_timeout)
 
 
 SPEC = CheckSpec(
