@@ -178,19 +178,7 @@ class RedisCounters:
         return await self.local.incr(key, window, amount)
 
     async def get(self, key: str, window: float) -> int:
-        if not self.fallback:
-            k = self._key(key, window)
-            missing = object()
-
-            async def run():
-                value = await self._fast.execute("GET", k)
-                return missing if value is None else int(value)
-            value = await self._call(run)
-            if value is missing:
-                return 0
-            if value is not None:
-                return value
-        return await self.local.get(key, window)
+        return (await self.get_many([key], window))[0]
 
     async def get_many(self, keys: list[str], window: float) -> list[int]:
         """The counts of several keys in one round trip (MGET)."""

@@ -7,8 +7,9 @@ script). redis.asyncio spends about 41 us of CPU per command on this
 machine (its connection pool, locks, retry wrapper and command packing),
 against about 6 us for a write and a parsed reply on a bare asyncio
 protocol (bench/README.md, "Enforcement"). With four calls per message that
-was a third of the gateway's CPU per message. redis-py stays for everything
-else (the probe of ``redis-cli``-like operations, the resolver's shared DNS
+was a third of the gateway's CPU per message. The counters' calls, their
+outage probe and the scripts of the limiter and the distinct counter go
+through this client; redis-py stays for the rest (the resolver's shared DNS
 cache, tests): this client only knows how to send commands and read replies.
 
 **Pipelined, in order.** Commands from any number of tasks go out on one
