@@ -20,6 +20,7 @@ from .accounts.limiter import AuthLimiter
 from .accounts.proof import DomainProofChecker
 from .accounts.store import AccountStore
 from .blocklist.service import BlockList
+from .strikes.violations import ViolationRecorder
 from .checks import factories
 from .config import Config, ConfigError, ListenError
 from .core.events import EventBus
@@ -94,6 +95,7 @@ class Gateway:
         self.engine: AsyncEngine | None = None
         self.accounts: AccountStore | None = None
         self.blocklist: BlockList | None = None
+        self.violations: ViolationRecorder | None = None
         self.counters: Counters | None = None
         self.rate_limiter: RateLimiter | None = None
         self.distinct: DistinctCounter | None = None
@@ -186,6 +188,10 @@ class Gateway:
         await self.accounts.start()
         self.blocklist = BlockList(self.engine, clock=self.clock)   # P-BLOCK, polled for changes
         await self.blocklist.start()
+        # P-STRIKE: every Violation a check publishes, stored (batched, off the reply path).
+        self.violations = ViolationRecorder(self.engine, self.events, cfg.strikes.class_of, clock=self.clock,
+                                            node=cfg.smtp.hostname, timeout=min(5.0, st.command_timeout))
+        await self.violations.start()
         if cfg.counters.backend == "redis":
             c = cfg.counters
             self.counters = RedisCounters(c.redis_url, c.key_prefix, self.clock, timeout=c.timeout,
@@ -341,6 +347,7 @@ class Gateway:
             ("relay pool", self.relay.close() if self.relay is not None else None),
             ("HTTP server", self._http_task),
             ("dev outbox", self._devsink.close() if self._devsink is not None else None),
+            ("violations", self.violations.stop() if self.violations is not None else None),
             ("account refresher", self.accounts.stop() if self.accounts is not None else None),
             ("block lists", self.blocklist.stop() if self.blocklist is not None else None),
             ("domain proof re-check", self.proof_checker.stop() if self.proof_checker is not None else None),

@@ -4,10 +4,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import json
 import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from . import __version__, dev
@@ -203,6 +205,19 @@ def cmd_account(args) -> int:
                 if args.identity and acc is not None and acc.forwarding:
                     print(f"note: {args.name} still may forward from every mailbox of its sender domains "
                           f"('gateway account forwarding deny {args.name}' ends that)", file=sys.stderr)
+        elif action == "events":
+            from .strikes.violations import list_violations
+            await store.get(args.name)          # an unknown account is an error, as for show
+            rows = await list_violations(store.engine, args.name, identity=args.identity, limit=args.limit)
+            for r in rows:
+                if args.json:
+                    print(json.dumps(r, ensure_ascii=False, sort_keys=True))
+                else:
+                    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r["at"]))
+                    print(f"{when}\t{r['rule']}\t{r['kind']}\t{r['class']}\t{r['identity'] or '-'}\t"
+                          f"{r['trace_id'] or '-'}\t{r['detail']}")
+            if not rows and not args.json:
+                print(f"no violations recorded for {args.name}" + (f" / {args.identity}" if args.identity else ""))
         elif action == "network":
             if args.op == "add":
                 print(f"network {await store.add_network(args.name, args.cidr)} added to {args.name}")
@@ -458,6 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
     pw.add_argument("--password-env", metavar="VAR")
     acc("suspend", "suspend an account (AUTH and MAIL are refused)")
     acc("reinstate", "make a suspended account active again")
+    ev = acc("events", "the violations recorded against an account (P-STRIKE), newest first: time, rule, "
+             "kind, class, identity, trace id, detail")
+    ev.add_argument("--identity", help="only this identity inside the account")
+    ev.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    ev.add_argument("--json", action="store_true", help="one JSON object per line, with the evidence")
     net = acc("network", "add/remove a client network (CIDR): network add|remove NAME CIDR", ops=["add", "remove"])
     net.add_argument("cidr")
     dom = acc("domain", "add/remove/verify an authorized sender domain: domain add|remove|verify NAME DOMAIN "

@@ -351,6 +351,28 @@ class CounterSettings:
                              f"got {self.retry_max}")
 
 
+ViolationClass = Literal["negligence", "deliberate"]
+# The class of each kind of violation the checks record (strikes/violations.py):
+# a volume spike from one site of an account is negligence (a hacked site).
+DEFAULT_VIOLATION_CLASSES = {"rate_storm": "negligence", "bulk": "negligence", "repeat": "negligence",
+                             "harvest": "negligence"}
+
+
+@dataclass(frozen=True)
+class StrikesSettings:
+    """``[strikes]``: how violations are recorded (P-STRIKE; docs/strikes.md).
+
+    ``classes`` maps a violation kind (``rate_storm``, ``bulk``, ``repeat``,
+    ``harvest``) or a POLICY rule id (``P-UCE``) to ``negligence`` or
+    ``deliberate``; a kind's entry wins over its rule's, and what neither
+    names takes DEFAULT_VIOLATION_CLASSES (negligence)."""
+
+    classes: dict[str, ViolationClass] = field(default_factory=dict)
+
+    def class_of(self, rule: str, kind: str) -> str:
+        return self.classes.get(kind) or self.classes.get(rule) or DEFAULT_VIOLATION_CLASSES.get(kind, "negligence")
+
+
 @dataclass(frozen=True)
 class BulkSettings:
     """``[bulk]``: the bulk and repeat detectors (checks/data_bulk.py, docs/bulk.md; P-UCE).
@@ -473,6 +495,7 @@ class Config:
     storage: StorageSettings = field(default_factory=StorageSettings)
     counters: CounterSettings = field(default_factory=CounterSettings)
     bulk: BulkSettings = field(default_factory=BulkSettings)
+    strikes: StrikesSettings = field(default_factory=StrikesSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     log: LogSettings = field(default_factory=LogSettings)
     checks: CheckSettings = field(default_factory=CheckSettings)

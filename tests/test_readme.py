@@ -95,7 +95,7 @@ def test_readme_examples_are_found():
     cmds = management_commands()
     words = [" ".join(c.split()[1:3]) for c in cmds]
     for expected in ("account add", "account domain", "account network", "account list", "account show",
-                     "account passwd", "account suspend", "account reinstate", "account apikey",
+                     "account passwd", "account suspend", "account reinstate", "account events", "account apikey",
                      "list add", "list list", "list show", "list import", "list delete",
                      "block add", "block list", "block remove"):
         assert expected in words, (expected, words)
@@ -252,6 +252,7 @@ EXPECT: list[tuple[str, int, list[str]]] = [
     ("gateway account passwd shop", 0, ["password of shop changed"]),
     ("gateway account suspend shop", 0, ["account shop suspended"]),
     ("gateway account reinstate shop", 0, ["account shop reinstated"]),
+    ("gateway account events shop", 0, ["no violations recorded for shop"]),
     ("gateway account domain remove blog blog.example", 0, ["domain blog.example removed from blog"]),
     ("gateway account apikey shop", 0, ["gwk_"]),
     ("gateway list add shop", 0, ["(shop)", "List-Id: \"Shop news\" <news.shop.example>",

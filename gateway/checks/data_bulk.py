@@ -105,21 +105,23 @@ class DataBulk:
             if repeats:
                 detail = (f"the same fingerprint again to {len(repeats)} recipient(s) of {where} within "
                           f"{s.window:g} s under another Message-ID")
-                self._violation(tx, "repeat", detail, account, identity)
+                self._violation(tx, "repeat", detail, account, identity, replies.REPEAT_REFUSED)
                 return Outcome.refuse(self.name, replies.REPEAT_REFUSED, detail)
         detail = f"fingerprint seen by {count} distinct recipients of {where} in {s.window:g} s"
         if count > refuse_at:
             detail += f" (refused past {refuse_at})"
-            self._violation(tx, "bulk", detail, account, identity)
+            self._violation(tx, "bulk", detail, account, identity, replies.BULK_REFUSED)
             return Outcome.refuse(self.name, replies.BULK_REFUSED, detail)
         if count > threshold:
             return Outcome.refuse(self.name, replies.BULK_DEFERRED, detail + f" (deferred past {threshold})")
         return Outcome.ok(self.name, f"{count} recipients")
 
-    def _violation(self, tx: Any, kind: str, detail: str, account: str | None, identity: str | None) -> None:
+    def _violation(self, tx: Any, kind: str, detail: str, account: str | None, identity: str | None,
+                   reply: Any) -> None:
         # only when the refusal is real: in warn mode the client is not refused, so there is no violation
         if self.enforcing and self.events is not None:
-            self.events.publish(Violation(tx.session, "P-UCE", kind, detail, account, identity, tx))
+            self.events.publish(Violation(tx.session, "P-UCE", kind, detail, account, identity, tx,
+                                          reply.render()))
 
 
 def build(services: Any) -> DataBulk:

@@ -120,7 +120,8 @@ class HarvestGuard:
             if count - amount <= limit < count:
                 account, identity = _charged_to(event)
                 self._violation(event.session, event.tx, account, identity,
-                                f"{count} refused recipients in {window:g} s > {limit} ({key})")
+                                f"{count} refused recipients in {window:g} s > {limit} ({key})",
+                                replies.HARVEST_DEFERRED)
 
     async def over(self, ip: str, account: str | None, identity: str | None) -> tuple[str, int, int] | None:
         """The first (what, count, limit) past its limit in this window, else None."""
@@ -141,9 +142,11 @@ class HarvestGuard:
             return 0.0
         return float(min(s.tarpit_max, s.tarpit_delay * 2 ** min(refused - s.tarpit_after - 1, 30)))
 
-    def _violation(self, session: Any, tx: Any, account: str | None, identity: str | None, detail: str) -> None:
+    def _violation(self, session: Any, tx: Any, account: str | None, identity: str | None, detail: str,
+                   reply: Any) -> None:
         if self.events is not None and self.enforce:
-            self.events.publish(Violation(session, "P-HARVEST", "harvest", detail, account, identity, tx))
+            self.events.publish(Violation(session, "P-HARVEST", "harvest", detail, account, identity, tx,
+                                          reply.render()))
 
 
 class RcptHarvest:
@@ -163,7 +166,7 @@ class RcptHarvest:
         account, identity = tx.charged_to
         if limit and refused > limit:
             detail = f"{refused} refused recipients in this session > {limit}"
-            guard._violation(session, tx, account, identity, detail)
+            guard._violation(session, tx, account, identity, detail, replies.HARVEST_SESSION)
             return Outcome.refuse(self.name, replies.HARVEST_SESSION, detail)
         wait = guard.tarpit(refused)
         if wait and guard.enforce:

@@ -155,9 +155,11 @@ class RcptRate:
         limit = s.storm_refusals
         if n > 3 * limit:
             detail = f"retry storm ({n} refusals in {s.storm_window:g} s): {detail}"
+            reply = replies.RATE_STORM.with_suffix(f": {name}")
             if n == 3 * limit + 1 and not self.warn and self.events is not None:
-                self.events.publish(Violation(tx.session, "P-LOAD", "rate_storm", detail, account, identity, tx))
-            return Outcome.refuse(self.name, replies.RATE_STORM.with_suffix(f": {name}"), detail)
+                self.events.publish(Violation(tx.session, "P-LOAD", "rate_storm", detail, account, identity, tx,
+                                              reply.render()))
+            return Outcome.refuse(self.name, reply, detail)
         if n > limit and not self.warn:
             delay = s.tarpit_min + (s.tarpit_max - s.tarpit_min) * min(1.0, (n - limit) / (2 * limit))
             delay = min(delay, self.tarpit_cap)

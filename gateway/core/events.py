@@ -84,6 +84,7 @@ class Violation:
     account: str | None = None       # who it is charged to (Transaction.charged_to); None: no account
     identity: str | None = None
     tx: Transaction | None = None    # the transaction it was seen in, if any
+    reply: str = ""                  # the reply the client got for it (from now on, for a cross-session limit)
 
 
 Event = Union[OutcomeRecorded, Refusal, TransactionEnded, DuplicateRisk, Authenticated, SessionEnded, Violation]

@@ -153,3 +153,24 @@ block_version = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True),                          # a single row, id 1
     sa.Column("version", sa.BigInteger, nullable=False, server_default="0"),  # bumped by every change
 )
+
+# --- violations, P-STRIKE (migration 0006) --------------------------------------------
+# One row per policy breach a check detected (a core.events.Violation), written by
+# strikes/violations.py on every gateway into the shared storage. Append-only.
+violations = sa.Table(
+    "violations", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("at", sa.Float, nullable=False),                               # the gateway clock, epoch seconds
+    sa.Column("account", sa.String(128), nullable=False, server_default=""),  # "" : no account (a client IP)
+    sa.Column("identity", sa.String(255), nullable=True),
+    sa.Column("rule", sa.String(32), nullable=False),                        # POLICY rule id: P-LOAD, P-UCE, ...
+    sa.Column("kind", sa.String(32), nullable=False),                        # rate_storm, bulk, repeat, harvest
+    sa.Column("class", sa.String(16), nullable=False),                       # negligence | deliberate
+    sa.Column("detail", sa.Text, nullable=False, server_default=""),
+    sa.Column("trace_id", sa.String(64), nullable=True),
+    sa.Column("client_ip", sa.String(64), nullable=False, server_default=""),
+    sa.Column("evidence", sa.Text, nullable=False, server_default="{}"),     # JSON: reply, session, envelope
+    sa.Column("node", sa.String(255), nullable=False, server_default=""),    # the gateway that saw it
+    sa.Index("ix_violations_account_at", "account", "at"),
+    sa.Index("ix_violations_trace_id", "trace_id"),
+)

@@ -1,0 +1,1 @@
+"""Accountability (P-STRIKE, issue 13): the violations checks detect, stored."""
