@@ -313,6 +313,19 @@ async def _all_or_nothing(limiter, exists) -> None:
     assert not await exists("w:h", hour), "a rested key is deleted"
     assert await limiter.acquire_all([]) == (None, Decision(True, 0.0, 0))
     await limiter.refund_all([])
+    # one cost per window: 4 units of the day and 1 of a message window, or neither
+    msgs = Rate(2, 3600)
+    refused, d = await limiter.acquire_all([("w:d", day), ("w:msg", msgs)], [4, 1])
+    assert refused is None and d.remaining == 1, "the least: 1 message left of 2 (the day has 96)"
+    refused, d = await limiter.acquire_all([("w:d", day), ("w:msg", msgs)], [97, 1])
+    assert refused == 0, "97 more of the day's 96: refused, and the message window not charged"
+    assert (await limiter.acquire("w:msg", msgs, dry_run=True)).allowed
+    await limiter.refund_all([("w:d", day), ("w:msg", msgs)], [4, 1])
+    assert (await limiter.acquire("w:msg", msgs, cost=2, dry_run=True)).allowed
+    with pytest.raises(ValueError, match="2 costs for 1 windows"):
+        await limiter.acquire_all([("w:d", day)], [1, 1])
+    with pytest.raises(ValueError, match="positive integer"):
+        await limiter.refund_all([("w:d", day)], [0])
 
 
 async def test_memory_acquire_all_is_all_or_nothing(mem):

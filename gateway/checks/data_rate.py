@@ -7,8 +7,8 @@ header identity's mail to the session: the account, or its SASL sub-login.
 When ``data_identity`` has then named another identity from the header
 (``Transaction.identity``), this check charges that identity's windows
 (``identity_recipients_per_*`` with the recipients of the message,
-``identity_messages_per_*`` with one message), all at once, in the
-limiter's ``acquire_all``: every window or none. Over a window the message
+``identity_messages_per_*`` with one message), all at once, in one
+``acquire_all`` (one cost per window): every window or none. Over a window the message
 gets ``451 4.7.1 P-LOAD <limit> exceeded, try again later`` (all of it: at
 DATA a message cannot be split), and refusals count toward the same retry
 storm as rcpt_rate's (tarpit, then 550 and a ``rate_storm`` violation). A
@@ -46,22 +46,14 @@ class DataRate(RcptRate):
         windows = self._windows(account, identity, message=True, account_scope=False)
         if not windows:
             return Outcome.ok(self.name, "no identity limit")
-        per_rcpt = [(n, k, r) for n, k, r in windows if "recipients" in n]
-        per_msg = [(n, k, r) for n, k, r in windows if "messages" in n]
-        rcpt_charges = [(k, r) for _, k, r in per_rcpt]
-        if rcpt_charges:
-            refused, decision = await self.limiter.acquire_all(rcpt_charges, cost=len(addresses))
-            if refused is not None:
-                name, _, rate = per_rcpt[refused]
-                return await self._over(tx, account, identity, name, rate, decision.retry_after)
-        msg_charges = [(k, r) for _, k, r in per_msg]
-        if msg_charges:
-            refused, decision = await self.limiter.acquire_all(msg_charges)
-            if refused is not None:
-                if rcpt_charges:
-                    await self.limiter.refund_all(rcpt_charges, cost=len(addresses))
-                name, _, rate = per_msg[refused]
-                return await self._over(tx, account, identity, name, rate, decision.retry_after)
+        # the recipient windows charged with every recipient, the message windows with one message
+        costs = [len(addresses) if "recipients" in n else 1 for n, _, _ in windows]
+        refused, decision = await self.limiter.acquire_all([(k, r) for _, k, r in windows], costs)
+        if refused is not None:
+            name, _, rate = windows[refused]
+            return await self._over(tx, account, identity, name, rate, decision.retry_after)
+        rcpt_charges = [(k, r) for n, k, r in windows if "recipients" in n]
+        msg_charges = [(k, r) for n, k, r in windows if "messages" in n]
         self._open[tx.trace_id] = _Charged([(a, list(rcpt_charges)) for a in addresses], msg_charges)
         while len(self._open) > MAX_OPEN:   # as in rcpt_rate: an end never published is forgotten
             self._open.popitem(last=False)

@@ -10,10 +10,11 @@ account's, and the identity's when the transaction has one
 first recipient of a transaction that is charged (a message is a
 transaction with at least one accepted recipient). All windows are charged
 or none: if any window refuses, nothing is charged, so a refusal costs
-nothing: ``451 4.7.1 P-LOAD <limit> exceeded, try again later``. The limiter's retry_after goes to the ledger and the log only: it
-is the wait for that one window on this node's view, another window or
-another gateway may still refuse then, and a client told "retry in 3 s"
-that is refused again is worse off than one left to its queue's back-off.
+nothing: ``451 4.7.1 P-LOAD <limit> exceeded, try again later``. The
+limiter's retry_after goes to the ledger and the log only: it is the wait
+for that one window on this node's view, another window or another gateway
+may still refuse then, and a client told "retry in 3 s" that is refused
+again is worse off than one left to its queue's back-off.
 
 **Charge only what was relayed.** The check remembers what it charged per
 transaction and listens to the event bus: a recipient refused after it

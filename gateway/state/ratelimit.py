@@ -10,7 +10,8 @@ gateways and workers), behind one interface::
 
 ``acquire_all`` charges several windows (an account's minute, hour and day,
 and its identity's) as one: every window is decided first, then all are
-charged or none; ``refused`` is the index of the window that refused
+charged or none; ``cost`` is one number for every window or one per window
+(a message's recipients in one, the message itself in another); ``refused`` is the index of the window that refused
 (``None`` when all granted) and ``decision`` that window's (when granted:
 the one with the least ``remaining``). In Redis that is one script run, one
 round trip, for all of them.
@@ -139,20 +140,31 @@ class Decision:
 
 
 Charge = tuple[str, Rate]     # (key, rate): one window of a multi-window charge
+Costs = int | Sequence[int]    # one cost for every window of a charge, or one per window
 
 
 class RateLimiter(Protocol):
     async def acquire(self, key: str, rate: Rate, cost: int = 1, *, dry_run: bool = False) -> Decision: ...
-    async def acquire_all(self, charges: Sequence[Charge], cost: int = 1, *,
+    async def acquire_all(self, charges: Sequence[Charge], cost: Costs = 1, *,
                           dry_run: bool = False) -> tuple[int | None, Decision]: ...
     async def refund(self, key: str, rate: Rate, cost: int = 1) -> None: ...
-    async def refund_all(self, charges: Sequence[Charge], cost: int = 1) -> None: ...
+    async def refund_all(self, charges: Sequence[Charge], cost: Costs = 1) -> None: ...
     def health(self) -> dict: ...
 
 
 def _check_cost(cost: int) -> None:
     if not isinstance(cost, int) or cost < 1:
         raise ValueError(f"cost: must be a positive integer, got {cost!r}")
+
+
+def _costs(cost: Costs, n: int) -> list[int]:
+    """The cost of each of ``n`` windows, checked."""
+    costs = [cost] * n if isinstance(cost, int) else list(cost)
+    if len(costs) != n:
+        raise ValueError(f"cost: {len(costs)} costs for {n} windows")
+    for c in costs:
+        _check_cost(c)
+    return costs
 
 
 def gcra(tat: float | None, now: float, rate: Rate, cost: int) -> tuple[Decision, float]:
@@ -187,7 +199,7 @@ class MemoryLimiter:
     async def acquire(self, key: str, rate: Rate, cost: int = 1, *, dry_run: bool = False) -> Decision:
         return self.acquire_all_now(((key, rate),), cost, dry_run=dry_run)[1]
 
-    async def acquire_all(self, charges: Sequence[Charge], cost: int = 1, *,
+    async def acquire_all(self, charges: Sequence[Charge], cost: Costs = 1, *,
                           dry_run: bool = False) -> tuple[int | None, Decision]:
         return self.acquire_all_now(charges, cost, dry_run=dry_run)
 
@@ -195,16 +207,16 @@ class MemoryLimiter:
         """``acquire`` without the await (nothing in memory waits)."""
         return self.acquire_all_now(((key, rate),), cost, dry_run=dry_run)[1]
 
-    def acquire_all_now(self, charges: Sequence[Charge], cost: int = 1, *,
+    def acquire_all_now(self, charges: Sequence[Charge], cost: Costs = 1, *,
                         dry_run: bool = False) -> tuple[int | None, Decision]:
         """``acquire_all`` without the await: every window decided first, then all charged or none."""
-        _check_cost(cost)
+        costs = _costs(cost, len(charges))
         now = self._now()
         news: list[tuple[str, float]] = []
         least: Decision | None = None
-        for i, (key, rate) in enumerate(charges):
+        for i, ((key, rate), c) in enumerate(zip(charges, costs)):
             k = f"{key}:{rate.tag()}"
-            decision, new = gcra(self._tat.get(k), now, rate, cost)
+            decision, new = gcra(self._tat.get(k), now, rate, c)
             if not decision.allowed:
                 return i, decision
             news.append((k, new))
@@ -220,18 +232,18 @@ class MemoryLimiter:
     async def refund(self, key: str, rate: Rate, cost: int = 1) -> None:
         self.refund_all_now(((key, rate),), cost)
 
-    async def refund_all(self, charges: Sequence[Charge], cost: int = 1) -> None:
+    async def refund_all(self, charges: Sequence[Charge], cost: Costs = 1) -> None:
         self.refund_all_now(charges, cost)
 
-    def refund_all_now(self, charges: Sequence[Charge], cost: int = 1) -> None:
-        _check_cost(cost)
+    def refund_all_now(self, charges: Sequence[Charge], cost: Costs = 1) -> None:
+        costs = _costs(cost, len(charges))
         now = self._now()
-        for key, rate in charges:
+        for (key, rate), c in zip(charges, costs):
             k = f"{key}:{rate.tag()}"
             tat = self._tat.get(k)
             if tat is None:
                 continue
-            new = tat - cost * rate.interval_us
+            new = tat - c * rate.interval_us
             if new <= now:
                 del self._tat[k]            # rested: nothing left to remember
             else:
@@ -252,8 +264,8 @@ class MemoryLimiter:
         return {"backend": "memory", "state": "memory", "fallbacks": 0, "redis_errors": 0}
 
 
-# KEYS: the windows charged together; ARGV[1] mode ("acquire", "peek", "refund"), ARGV[2] cost,
-# then per key its interval (us) and burst (units). Every window is decided before any is
+# KEYS: the windows charged together; ARGV[1] mode ("acquire", "peek", "refund"), then per key
+# its interval (us), burst (units) and cost. Every window is decided before any is
 # written: all are charged or none. Returns {allowed 0/1, retry_after us (-1: never),
 # remaining, index of the refusing key (1-based; 0 when allowed)}; remaining is the least of
 # the windows when allowed. Numbers cross to Redis as strings with %.17g so the TAT survives
@@ -264,13 +276,13 @@ GCRA_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local mode = ARGV[1]
-local cost = tonumber(ARGV[2])
 local slack = 1.0
 local news = {}
 local least = nil
 for i = 1, #KEYS do
-  local interval = tonumber(ARGV[2 * i + 1])
-  local burst = tonumber(ARGV[2 * i + 2])
+  local interval = tonumber(ARGV[3 * i - 1])
+  local burst = tonumber(ARGV[3 * i])
+  local cost = tonumber(ARGV[3 * i + 1])
   local stored = redis.call('GET', KEYS[i])
   local tat = now
   if stored then tat = math.max(tonumber(stored), now) end
@@ -320,11 +332,11 @@ class RedisLimiter(OnRedisCounters[MemoryLimiter]):
     def _key(self, key: str, rate: Rate) -> str:
         return f"{self._prefix}r:{key}:{rate.tag()}"
 
-    async def _script(self, charges: Sequence[Charge], cost: int, mode: str):
+    async def _script(self, charges: Sequence[Charge], costs: list[int], mode: str):
         """Run the script under the counters' deadline; None when Redis is away."""
-        args: list[object] = [mode, cost]
-        for _, rate in charges:
-            args += (repr(rate.interval_us), rate.capacity)
+        args: list[object] = [mode]
+        for (_, rate), c in zip(charges, costs):
+            args += (repr(rate.interval_us), rate.capacity, c)
         return await self._eval([self._key(k, r) for k, r in charges], tuple(args))
 
     def _scaled(self, charges: Sequence[Charge]) -> list[Charge]:
@@ -334,13 +346,13 @@ class RedisLimiter(OnRedisCounters[MemoryLimiter]):
     async def acquire(self, key: str, rate: Rate, cost: int = 1, *, dry_run: bool = False) -> Decision:
         return (await self.acquire_all(((key, rate),), cost, dry_run=dry_run))[1]
 
-    async def acquire_all(self, charges: Sequence[Charge], cost: int = 1, *,
+    async def acquire_all(self, charges: Sequence[Charge], cost: Costs = 1, *,
                           dry_run: bool = False) -> tuple[int | None, Decision]:
-        _check_cost(cost)
+        costs = _costs(cost, len(charges))
         if not charges:
             return None, Decision(True, 0.0, 0)
         if not self._counters.fallback:
-            out = await self._script(charges, cost, "peek" if dry_run else "acquire")
+            out = await self._script(charges, costs, "peek" if dry_run else "acquire")
             if out is not None:
                 allowed, retry_us, remaining, index = (int(x) for x in out)
                 if allowed:
@@ -351,11 +363,11 @@ class RedisLimiter(OnRedisCounters[MemoryLimiter]):
     async def refund(self, key: str, rate: Rate, cost: int = 1) -> None:
         await self.refund_all(((key, rate),), cost)
 
-    async def refund_all(self, charges: Sequence[Charge], cost: int = 1) -> None:
-        _check_cost(cost)
+    async def refund_all(self, charges: Sequence[Charge], cost: Costs = 1) -> None:
+        costs = _costs(cost, len(charges))
         if not charges:
             return
-        if not self._counters.fallback and await self._script(charges, cost, "refund") is not None:
+        if not self._counters.fallback and await self._script(charges, costs, "refund") is not None:
             return
         self.local.refund_all_now(self._scaled(charges), cost)
 
