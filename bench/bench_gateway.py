@@ -363,7 +363,7 @@ NEVER = 10 ** 9
 def enforcement_configs(redis_url: str, prefix: str) -> tuple[dict, dict]:
     """(off, on): the gateway config extras of c and c+ for --enforcement."""
     sys.path.insert(0, str(REPO))
-    from gateway.checks import default_order
+    from gateway.checks import SPECS, default_order
     from gateway.state.limitsettings import LimitValues
 
     order = default_order()
@@ -371,7 +371,7 @@ def enforcement_configs(redis_url: str, prefix: str) -> tuple[dict, dict]:
     on_checks: dict = copy.deepcopy(order)
     for name in VOLUME_CHECKS:
         if not any(name in names for names in on_checks.values()):
-            on_checks["data" if name.startswith("data_") else name.split("_")[0]].append(name)
+            on_checks[SPECS[name].phase.value].append(name)
     on_checks["modes"] = {name: "enforce" for name in VOLUME_CHECKS}
     limits = {name: NEVER for name in LimitValues.__dataclass_fields__}
     on = {

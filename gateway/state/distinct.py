@@ -191,8 +191,8 @@ class RedisDistinct(OnRedisCounters[MemoryDistinct]):
         if not keys or not members:
             return [Seen(0, frozenset()) for _ in keys]
         if not self._counters.fallback:
-            hashes = list(dict.fromkeys(member_hash(m) for m in members))
-            back = {h: m for h, m in zip((member_hash(m) for m in members), members)}
+            back = {member_hash(m): m for m in members}     # each hash once, in order; its member
+            hashes = list(back)
             args = (int(self._clock() * 1000), int(window * 1000), cap, *hashes)
             reply = await self._eval(self._keys(keys, window), args)
             if reply is not None:
