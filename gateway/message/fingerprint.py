@@ -80,7 +80,6 @@ INLINE_LIMIT = 8 * 1024   # fingerprint_async runs larger messages in an executo
 
 _BIN_BITS = 7             # log2(PERMUTATIONS)
 _VALUE_BITS = 32 - _BIN_BITS
-_EMPTY = 1 << 62          # marks an empty bin before densification
 _SEED = 0x5eed0000 + VERSION
 
 
@@ -507,8 +506,6 @@ def signature(items: set[str]) -> tuple[int, ...]:
     hashes = sorted(map(mmh3.hash, items, repeat(_SEED), repeat(False)), reverse=True)
     smallest = dict(zip(map(operator.rshift, hashes, repeat(_VALUE_BITS)), hashes))
     mask = (1 << _VALUE_BITS) - 1
-    if len(smallest) == PERMUTATIONS:
-        return tuple(smallest[b] & mask for b in range(PERMUTATIONS))
     # optimal densification (Shrivastava, ICML 2017): an empty bin copies the value of the
     # first non-empty bin of its own fixed pseudo-random probe sequence. Probing per bin, not
     # "the next bin to the right" (rotation, 2014), keeps the bins of a band independent: with
