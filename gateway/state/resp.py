@@ -121,7 +121,7 @@ class RespClient:
         self._password = unquote(parts.password) if parts.password else None
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Lock | None = None
-        self.connects = 0                 # connections opened (tests, metrics)
+        self.connects = 0                 # connections opened (the tests count them)
 
     async def _connection(self) -> _Protocol:
         p = self._protocol
